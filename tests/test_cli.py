@@ -1,0 +1,53 @@
+"""The CLI surface: every command answers --help, stays light to import, and fails with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["generate", "models"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(cli, command):
+    code, out, _ = cli(*([command] if command else []), "--help")
+    assert code == 0
+    assert "Usage" in out
+    if command:
+        assert "Examples" in out  # every command documents a runnable example
+
+
+def test_cli_import_is_light():
+    # `llmkit --help` must answer instantly: no torch / transformers at import time.
+    code = "import sys, llmkit.cli; bad = [m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m_and_console_script():
+    for cmd in ([sys.executable, "-m", "llmkit", "--help"], [sys.executable, "-m", "llmkit", "--version"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    assert "llmkit" in res.stdout
+
+
+def test_usage_error_is_one_line_exit_2_in_a_real_process(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "llmkit", "generate", "hi", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: no such file or folder")
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_models_lists_aliases_and_local_folders(cli, tiny_gpt2):
+    code, out, _ = cli("models", "--json", "--dir", tiny_gpt2.parent)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    names = {r["name"] for r in rows}
+    assert {"smollm2-135m", "minilm-l6"} <= names
+    local = [r for r in rows if r["source"] == "local"]
+    assert any(r["path"] == str(tiny_gpt2.resolve()) and r["task"] == "GPT2LMHeadModel" for r in local)

@@ -1,0 +1,155 @@
+"""llmkit generate on tiny GPT-2 / Llama models: decoding options, batching, streaming, output, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from llmkit.errors import UsageError
+from llmkit.generation import SamplingOptions, StopScanner, TransformersBackend, choose_backend
+from llmkit.models import resolve
+
+PROMPTS = ["Once upon a time", "To be", "The quick brown fox jumps over the"]
+
+
+def _greedy(n=12, **kw):
+    return SamplingOptions(max_new_tokens=n, temperature=0, **kw)
+
+
+def _jsonl(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
+def tiny(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    backend = TransformersBackend(resolve(str(tiny)), device="cpu", batch_size=8)
+    opts = _greedy(10)
+    batched = [g.text for g in backend.generate(PROMPTS, opts)]
+    single = [next(iter(backend.generate([p], opts))).text for p in PROMPTS]
+    assert batched == single
+    assert all(t for t in batched)
+
+
+def test_seed_makes_sampling_repeatable(cli, tiny_llama):
+    args = ["generate", "Once upon a time", "--model", tiny_llama, "-n", "16", "--json", "--temperature", "1.0"]
+    a = _jsonl(cli(*args, "--seed", "7")[1])
+    b = _jsonl(cli(*args, "--seed", "7")[1])
+    c = _jsonl(cli(*args, "--seed", "8")[1])
+    assert a[0]["text"] == b[0]["text"]
+    assert a[0]["text"] != c[0]["text"]  # 16 tokens from a random 400-token vocab: a tie is vanishingly unlikely
+
+
+def test_num_return_sequences_differ_and_keep_order(cli, tiny_llama):
+    out = cli("generate", "To be", "Hello", "--model", tiny_llama, "-n", "12", "--json", "--seed", "1",
+              "--num-return-sequences", "3", "--temperature", "1.0")[1]
+    rows = _jsonl(out)
+    assert [(r["prompt"], r["index"]) for r in rows] == [("To be", 0), ("To be", 1), ("To be", 2),
+                                                         ("Hello", 0), ("Hello", 1), ("Hello", 2)]
+    assert len({r["text"] for r in rows[:3]}) > 1
+
+
+def test_json_fields(cli, tiny_gpt2):
+    code, out, _ = cli("generate", *PROMPTS[:2], "--model", tiny_gpt2, "-n", "5", "--temperature", "0", "--json")
+    assert code == 0
+    rows = _jsonl(out)
+    assert len(rows) == 2
+    for row, prompt in zip(rows, PROMPTS[:2], strict=True):
+        assert row["prompt"] == prompt
+        assert {"text", "new_tokens", "seconds", "tokens_per_s"} <= set(row)
+        assert 1 <= row["new_tokens"] <= 5
+        assert row["tokens_per_s"] > 0
+        assert not row["text"].startswith(prompt)  # continuation only
+
+
+def test_stop_string_cuts_text_and_generation(tiny_llama):
+    backend = TransformersBackend(resolve(str(tiny_llama)), device="cpu")
+    full = next(iter(backend.generate(["Once upon a time"], _greedy(24)))).text
+    assert len(full) > 6
+    stop = full[3:6]  # something we know the model will produce
+    cut = next(iter(backend.generate(["Once upon a time"], _greedy(24, stop=(stop,)))))
+    assert cut.text == full[: full.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_stream_prints_same_text_as_batch(cli, tiny_gpt2):
+    base = ["generate", "Once upon a time", "--model", tiny_gpt2, "-n", "12", "--temperature", "0", "-q"]
+    streamed = cli(*base, "--stream")[1]
+    plain = cli(*base, "--no-stream")[1]
+    row = _jsonl(cli(*base, "--json")[1])[0]
+    assert streamed == plain == "Once upon a time" + row["text"] + "\n"
+
+
+def test_chat_template_applied(tiny_llama, cli):
+    backend = TransformersBackend(resolve(str(tiny_llama)), device="cpu")
+    assert backend.format("hi", chat=True) == "<|user|>hi</s><|assistant|>"
+    assert backend.prompt_lengths(["hi"], chat=True)[0] > backend.prompt_lengths(["hi"], chat=False)[0]
+    code, out, _ = cli("generate", "hi", "--model", tiny_llama, "--chat", "-n", "4", "--json", "--temperature", "0")
+    assert code == 0 and _jsonl(out)[0]["prompt_tokens"] == backend.prompt_lengths(["hi"], chat=True)[0]
+
+
+def test_chat_without_template_is_an_error(cli, tiny_gpt2):
+    code, _, err = cli("generate", "hi", "--model", tiny_gpt2, "--chat")
+    assert code == 2 and "no chat template" in err
+
+
+def test_prompts_file_and_stdin(cli, tiny_gpt2, tmp_path, monkeypatch):
+    f = tmp_path / "prompts.txt"
+    f.write_text("first prompt\n\nsecond prompt\n")
+    rows = _jsonl(cli("generate", "-f", f, "--model", tiny_gpt2, "-n", "3", "--json")[1])
+    assert [r["prompt"] for r in rows] == ["first prompt", "second prompt"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+    rows = _jsonl(cli("generate", "--model", tiny_gpt2, "-n", "3", "--json")[1])
+    assert [r["prompt"] for r in rows] == ["from stdin"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "-n", "4"], "prompt 1 is empty"),
+    (["   ", "-n", "4"], "prompt 1 is empty"),
+    (["hi", "-n", "0"], "--max-new-tokens must be at least 1"),
+    (["hi", "-n", "-3"], "--max-new-tokens must be at least 1"),
+    (["hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["hi", "--backend", "vllm"], "--backend vllm is not one of"),
+    (["hi", "--backend", "llama.cpp"], "runs .gguf models only"),
+    (["hi", "--stop", ""], "--stop must not be an empty string"),
+    (["-f", "/no/such/prompts.txt"], "does not exist"),
+    (["hi " * 40, "-n", "40"], "exceeds the model's context of 64 tokens"),  # tiny GPT-2: n_positions=64
+])
+def test_bad_input_is_one_line_exit_2(cli, tiny_gpt2, args, message):
+    code, out, err = cli("generate", *args, "--model", tiny_gpt2)
+    assert code == 2, err
+    assert message in err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert out == ""
+
+
+def test_unknown_model(cli):
+    code, _, err = cli("generate", "hi", "--model", "no-such-alias-or/model-xyz")
+    assert code == 2 and "smollm2-135m" in err
+
+
+def test_stop_scanner_holds_back_possible_stop_prefix():
+    s = StopScanner(("END",))
+    assert s.feed("hello E") == "hello "  # "E" could start "END"
+    assert s.feed("N") == ""
+    assert s.feed("Dmore") == ""
+    assert s.stopped and s.text == "hello "
+    s = StopScanner(("END",))
+    assert s.feed("a E") == "a " and s.feed("x") == "Ex" and s.flush() == ""
+
+
+def test_backend_choice(tiny_gpt2, tmp_path):
+    assert choose_backend(resolve(str(tiny_gpt2))) == "transformers"
+    with pytest.raises(UsageError):
+        choose_backend(resolve(str(tiny_gpt2)), "llama.cpp")
+
+
+def test_options_validation_names_every_flag():
+    with pytest.raises(UsageError) as e:
+        SamplingOptions(max_new_tokens=0, top_p=0, num_return_sequences=0).validate()
+    assert "--max-new-tokens" in str(e.value) and "--top-p" in str(e.value) and "--num-return-sequences" in str(e.value)
