@@ -14,8 +14,10 @@ transformers for everything else.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -295,6 +297,21 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for a while: C libraries write there, past sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -335,8 +352,9 @@ class LlamaCppBackend:
 
         llama_cpp.llama_cpp.llama_model_default_params = params
         try:
-            self.llm = llama_cpp.Llama(model_path=str(self.ref.path), n_ctx=n_ctx, n_threads=self.threads,
-                                       n_threads_batch=self.threads, verbose=False)
+            with _native_stderr_silenced():  # llama.cpp logs context warnings from C even with verbose=False
+                self.llm = llama_cpp.Llama(model_path=str(self.ref.path), n_ctx=n_ctx, n_threads=self.threads,
+                                           n_threads_batch=self.threads, verbose=False)
         except ValueError as e:
             raise UsageError(f"llama.cpp cannot load {self.ref.name}: {e}") from None
         finally:

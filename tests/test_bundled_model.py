@@ -45,3 +45,12 @@ def test_backends_agree_on_first_greedy_tokens():
     # llama.cpp computes in Q4_1, transformers in dequantized fp32: the first tokens must match.
     first = lambda t: t.split()[:5]  # noqa: E731
     assert first(texts["llama.cpp"]) == first(texts["transformers"]), texts
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not installed")
+def test_llama_cpp_context_overflow_is_one_clean_line():
+    res = subprocess.run([sys.executable, "-m", "llmkit", "generate", "word " * 9000, "-n", "10"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # nothing from llama.cpp's C logging
+    assert "exceeds the model's context of 8192 tokens" in res.stderr
