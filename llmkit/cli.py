@@ -10,6 +10,8 @@ import sys
 import typer
 
 from llmkit import __version__
+from llmkit.commands.evaluate import evaluate
+from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
 from llmkit.errors import UsageError
@@ -23,6 +25,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(generate)
+app.command()(finetune)
+app.command()(evaluate)
 app.command()(models)
 
 
@@ -41,6 +45,11 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every expected failure is one line on stderr, never a traceback."""
+    import warnings
+
+    # Library deprecation notices are for llmkit's developers, not its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, prog_name="llmkit")
     except UsageError as e:

@@ -419,12 +419,15 @@ def choose_backend(ref: ModelRef, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
     if backend == "llama.cpp":
+        if ref.adapter is not None:
+            raise UsageError(f"{ref.name} is a LoRA adapter, which llama.cpp cannot apply here: use --backend transformers, "
+                             "or fine-tune with --merge for a full model")
         if not ref.is_gguf:
             raise UsageError(f"--backend llama.cpp runs .gguf models only; {ref.name} is not one: use --backend transformers")
         if not llama_cpp_available():
             raise UsageError("--backend llama.cpp needs llama-cpp-python: pip install 'llmkit[edge]'")
         return "llama.cpp"
-    if backend == "auto" and ref.is_gguf and llama_cpp_available():
+    if backend == "auto" and ref.is_gguf and ref.adapter is None and llama_cpp_available():
         return "llama.cpp"
     return "transformers"
 

@@ -80,6 +80,7 @@ class ModelRef:
     source: Literal["local", "alias", "hub"] = "local"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    adapter: Path | None = None  # a LoRA adapter folder to apply on top of the model at `path`
 
     @property
     def is_gguf(self) -> bool:
@@ -143,6 +144,8 @@ def _checked(ref: ModelRef) -> ModelRef:
         return ref
     folder = ref.path
     config = folder / "config.json"
+    if not config.exists() and (folder / "adapter_config.json").exists():
+        return _adapter_ref(ref)
     if not config.exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1:  # a folder holding one GGUF file is as good as the file
@@ -169,6 +172,34 @@ def _checked(ref: ModelRef) -> ModelRef:
                 "llmkit does not run it unless you pass --trust-remote-code"
             )
     return ref
+
+
+def _adapter_ref(ref: ModelRef) -> ModelRef:
+    """A LoRA adapter folder: resolve its base model (the exact reference llmkit trained on, when recorded)."""
+    from dataclasses import replace
+
+    folder = ref.path
+    cfg = _read_json(folder / "adapter_config.json")
+    if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
+        raise UsageError(f"{ref.name} has an adapter_config.json but no adapter_model.safetensors")
+    # llmkit.json records the exact base llmkit trained on (an alias, an absolute path or a Hub id), which
+    # also works offline; plain peft users get a Hub id or a path in adapter_config.json.
+    base = _read_json(folder / "llmkit.json").get("model", {}).get("name") or cfg.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{ref.name} is a LoRA adapter that does not say which base model it adapts (base_model_name_or_path)")
+    try:
+        base_ref = resolve(str(base), allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code)
+    except UsageError as e:
+        raise UsageError(f"{ref.name} is a LoRA adapter for {base}, which cannot be loaded: {e}") from None
+    return replace(base_ref, name=ref.name, adapter=folder)
+
+
+def adapter_task(ref: ModelRef) -> str | None:
+    """'causal-lm' / 'seq-cls' for an adapter (from peft's task_type), None for a full model."""
+    if ref.adapter is None:
+        return None
+    task_type = _read_json(ref.adapter / "adapter_config.json").get("task_type")
+    return "seq-cls" if task_type == "SEQ_CLS" else "causal-lm"
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -268,11 +299,14 @@ def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedToke
     """The model's tokenizer, with a pad token: GPT-2 and Llama ship none, and batching needs one.
 
     Pad is set to EOS only for batching; attention masks keep the padding out of the computation.
+    An adapter folder's own tokenizer (saved beside it by `llmkit finetune`) wins over the base model's.
     """
     from transformers import AutoTokenizer
 
     where, kwargs = _source_kwargs(ref)
     kwargs.pop("use_safetensors", None)
+    if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists():
+        where, kwargs = str(ref.adapter), {}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
@@ -285,33 +319,88 @@ def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedToke
     return tok
 
 
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def architectures(ref: ModelRef) -> list[str]:
+    return [] if ref.is_gguf else list(_read_json(ref.path / "config.json").get("architectures") or [])
+
+
 def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "auto",
                    progress: bool = True) -> PreTrainedModel:
     """A causal LM in eval mode on `device`; GGUF files are dequantized by transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
+    if adapter_task(ref) == "seq-cls":
+        raise UsageError(f"{ref.name} is a classification adapter, not a causal language model")
     # transformers would happily put a random LM head on an encoder (BertModel -> BertLMHeadModel).
-    archs = [] if ref.is_gguf else _read_json(ref.path / "config.json").get("architectures") or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+    archs = architectures(ref)
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
         raise UsageError(f"{ref.name} is not a causal language model (it is {archs[0]}); "
                          f"generation needs one, such as {DEFAULT_CAUSAL_LM}")
     device = pick_device(device)
+    model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=pick_dtype(dtype, device))
+    if ref.adapter is not None:
+        model = apply_adapter(model, ref, merge=True)
+    return model.to(device).eval()
+
+
+def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = True, **config: Any) -> PreTrainedModel:
+    """A sequence classifier (fp32); `config` (num_labels, id2label, pad_token_id, ...) sets up a new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    if adapter_task(ref) == "causal-lm":
+        raise UsageError(f"{ref.name} is a causal-LM adapter, not a classifier; use --task causal-lm")
+    if ref.adapter is not None and not config:
+        # the base model's config knows nothing of the labels the adapter's head was trained on
+        names = _read_json(ref.adapter / "llmkit.json").get("labels")
+        if names:
+            config = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    extra: dict[str, Any] = {}
+    if config:
+        extra = {**config, "ignore_mismatched_sizes": True}  # a new head replaces one of another size
+    import torch
+
+    model = from_pretrained_checked(AutoModelForSequenceClassification, ref, progress, dtype=torch.float32, **extra)
+    if ref.adapter is not None:
+        model = apply_adapter(model, ref, merge=True)
+    return model.to(pick_device(device))
+
+
+def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:
+    from transformers.utils import logging as hf_logging
+
     where, kwargs = _source_kwargs(ref)
-    hf_logging.set_verbosity_error()  # GGUF loading logs one line per tensor at INFO
+    hf_logging.set_verbosity_error()  # GGUF loading logs a line per tensor; new heads log a load report
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(dtype, device), **kwargs)
+        model = auto_cls.from_pretrained(where, **kwargs, **extra)
     except ValueError as e:
         first = str(e).splitlines()[0]
         if "Unrecognized configuration class" in first or "not supported" in first.lower():
-            raise UsageError(f"{ref.name} is not a causal language model ({first[:120]}); "
-                             f"use a causal LM such as {DEFAULT_CAUSAL_LM}") from None
+            what = "causal language model" if "CausalLM" in auto_cls.__name__ else "sequence classifier"
+            raise UsageError(f"{ref.name} cannot be loaded as a {what} ({first[:160]})") from None
         raise UsageError(f"cannot load {ref.name}: {first}") from None
     except OSError as e:
         raise UsageError(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    if ref.is_gguf:
+        # The weights are dequantized fp32 now; without this, save_pretrained refuses ("quantized with gguf").
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def apply_adapter(model: PreTrainedModel, ref: ModelRef, merge: bool) -> PreTrainedModel:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(ref.adapter))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UsageError(f"cannot apply the adapter {ref.name} to its base model: {str(e).splitlines()[0][:200]}") from None
+    return peft_model.merge_and_unload() if merge else peft_model
 
 
 def context_length(config: Any) -> int | None:

@@ -87,3 +87,39 @@ def cli(capsys):
         return (code if isinstance(code, int) else 1), out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A BERT encoder (no LM head), with a WordPiece-free byte-level tokenizer that has [CLS]/[SEP]/[PAD]."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]"])
+    tok.pad_token, tok.cls_token, tok.sep_token, tok.unk_token = "[PAD]", "[CLS]", "[SEP]", "[UNK]"
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    model = BertModel(cfg)
+    model.config.architectures = ["BertModel"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """Memorisable data: a text file, and a sentiment CSV whose label is obvious from one word."""
+    import random
+
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.txt").write_text("\n".join(CORPUS * 3), encoding="utf-8")
+    (d / "eval.txt").write_text("\n".join(CORPUS[:5]), encoding="utf-8")
+    rng = random.Random(0)
+    good = ["great fun", "a lovely film", "wonderful and warm", "great acting", "lovely story"]
+    bad = ["dull and slow", "a boring mess", "awful acting", "dull story", "boring film"]
+    rows = ["text,label"] + [f"{rng.choice(good)},pos" if i % 2 else f"{rng.choice(bad)},neg" for i in range(64)]
+    (d / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (d / "eval.csv").write_text("\n".join(rows[:17]) + "\n", encoding="utf-8")
+    return d

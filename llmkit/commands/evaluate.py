@@ -1,0 +1,48 @@
+"""`llmkit evaluate`: perplexity or accuracy / F1 of any model llmkit can load, on a data file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="Model folder (full or LoRA adapter), .gguf file, alias or Hub id.", show_default=False),
+    data: str = typer.Option(..., "--data", "-d", help="Text file (perplexity) or labeled CSV/JSONL (accuracy, F1).", show_default=False),
+    task: str = typer.Option(None, "--task", help="causal-lm | seq-cls [default: from the model].", show_default=False),
+    block_size: int = typer.Option(None, "--block-size", help="Perplexity window in tokens [default: the model's context, at most 1024].", show_default=False),
+    max_blocks: int = typer.Option(None, "--max-blocks", help="Only the first N windows.", show_default=False),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows or examples per forward pass."),
+    text_column: str = typer.Option("text", "--text-column", help="Text column of CSV/JSONL data."),
+    text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column (pair tasks).", show_default=False),
+    label_column: str = typer.Option("label", "--label-column", help="Label column (seq-cls)."),
+    max_length: int = typer.Option(512, "--max-length", help="seq-cls: truncate inputs to this many tokens."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, mps [default: best available].", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin/.pt) weights: they can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run Python code shipped with the model."),
+) -> None:
+    """Measure a model: perplexity on text (non-overlapping windows), accuracy and F1 on labeled rows.
+
+    Examples:
+
+      llmkit evaluate --model smollm2-135m --data ../shared/data/tinyshakespeare/validation.txt --block-size 256 --max-blocks 16
+
+      llmkit evaluate --model runs/sentiment --data ../shared/data/rt-polarity/validation.csv --json
+    """
+    from llmkit.metrics import evaluate_data
+
+    result = evaluate_data(model, data, task=task, block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
+                           text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                           max_length=max_length, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           progress=not quiet and sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(result))
+    elif result["task"] == "causal-lm":
+        typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+                   f"({result['blocks']} windows of {result['block_size']}) in {result['seconds']} s")
+    else:
+        typer.echo(f"accuracy {result['accuracy']:.4f}  f1 {result['f1']:.4f} over {result['samples']} examples in {result['seconds']} s")

@@ -1,0 +1,319 @@
+"""Recipes: dataclass configs loaded from YAML, overridden by flags and typed `--set key=value`.
+
+    >>> from llmkit.config import load_recipe
+    >>> cfg = load_recipe("recipes/smollm2-135m-shakespeare-lora.yaml", ["train.lr=1e-4", "train.max_steps=20"])
+    >>> cfg.train.lr
+    0.0001
+
+Every key is `section.field` (or a top-level field such as `task`); an unknown key, or a value of the wrong
+type, is a one-line `UsageError` that names the key and what it expects. `validate()` collects every problem
+and names the flag to change, so a bad recipe is fixed in one go instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UsageError
+
+TASKS = ("causal-lm", "seq-cls")
+METHODS = ("full", "lora")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """--model: bundled alias, model folder, .gguf file or Hub id (see `llmkit models`)."""
+    allow_pickle: bool = False
+    """--allow-pickle: load .bin/.pt weights (unpickling can run code; only for files you trust)."""
+    trust_remote_code: bool = False
+    """--trust-remote-code: run Python shipped with the model (auto_map)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """--data: .txt / .csv / .tsv / .jsonl / .json / .parquet file, a folder of them, or a Hub dataset id[:split]."""
+    eval: str | None = None
+    """--eval-data: held-out data in the same format; without it, `eval_split` of the training rows are held out."""
+    eval_split: float = 0.0
+    """Fraction of training rows held out for eval when there is no --eval-data (0 = no eval)."""
+    text_column: str = "text"
+    """--text-column: the column holding the text (CSV/JSONL)."""
+    text_pair_column: str | None = None
+    """--text-pair-column: optional second text column for pair tasks (seq-cls)."""
+    label_column: str = "label"
+    """--label-column: the label column (seq-cls); ints 0..N-1 or strings, mapped to ids."""
+    max_length: int = 128
+    """--max-length: seq-cls inputs are truncated to this many tokens."""
+    block_size: int = 256
+    """--block-size: causal-lm text is packed into blocks of this many tokens."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """--epochs: passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """--max-steps: optimizer steps to run; 0 = use epochs."""
+    batch_size: int = 8
+    """--batch-size: examples per device per micro-batch (global batch = batch_size x grad_accum x processes)."""
+    grad_accum: int = 1
+    """--grad-accum: micro-batches per optimizer step."""
+    lr: float = 5e-5
+    """--lr: peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    scheduler: str = "linear"
+    """LR schedule after warmup: linear, cosine or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    mixed_precision: str = "auto"
+    """--mixed-precision: auto (bf16 where the hardware has it), no, bf16 or fp16 (GPU only)."""
+    seed: int = 0
+    """--seed: model init, dropout and data order."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (seq-cls): far less padding, same randomness across batches."""
+    eval_every: int = 0
+    """--eval-every: evaluate every N optimizer steps; 0 = at the end of each epoch (or of the run)."""
+    eval_batch_size: int = 0
+    """Eval batch size; 0 = 2 x batch_size."""
+    early_stopping: int = 0
+    """Stop after this many evaluations without improvement of the eval metric; 0 = never."""
+    save_every: int = 0
+    """--save-every: write a resumable checkpoint every N optimizer steps; 0 = only at the end of each epoch."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (the best model is kept separately)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every N optimizer steps."""
+    threads: int = 0
+    """--threads: CPU threads for torch; 0 = the physical cores of this process's share of the machine."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """--lora-r: adapter rank."""
+    alpha: int = 16
+    """--lora-alpha: scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """--lora-targets: module names to adapt, or ["all-linear"]; None = chosen for the architecture."""
+    merge: bool = False
+    """--merge: save a merged full model instead of the adapter (merged in full precision)."""
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "causal-lm"
+    """--task: causal-lm or seq-cls."""
+    method: str = "full"
+    """--method: full (every weight) or lora (small adapters, base frozen)."""
+    out: str = ""
+    """--out: output folder (a normal Hugging Face model folder when done)."""
+    overwrite: bool = False
+    """--overwrite: replace an existing output folder."""
+    resume: bool = False
+    """--resume: continue from the newest complete checkpoint in --out."""
+    quiet: bool = False
+    """--quiet: no progress bar."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
+        problems: list[str] = []
+        t, d, lo = self.train, self.data, self.lora
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(self.task in TASKS, f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        need(bool(self.model.name), "--model is required")
+        need(bool(d.train), "--data is required (a training file, folder or Hub dataset id)")
+        need(bool(self.out), "--out is required (the output folder)")
+        need(t.max_steps > 0 or t.epochs > 0, "--epochs or --max-steps must be > 0")
+        need(t.max_steps >= 0, f"--max-steps must be >= 0, got {t.max_steps}")
+        need(t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}")
+        need(t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}")
+        need(t.lr > 0, f"--lr must be > 0, got {t.lr}")
+        need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        need(t.scheduler in SCHEDULERS, f"train.scheduler {t.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+        need(t.mixed_precision in PRECISIONS, f"--mixed-precision {t.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("eval_every", "eval_batch_size", "early_stopping", "save_every", "threads"):
+            need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+        need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+        need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+        need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
+        need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
+        need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")
+        need(bool(d.text_column), "--text-column must not be empty")
+        need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
+             "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
+        if self.method == "lora":
+            need(lo.r >= 1, f"--lora-r must be >= 1, got {lo.r}")
+            need(lo.alpha > 0, f"--lora-alpha must be > 0, got {lo.alpha}")
+            need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+            need(lo.target_modules is None or len(lo.target_modules) > 0, "--lora-targets must name at least one module")
+        else:
+            need(not lo.merge, "--merge only applies to --method lora")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None, cls: type = FinetuneConfig) -> Any:
+    """Defaults < recipe file < explicit flags (`{"train.lr": 1e-4}`) < `--set key=value` overrides."""
+    cfg = cls()
+    if path:
+        for key, value in _flatten(_read_yaml(Path(path))).items():
+            set_key(cfg, key, value, source=f"{path}: ")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(cfg, key, value)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} must look like key=value, e.g. --set train.lr=1e-4")
+        set_key(cfg, key.strip(), _parse_scalar(raw.strip()), source=f"--set {item}: ")
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"recipe {path} does not exist; ready recipes are in recipes/")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of keys (task:, model:, data:, train:, ...)")
+    return data
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    """YAML's reading of a command-line value (`1e-4` stays a string there; the field's type converts it)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every settable key of a config, e.g. ['task', ..., 'train.lr', ...]."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(keys(value, f"{prefix}{f.name}."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def set_key(cfg: Any, key: str, value: Any, source: str = "") -> None:
+    """Set `section.field` to `value`, converted to the field's type; unknown keys and bad types fail here."""
+    target, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(target)}
+        if part not in names:
+            close = difflib.get_close_matches(key, keys(cfg), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(keys(cfg))}"
+            raise UsageError(f"{source}unknown recipe key '{key}'{hint}")
+        if i < len(parts) - 1:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise UsageError(f"{source}unknown recipe key '{key}' ({'.'.join(parts[:i + 1])} is not a section)")
+            continue
+        if dataclasses.is_dataclass(getattr(target, part)):
+            raise UsageError(f"{source}'{key}' is a section; set its keys, e.g. {key}.{dataclasses.fields(getattr(target, part))[0].name}=...")
+        hints = typing.get_type_hints(type(target))
+        setattr(target, part, coerce(value, hints[part], key, source))
+
+
+def coerce(value: Any, tp: Any, key: str, source: str = "") -> Any:
+    """Convert a YAML / command-line value to a field type, or explain what was expected."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"{source}'{key}' expects {what}, got {value!r}")
+
+    if typing.get_origin(tp) is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise bad("a list (YAML list or comma-separated)")
+        return [coerce(v.strip() if isinstance(v, str) else v, args[0], key, source) for v in items]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad("an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad("a string")
+        return str(value)
+    raise bad(str(tp))

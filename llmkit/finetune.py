@@ -1,0 +1,284 @@
+"""Fine-tuning end to end: validate everything, build the data, train with `train.fit`, write the model folder.
+
+    >>> from llmkit.config import load_recipe
+    >>> from llmkit.finetune import finetune
+    >>> finetune(load_recipe("recipes/minilm-l6-sentiment-lora.yaml", ["out=runs/sentiment"]))
+
+Order matters for "nothing is lost": every check that can fail on user input (flags, model, columns,
+labels, lengths, the output folder) runs before the output folder is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import FinetuneConfig
+from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
+from llmkit.errors import UsageError
+from llmkit.models import ALIASES, ModelRef, resolve
+
+# LoRA targets per architecture (model_type). GPT-2's are Conv1D layers; peft adapts them with fan_in_fan_out.
+LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt_neox": ["query_key_value"],
+}
+
+
+@dataclass
+class Prepared:
+    """Tokenized data and what the model needs to know about it."""
+
+    train: ExampleSet
+    eval: ExampleSet | None
+    labels: Labels | None
+
+
+def prepare_data(cfg: FinetuneConfig, tokenizer: Any, labels: Labels | None = None) -> Prepared:
+    """Load, validate and tokenize train (and eval) data; every data error is raised here."""
+    d, task = cfg.data, cfg.task
+    train_table = load_table(d.train, task=task, what="--data")
+    eval_table = load_table(d.eval, task=task, what="--eval-data") if d.eval else None
+
+    def build(table: Any, labels: Labels | None) -> tuple[ExampleSet, Labels | None]:
+        texts, rows = texts_of(table, d.text_column)
+        if task == "causal-lm":
+            return ExampleSet(pack_causal_lm(texts, tokenizer, d.block_size, table.name)), None
+        pairs = None
+        if d.text_pair_column:
+            pair_col = table.column(d.text_pair_column, "--text-pair-column")
+            pairs = ["" if pair_col[i] is None else str(pair_col[i]) for i in rows]
+        labels = labels or Labels.infer(table, d.label_column, rows)
+        return ExampleSet(encode_seq_cls(tokenizer, texts, pairs, d.max_length), labels.ids(table, d.label_column, rows)), labels
+
+    train, labels = build(train_table, labels)
+    evals = build(eval_table, labels)[0] if eval_table is not None else None
+    if evals is None and d.eval_split > 0:
+        train, evals = _split(train, d.eval_split, cfg.train.seed)
+    return Prepared(train, evals, labels)
+
+
+def _split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, ExampleSet]:
+    import random
+
+    idx = list(range(len(data)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(idx) * fraction))
+    if n_eval >= len(idx):
+        raise UsageError(f"data.eval_split={fraction} leaves no training examples out of {len(idx)}; lower it or pass --eval-data")
+
+    def take(ids: list[int]) -> ExampleSet:
+        return ExampleSet([data.input_ids[i] for i in ids], None if data.labels is None else [data.labels[i] for i in ids])
+
+    return take(sorted(idx[n_eval:])), take(sorted(idx[:n_eval]))
+
+
+def set_threads(threads: int) -> None:
+    """Physical cores shared among this machine's processes: oversubscribed BLAS threads slow training down."""
+    import torch
+
+    from llmkit.generation import physical_cores
+
+    if not threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, physical_cores() // local)
+    torch.set_num_threads(threads)
+
+
+def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool) -> Any:
+    """The model to train: base weights in fp32, a new head for seq-cls, LoRA adapters when asked."""
+    from llmkit.models import architectures, load_seq_cls
+
+    if cfg.task == "seq-cls":
+        model = load_seq_cls(ref, progress=progress, num_labels=len(labels.names), id2label=labels.id2label,
+                             label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
+        # decoders (GPT-2, Llama) pool the last non-pad token, so the config must know the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        archs = architectures(ref)
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            raise UsageError(f"{ref.name} is a {archs[0]}, not a causal LM; --task causal-lm needs one (or use --task seq-cls)")
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llmkit.models import apply_adapter, from_pretrained_checked
+
+        model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
+        if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
+            model = apply_adapter(model, ref, merge=True)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if cfg.method == "lora":
+        model = add_lora(model, cfg)
+    return model
+
+
+def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    mtype = model.config.model_type
+    targets: Any = cfg.lora.target_modules or LORA_TARGETS.get(mtype) or "all-linear"
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if targets != "all-linear":
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise UsageError(f"--lora-targets: {', '.join(unknown)} not found in this {mtype} model; "
+                             f"use layer names such as {', '.join(sorted(LORA_TARGETS.get(mtype, []))) or 'all-linear'}")
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM if cfg.task == "causal-lm" else TaskType.SEQ_CLS,  # SEQ_CLS trains the head too
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+        fan_in_fan_out=mtype == "gpt2",
+    )
+    return get_peft_model(model, lora)
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Run a fine-tune described by `cfg`; returns the output folder."""
+    from llmkit.outputs import check_out_dir
+
+    cfg.validate()
+    out = Path(cfg.out).expanduser()
+    check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.resume:
+        _check_resume_matches(out, cfg)
+
+    from accelerate.utils import set_seed
+
+    from llmkit.models import load_tokenizer
+    from llmkit.train import TrainJob, fit, make_accelerator
+
+    set_threads(cfg.train.threads)
+    accelerator = make_accelerator(cfg.train)
+    main = accelerator.is_main_process
+    progress = not cfg.quiet and main and sys.stderr.isatty()
+    tokenizer = load_tokenizer(ref)
+    with accelerator.main_process_first():
+        data = prepare_data(cfg, tokenizer)
+    set_seed(cfg.train.seed)  # the new head and the LoRA matrices start the same on every process and every run
+    model = build_model(cfg, ref, tokenizer, data.labels, progress)
+
+    record = run_record(cfg, ref, data)
+    if main:
+        from llmkit.outputs import start_run
+
+        start_run(out, cfg.overwrite, cfg.resume, record)
+    accelerator.wait_for_everyone()
+    if not cfg.quiet and main:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = f"{len(data.train)} blocks of {cfg.data.block_size} tokens" if cfg.task == "causal-lm" else f"{len(data.train)} examples"
+        print(f"fine-tuning {ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {what}, "
+              f"{accelerator.num_processes} process(es), {_precision(accelerator)}", file=sys.stderr)
+
+    job = TrainJob(model, data.train, data.eval, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
+                   cfg.train, out, num_labels=len(data.labels.names) if data.labels else 2, quiet=cfg.quiet or not main,
+                   resume=cfg.resume)
+    result = fit(job, accelerator)
+    if main:
+        save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _precision(accelerator: Any) -> str:
+    return "fp32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} mixed precision"
+
+
+def run_record(cfg: FinetuneConfig, ref: ModelRef, data: Prepared) -> dict[str, Any]:
+    """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move."""
+    record = cfg.to_dict()
+    if ref.source == "local":
+        record["model"]["name"] = str(ref.adapter or ref.path)
+    record["data"]["train"] = _abs(cfg.data.train)
+    record["data"]["eval"] = _abs(cfg.data.eval) if cfg.data.eval else None
+    record["labels"] = data.labels.names if data.labels else None
+    record["examples"] = {"train": len(data.train), "eval": len(data.eval) if data.eval else 0,
+                          "train_tokens": data.train.tokens}
+    return record
+
+
+def _abs(spec: str) -> str:
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _check_resume_matches(out: Path, cfg: FinetuneConfig) -> None:
+    """A resumed run must be the same run: other data or another model would silently mix two trainings."""
+    from llmkit.outputs import read_run
+
+    before = read_run(out) or {}
+    now = cfg.to_dict()
+    for key in ("task", "method", "data.block_size", "data.max_length", "train.batch_size", "train.grad_accum", "train.seed"):
+        section, _, name = key.partition(".")
+        old = before.get(section, {}).get(name) if name else before.get(section)
+        new = now[section][name] if name else now[section]
+        if old is not None and old != new:
+            raise UsageError(f"--resume: {key} was {old!r} in the run in {out}, now {new!r}; resume with the same settings")
+
+
+def base_model_id(ref: ModelRef) -> str:
+    """What `base_model_name_or_path` should say so plain peft can find the base: a Hub id or an absolute path."""
+    if ref.source == "alias":
+        return ALIASES[ref.name.lower()].hub_id
+    if ref.source == "hub":
+        return ref.name
+    return str(ref.path.parent if ref.is_gguf else ref.path)
+
+
+def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
+                 result: Any) -> None:
+    """Write the model folder: weights, tokenizer, llmkit.json, loss.png, README.md (main process only)."""
+    import shutil
+
+    from llmkit.outputs import RUN_FILE, command_line, install_files, model_card, plot_losses, write_json
+
+    tmp = out / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = cfg.method == "lora" and cfg.lora.merge
+    if cfg.method == "lora":
+        model.peft_config["default"].base_model_name_or_path = base_model_id(ref)
+        if merged:
+            model = model.merge_and_unload()  # fp32 weights: merged in full precision
+    if cfg.method == "lora" and not merged:
+        # embeddings are never resized here; "auto" would look the base model up on the Hub to check
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for stale in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / stale).unlink(missing_ok=True)  # an --overwrite'd or resumed folder must not mix full and adapter files
+    install_files(tmp, out)
+
+    state = result.state
+    metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
+    summary = {"status": "done", "steps": state.step, "total_steps": result.total_steps, "epochs": state.epoch,
+               "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
+               "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+               "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
+               "metrics": metrics}
+    run = {**record, "llmkit": {**(record.get("llmkit") or {}), **summary, "command": command_line()}}
+    from llmkit import __version__
+
+    run["llmkit"]["version"] = __version__
+    plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{ref.name} - {cfg.task} {cfg.method}")
+    card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method=cfg.method, merged=merged,
+                      metrics=metrics, steps=state.step, command=command_line(), data=cfg.data.train,
+                      extra="![loss curves](loss.png)\n" if plotted else "")
+    (out / "README.md").write_text(card, encoding="utf-8")
+    write_json(out / RUN_FILE, run)  # last: "status: done" means everything above is in place
+    shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)  # the folder's model *is* the best one now

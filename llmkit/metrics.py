@@ -1,0 +1,159 @@
+"""Evaluation metrics, one implementation for training-time eval and `llmkit evaluate`.
+
+Perplexity is exp(total NLL / predicted tokens) over non-overlapping windows, exactly like
+`../shared/bench/ppl.py`, so the numbers compare. Accuracy and F1 are scikit-learn's, which is what the
+`evaluate` package's "accuracy" and "f1" modules compute; `evaluate.load` fetches those modules from the Hub,
+which would make every evaluation fail offline.
+
+Logits are reduced to per-example sums inside each batch, never accumulated (a full-vocabulary logits cache
+is how evaluation runs out of memory, transformers#15466).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
+    """Accuracy, and F1 (binary F1 of class 1 for two classes, macro F1 otherwise)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if num_labels == 2:
+        f1 = f1_score(labels, preds, average="binary", pos_label=1, zero_division=0)
+    else:
+        f1 = f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, preds)), "f1": float(f1)}
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens) if tokens else float("nan")
+
+
+def causal_lm_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Per-example summed NLL and predicted-token counts (labels -100 are not predicted)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+    nll = nll.view(labels.shape).sum(dim=1)
+    return nll, (labels != -100).sum(dim=1).to(torch.long)
+
+
+def evaluate_model(model: Any, loader: Any, task: str, accelerator: Any = None, num_labels: int = 2,
+                   progress: Any = None) -> dict[str, float]:
+    """Run `model` over `loader` and return {"loss", "perplexity", "tokens"} or {"loss", "accuracy", "f1", "samples"}.
+
+    Under Accelerate every process evaluates its shard; `gather_for_metrics` drops the samples it padded in.
+    """
+    import torch
+
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    was_training = model.training
+    model.eval()
+    nll_sum, tokens, n = 0.0, 0, 0
+    preds: list[int] = []
+    refs: list[int] = []
+    loss_sum = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            if task == "causal-lm":
+                nll, cnt = gather(causal_lm_nll(model, batch))
+                nll_sum += float(nll.sum())
+                tokens += int(cnt.sum())
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                p, y, loss = gather((logits.argmax(-1), batch["labels"], loss))
+                preds.extend(p.tolist())
+                refs.extend(y.tolist())
+                loss_sum += float(loss.sum())
+                n += len(y)
+            if progress is not None:
+                progress.update(1)
+    if was_training:
+        model.train()
+    if task == "causal-lm":
+        return {"loss": nll_sum / max(tokens, 1), "perplexity": perplexity(nll_sum, tokens), "tokens": tokens}
+    return {"loss": loss_sum / max(n, 1), **classification_metrics(preds, refs, num_labels), "samples": n}
+
+
+# Which eval metric decides "best" and early stopping, and whether lower is better.
+BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True)}
+
+
+def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_size: int | None = None,
+                  max_blocks: int | None = None, batch_size: int = 8, text_column: str = "text",
+                  text_pair_column: str | None = None, label_column: str = "label", max_length: int = 512,
+                  device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """Perplexity (causal-lm) or accuracy / F1 (seq-cls) of any model llmkit can load, on a data file.
+
+        >>> evaluate_data("runs/shakespeare", "../shared/data/tinyshakespeare/validation.txt", block_size=256)
+        {'perplexity': 21.3, 'tokens': 32640, 'blocks': 128, 'block_size': 256, ...}
+    """
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
+    from llmkit.errors import UsageError
+    from llmkit.models import adapter_task, architectures, context_length, load_causal_lm, load_seq_cls, load_tokenizer, resolve
+
+    ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    inferred = adapter_task(ref) or ("seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures(ref)) else "causal-lm")
+    task = task or inferred
+    if task not in ("causal-lm", "seq-cls"):
+        raise UsageError(f"--task {task!r} is not one of causal-lm, seq-cls")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_blocks is not None and max_blocks < 1:
+        raise UsageError(f"--max-blocks must be >= 1, got {max_blocks}")
+    table = load_table(data, task=task, what="--data")  # data errors before the (slow) model load
+    texts, rows = texts_of(table, text_column)
+    tokenizer = load_tokenizer(ref)
+    start = time.perf_counter()
+    if task == "causal-lm":
+        model = load_causal_lm(ref, device=device, dtype="float32", progress=progress)
+        limit = context_length(model.config)
+        block = block_size or min(limit or 1024, 1024)
+        if block < 2:
+            raise UsageError(f"--block-size must be >= 2, got {block}")
+        if limit and block > limit:
+            raise UsageError(f"--block-size {block} is longer than the model's context ({limit} tokens); use --block-size {limit} or less")
+        blocks = pack_causal_lm(texts, tokenizer, block, table.name)[:max_blocks]
+        loader = DataLoader(ExampleSet(blocks), batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
+    else:
+        model = load_seq_cls(ref, device=device, progress=progress)
+        labels = Labels.from_config(model.config.id2label)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        pairs = None
+        if text_pair_column:
+            col = table.column(text_pair_column, "--text-pair-column")
+            pairs = ["" if col[i] is None else str(col[i]) for i in rows]
+        ids = encode_seq_cls(tokenizer, texts, pairs, max_length)
+        ys = labels.ids(table, label_column, rows)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+        loader = DataLoader(ExampleSet([ids[i] for i in order], [ys[i] for i in order]), batch_size=batch_size,
+                            collate_fn=Collator(tokenizer.pad_token_id, causal=False))
+    dev = next(model.parameters()).device
+    batches = ({k: v.to(dev) for k, v in b.items()} for b in loader)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc="evaluating", unit="batch", dynamic_ncols=True)
+    with torch.inference_mode():
+        result = evaluate_model(model, batches, task, num_labels=len(labels.names) if task == "seq-cls" else 2, progress=bar)
+    if bar is not None:
+        bar.close()
+    result = {k: v for k, v in result.items() if k != "loss"} | {"loss": result["loss"]}
+    if task == "causal-lm":
+        result.update(blocks=len(blocks), block_size=block)
+    result.update(task=task, model=model_name, data=data, seconds=round(time.perf_counter() - start, 2))
+    return result

@@ -1,0 +1,171 @@
+"""The run folder: refuse to clobber what is not ours, then write a normal Hugging Face model folder.
+
+    OUT/
+      config.json, model.safetensors       (full / merged)   or   adapter_config.json, adapter_model.safetensors (LoRA)
+      tokenizer files
+      llmkit.json       the resolved recipe + run facts (llmkit loads adapters' base models from it)
+      metrics.jsonl     one JSON object per logged step and per evaluation
+      loss.png          train / eval loss curves
+      README.md         model card: final metrics, the command that made it, how to load it
+      checkpoints/      resumable checkpoints (step-*) and the best weights (best/)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmkit import __version__
+from llmkit.errors import UsageError
+
+RUN_FILE = "llmkit.json"
+
+
+def read_run(out: Path) -> dict[str, Any] | None:
+    """The llmkit.json of a run folder, or None if `out` is not an llmkit run."""
+    try:
+        data = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "llmkit" in data else None
+
+
+def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Decide, before anything is loaded or written, whether `out` may be used."""
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume contradict each other: --resume continues the run in --out, --overwrite replaces it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    if resume:
+        if read_run(out) is None:
+            raise UsageError(f"--resume: {out} is not an llmkit run folder; run without --resume to start one")
+        if read_run(out).get("llmkit", {}).get("status") == "done":
+            raise UsageError(f"--resume: the run in {out} has finished; there is nothing to resume (use --overwrite to train again)")
+        return
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if overwrite:
+        here = Path.cwd().resolve()
+        if out.resolve() in (here, *here.parents, Path.home().resolve()):
+            raise UsageError(f"--overwrite refuses to delete {out}: it is the current folder, one of its parents or your home")
+        return
+    if read_run(out) is not None:
+        raise UsageError(f"{out} already holds an llmkit run; pass --resume to continue it or --overwrite to start over")
+    raise UsageError(f"--out {out} exists and is not an llmkit run; choose another folder or pass --overwrite to replace it")
+
+
+def start_run(out: Path, overwrite: bool, resume: bool, record: dict[str, Any]) -> None:
+    """Create (or clear) the folder and mark it as an llmkit run; called once everything has been validated."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(out / RUN_FILE, {**record, "llmkit": {"version": __version__, "status": "running", "command": command_line()}})
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def command_line() -> str:
+    import shlex
+
+    argv = list(sys.argv)
+    argv[0] = "llmkit" if argv and Path(argv[0]).name in ("llmkit", "__main__.py", "-m") else Path(argv[0]).name
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def install_files(tmp: Path, out: Path) -> None:
+    """Move every file of `tmp` into `out` (each rename is atomic), then remove `tmp`."""
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str) -> bool:
+    """loss.png: training loss per logged step, eval loss per evaluation. False if there is nothing to plot."""
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()] if metrics_path.exists() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return True
+
+
+def model_card(*, title: str, base: str, task: str, method: str, merged: bool, metrics: dict[str, float],
+               steps: int, command: str, data: str, extra: str = "") -> str:
+    library = "peft" if method == "lora" and not merged else "transformers"
+    pipeline = "text-generation" if task == "causal-lm" else "text-classification"
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    if library == "peft":
+        auto = "AutoPeftModelForCausalLM" if task == "causal-lm" else "AutoPeftModelForSequenceClassification"
+        load = f"from peft import {auto}\nmodel = {auto}.from_pretrained(\"OUT\")"
+        if task == "seq-cls":  # the base config knows neither the labels nor (GPT-2, Llama) the pad token
+            load = (f"from peft import {auto}\nfrom transformers import AutoTokenizer\ntok = AutoTokenizer.from_pretrained(\"OUT\")\n"
+                    f"model = {auto}.from_pretrained(\"OUT\", num_labels=N_LABELS)  # labels: see llmkit.json\n"
+                    "model.config.pad_token_id = tok.pad_token_id")
+    else:
+        auto = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
+        load = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"OUT\")"
+    use = "llmkit generate --model OUT \"Once upon a time\"" if task == "causal-lm" else "llmkit evaluate --model OUT --data test.csv"
+    return f"""---
+library_name: {library}
+base_model: {base}
+pipeline_tag: {pipeline}
+tags: [llmkit, {method}]
+---
+
+# {title}
+
+Fine-tuned from `{base}` with llmkit {__version__} ({task}, {method}{", merged" if merged else ""}), {steps} optimizer steps on `{data}`.
+
+## Evaluation
+
+| metric | value |
+|---|---|
+{rows or "| (no eval data) | |"}
+
+{extra}
+## Made with
+
+```
+{command}
+```
+
+The full resolved recipe is in `llmkit.json`; per-step metrics in `metrics.jsonl`; curves in `loss.png`.
+
+## Use
+
+```python
+{load}
+```
+
+```
+{use}
+```
+"""

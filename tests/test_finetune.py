@@ -1,0 +1,259 @@
+"""`llmkit finetune` / `llmkit evaluate` end to end on tiny models: both tasks x both methods, resume, crashes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--quiet", *extra]
+
+
+def perplexity_with_plain_transformers(model, tok, text: str, block: int) -> float:
+    """ppl.py's computation: non-overlapping windows, mean NLL over predicted tokens."""
+    import torch
+
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    n = len(ids) // block
+    x = torch.stack([ids[i * block:(i + 1) * block] for i in range(n)])
+    with torch.no_grad():
+        loss = model(x, labels=x).loss
+    return math.exp(float(loss))
+
+
+@pytest.mark.parametrize("arch,method", [("gpt2", "full"), ("gpt2", "lora"), ("llama", "lora")])
+def test_causal_lm_trains_and_reloads_with_plain_transformers(cli, request, toy_data, tmp_path, arch, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    out = tmp_path / "run"
+    code, _, err = cli(*base_args(model_dir, toy_data / "train.txt", out, "--method", method, "--eval-data", str(toy_data / "eval.txt"),
+                                  "--block-size", "32", "--epochs", "8", "--lr", "3e-2" if method == "lora" else "3e-3",
+                                  "--batch-size", "4"))
+    assert code == 0, err
+    for f in ("llmkit.json", "metrics.jsonl", "loss.png", "README.md", "tokenizer.json"):
+        assert (out / f).exists(), f
+    assert (out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).exists()
+    assert not list(out.glob("*.bin"))
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    # memorisable data: full fine-tuning must fall clearly; adapters on a random tiny base move slowly, but move
+    assert losses[-1] < losses[0] * (0.7 if method == "full" else 0.999), losses
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+        assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means trained
+    run = json.loads((out / "llmkit.json").read_text())
+    assert run["llmkit"]["status"] == "done" and run["task"] == "causal-lm"
+
+    # The saved folder, loaded by plain transformers / peft, is the model that was evaluated in training.
+    if method == "lora":
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ppl = perplexity_with_plain_transformers(model.eval(), tok, (toy_data / "eval.txt").read_text(), 32)
+    assert ppl == pytest.approx(run["llmkit"]["metrics"]["eval_perplexity"], rel=1e-4)
+
+    # ...and llmkit evaluate (same metric code) agrees, on the folder as given.
+    code, out_json, err = cli("evaluate", "--model", out, "--data", toy_data / "eval.txt", "--block-size", "32", "--json")
+    assert code == 0, err
+    assert json.loads(out_json)["perplexity"] == pytest.approx(ppl, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch,method", [("bert", "full"), ("bert", "lora"), ("gpt2", "lora"), ("llama", "full")])
+def test_seq_cls_trains_and_reloads(cli, request, toy_data, tmp_path, arch, method):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    out = tmp_path / "run"
+    code, _, err = cli(*base_args(model_dir, toy_data / "train.csv", out, "--task", "seq-cls", "--method", method,
+                                  "--eval-data", str(toy_data / "eval.csv"), "--epochs", "10", "--lr", "3e-2" if method == "lora" else "3e-3",
+                                  "--batch-size", "8"))
+    assert code == 0, err
+    run = json.loads((out / "llmkit.json").read_text())
+    assert run["labels"] == ["neg", "pos"]
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    assert run["llmkit"]["metrics"]["eval_accuracy"] >= 0.9  # one word decides the label
+
+    if method == "lora":
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(out)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+        assert model.config.pad_token_id is not None  # decoders pool the last non-pad token
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token is not None  # saved with the pad token llmkit set (EOS for GPT-2 / Llama)
+    model.config.pad_token_id = tok.pad_token_id  # the base config of an adapter has none (the model card says so)
+    rows = (toy_data / "eval.csv").read_text().splitlines()[1:]
+    texts, labels = [r.rsplit(",", 1)[0] for r in rows], [r.rsplit(",", 1)[1] for r in rows]
+    with torch.no_grad():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        logits = model.eval()(**enc).logits
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0 if y == "neg" else 1 for y in labels]))
+    assert float(loss) == pytest.approx(run["llmkit"]["metrics"]["eval_loss"], rel=1e-4)
+
+    code, out_json, err = cli("evaluate", "--model", out, "--data", toy_data / "eval.csv", "--json")
+    assert code == 0, err
+    res = json.loads(out_json)
+    assert res["task"] == "seq-cls" and res["samples"] == len(rows)
+    assert res["accuracy"] == pytest.approx(run["llmkit"]["metrics"]["eval_accuracy"])
+
+
+def test_lora_merge_writes_a_full_model_and_generate_loads_adapters(cli, tiny_llama, toy_data, tmp_path):
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    common = ["--method", "lora", "--block-size", "32", "--max-steps", "4", "--lr", "1e-2", "--set", "lora.dropout=0"]
+    assert cli(*base_args(tiny_llama, toy_data / "train.txt", merged, *common, "--merge"))[0] == 0
+    assert cli(*base_args(tiny_llama, toy_data / "train.txt", adapter, *common))[0] == 0
+    assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
+    assert (adapter / "adapter_config.json").exists()
+    outs = []
+    for folder in (merged, adapter):
+        code, out, err = cli("generate", "--model", folder, "Once upon", "-n", "8", "-t", "0", "--json")
+        assert code == 0, err
+        outs.append(json.loads(out)["text"])
+    assert outs[0] == outs[1]  # same seed, same training: merged and adapter are the same model
+
+
+def _train_cfg(model: Path, data: Path, out: Path, **train):
+    from llmkit.config import load_recipe
+
+    flags = {"model.name": str(model), "data.train": str(data), "out": str(out), "data.block_size": 16, "train.batch_size": 4,
+             "train.max_steps": 8, "train.save_every": 2, "train.keep_checkpoints": 10, "train.lr": 1e-3,
+             "train.mixed_precision": "no", "quiet": True, "train.log_every": 1}
+    flags.update({f"train.{k}": v for k, v in train.items()})
+    return load_recipe(None, [], flags)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import llmkit.train as train
+    from llmkit.finetune import finetune
+
+    finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "a"))
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(accelerator, root, state, *args, **kwargs):
+        path = real_save(accelerator, root, state, *args, **kwargs)
+        if state.step == 4:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C right after the step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "b"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+    cfg = _train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "b")
+    cfg.resume = True
+    finetune(cfg)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k  # bit for bit: same data order, dropout masks, optimizer and LR
+    la = [r for r in metrics(tmp_path / "a") if "loss" in r]
+    lb = [r for r in metrics(tmp_path / "b") if "loss" in r]
+    assert [r["step"] for r in lb] == list(range(1, 9))  # no duplicated or missing lines after resume
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_usable(tiny_gpt2, toy_data, tmp_path, monkeypatch):
+    import torch
+
+    import llmkit.train as train
+    from llmkit.finetune import finetune
+
+    out = tmp_path / "run"
+    real_torch_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *a, **k):
+        if "step-00000004" in str(f) and str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            raise OSError("No space left on device")  # the disk filled up half-way through checkpoint 4
+        return real_torch_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError):
+        finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", out))
+    monkeypatch.setattr(torch, "save", real_torch_save)
+    assert calls["n"] == 1
+    ckpts = out / "checkpoints"
+    assert [p.name for p in train.complete_checkpoints(ckpts)] == ["step-00000002"]
+    assert (ckpts / ".tmp-step-00000004").exists()  # the half-written one was never renamed into place
+    assert train.latest_checkpoint(ckpts).name == "step-00000002"
+
+    cfg = _train_cfg(tiny_gpt2, toy_data / "train.txt", out)
+    cfg.resume = True
+    finetune(cfg)
+    assert json.loads((out / "llmkit.json").read_text())["llmkit"]["steps"] == 8
+
+
+def test_checkpoint_rotation_keeps_the_newest(tiny_gpt2, toy_data, tmp_path):
+    from llmkit.finetune import finetune
+    from llmkit.train import complete_checkpoints
+
+    out = tmp_path / "run"
+    finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", out, keep_checkpoints=2, max_steps=9))
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000006", "step-00000008"]
+
+
+def test_early_stopping_keeps_the_best_model(tiny_bert, toy_data, tmp_path):
+    from llmkit.config import load_recipe
+    from llmkit.finetune import finetune
+
+    out = tmp_path / "run"
+    cfg = load_recipe(None, ["train.early_stopping=1", "train.eval_every=2", "train.lr=0.3"],
+                      {"model.name": str(tiny_bert), "task": "seq-cls", "data.train": str(toy_data / "train.csv"),
+                       "data.eval": str(toy_data / "eval.csv"), "out": str(out), "quiet": True, "train.epochs": 20})
+    finetune(cfg)  # lr 0.3 diverges: accuracy stops improving and the run stops early
+    run = json.loads((out / "llmkit.json").read_text())["llmkit"]
+    evals = [r for r in metrics(out) if "eval_accuracy" in r]
+    assert run["stopped_early"] and run["steps"] < run["total_steps"]
+    best = max(evals, key=lambda r: r["eval_accuracy"])
+    assert run["metrics"]["eval_accuracy"] == best["eval_accuracy"]
+    assert run["best_step"] == min(r["step"] for r in evals if r["eval_accuracy"] == best["eval_accuracy"])
+
+
+def test_eval_split_holds_out_rows(tiny_bert, toy_data, tmp_path):
+    from llmkit.config import load_recipe
+    from llmkit.finetune import finetune
+
+    out = tmp_path / "run"
+    finetune(load_recipe(None, ["data.eval_split=0.25"], {"model.name": str(tiny_bert), "task": "seq-cls", "quiet": True,
+                                                          "data.train": str(toy_data / "train.csv"), "out": str(out)}))
+    run = json.loads((out / "llmkit.json").read_text())
+    assert run["examples"] == {"train": 48, "eval": 16, "train_tokens": run["examples"]["train_tokens"]}
+    assert "eval_accuracy" in run["llmkit"]["metrics"]
+
+
+def test_evaluate_perplexity_matches_the_reference_computation(cli, tiny_gpt2, toy_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, err = cli("evaluate", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--block-size", "16", "--max-blocks", "5", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["tokens"] == 5 * 15 and res["blocks"] == 5
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    text = tok.decode(tok((toy_data / "train.txt").read_text()).input_ids[:80])
+    ref = perplexity_with_plain_transformers(AutoModelForCausalLM.from_pretrained(tiny_gpt2), tok, text, 16)
+    assert res["perplexity"] == pytest.approx(ref, rel=1e-4)
+    code, out, _ = cli("evaluate", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--block-size", "16")
+    assert code == 0 and out.startswith("perplexity ")
