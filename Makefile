@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-finetune clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/generate.py
+
+# ~25 min on 2 CPU cores: each runs llmkit and the plain-Trainer peer on the same work
+bench-finetune: setup
+	$(BIN)/python benchmarks/finetune_cls.py
+	$(BIN)/python benchmarks/finetune_clm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -251,14 +251,22 @@ def keys(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
+# Names users bring from HF TrainingArguments / peft, mapped to ours for the "did you mean" hint.
+_FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+             "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup_ratio", "lora_alpha": "alpha", "lora_r": "r",
+             "lora_dropout": "dropout", "target": "target_modules", "model_name_or_path": "name", "lr_scheduler_type": "scheduler"}
+
+
 def set_key(cfg: Any, key: str, value: Any, source: str = "") -> None:
     """Set `section.field` to `value`, converted to the field's type; unknown keys and bad types fail here."""
     target, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(target)}
         if part not in names:
-            close = difflib.get_close_matches(key, keys(cfg), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(keys(cfg))}"
+            known = keys(cfg)
+            guess = ".".join([*parts[:-1], _FAMILIAR.get(parts[-1], parts[-1])])
+            close = [guess] if guess in known else difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(known)}"
             raise UsageError(f"{source}unknown recipe key '{key}'{hint}")
         if i < len(parts) - 1:
             target = getattr(target, part)

@@ -97,6 +97,8 @@ def _load_file(path: Path, task: str, what: str) -> Table:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # pandas / pyarrow parse errors come in many types; all mean "fix the file"
+        if "corresponds to no data" in str(e):  # a header and nothing else
+            raise UsageError(f"{what} {path} has no rows") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{what} {path} cannot be read as {path.suffix[1:]}: {first[:200]}") from None
     if len(ds) == 0:

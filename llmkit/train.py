@@ -23,7 +23,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,10 @@ class TrainResult:
 
 
 def resolve_precision(name: str) -> str:
-    """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, full fp32 on CPU (exact, and resumable bit for bit)."""
+    """`auto`: bf16 on GPUs that support it, fp16 on other GPUs; on CPU bf16 where the hardware has it, else fp32.
+
+    Weights, optimizer state and evaluation stay fp32 either way; autocast only runs the matmuls in bf16.
+    """
     import torch
 
     if name != "auto":
@@ -86,13 +90,27 @@ def resolve_precision(name: str) -> str:
         return name
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def cpu_has_bf16() -> bool:
+    """CPUs with bf16 matrix hardware (Intel AMX, AVX512-BF16): autocast there is faster, not emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
+    # Accelerate keeps its settings in a process-wide singleton; a second run from Python (tests, notebooks)
+    # may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=resolve_precision(cfg.mixed_precision),
@@ -124,7 +142,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     if job.eval_set is not None:
         eval_loader = DataLoader(job.eval_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                                  collate_fn=job.collate)
-    optimizer = torch.optim.AdamW(_param_groups(job.model, cfg.weight_decay), lr=cfg.lr)
+    # fused AdamW: one kernel for all parameters instead of a dozen ops each (a 3x faster step on CPU here)
+    fused = accelerator.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(_param_groups(job.model, cfg.weight_decay), lr=cfg.lr, fused=fused)
     model, optimizer, train_loader = accelerator.prepare(job.model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -160,7 +180,8 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     def run_eval() -> dict[str, float]:
         nonlocal window_start
         t0 = time.perf_counter()
-        metrics = evaluate_model(model, eval_loader, job.task, accelerator, job.num_labels)
+        with full_precision(accelerator, model) as fp32_model:
+            metrics = evaluate_model(fp32_model, eval_loader, job.task, accelerator, job.num_labels)
         window_start += time.perf_counter() - t0  # eval time does not count against training speed
         state.last_eval_step = state.step
         log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
@@ -249,6 +270,23 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             result.eval_metrics = {k: v for k, v in _read_json(ckpt_root / "best" / "state.json").items() if k != "step"}
     accelerator.wait_for_everyone()
     return result
+
+
+@contextmanager
+def full_precision(accelerator: Any, model: Any) -> Iterator[Any]:
+    """The bare model with Accelerate's autocast forward switched off: metrics are those of the fp32 model saved.
+
+    No gradients flow in evaluation, so the DDP wrapper is not needed either.
+    """
+    inner = accelerator.unwrap_model(model)
+    patched, original = inner.__dict__.get("forward"), getattr(inner, "_original_forward", None)
+    if patched is not None and original is not None:
+        inner.forward = original
+    try:
+        yield inner
+    finally:
+        if patched is not None and original is not None:
+            inner.forward = patched
 
 
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

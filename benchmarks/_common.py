@@ -1,0 +1,34 @@
+"""Helpers shared by the fine-tuning benchmarks: run a command, time it, parse `key=value` lines."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+LLMKIT = [sys.executable, "-m", "llmkit"]
+
+
+def run(cmd: list[str], label: str) -> tuple[str, float]:
+    """Run a command to completion; returns (stdout + stderr, wall seconds). A failure ends the benchmark."""
+    t = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr, wall
+
+
+def fields(text: str, prefix: str) -> dict[str, float]:
+    """`peer_trainer train_s=12.3 samples_per_s=45.6` -> {'train_s': 12.3, 'samples_per_s': 45.6}."""
+    line = next(line for line in text.splitlines() if line.startswith(prefix))
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", line)}
+
+
+def run_facts(out: Path) -> dict:
+    return json.loads((out / "llmkit.json").read_text())["llmkit"]
