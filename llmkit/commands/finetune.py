@@ -37,7 +37,7 @@ def finetune(
     text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column for pair tasks (seq-cls).", show_default=False),
     label_column: str = typer.Option(None, "--label-column", help="Label column for seq-cls [default: label].", show_default=False),
     seed: int = typer.Option(None, "--seed", help="Seed for init, dropout and data order [default: 0].", show_default=False),
-    mixed_precision: str = typer.Option(None, "--mixed-precision", help="auto | no | bf16 | fp16 [default: auto, fp32 on CPU].", show_default=False),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="auto | no | bf16 | fp16 [default: auto, bf16 if fast here].", show_default=False),
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [default: each epoch].", show_default=False),
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: each epoch].", show_default=False),
     threads: int = typer.Option(None, "--threads", help="CPU threads [default: physical cores / processes].", show_default=False),
