@@ -111,7 +111,12 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     # Accelerate keeps its settings in a process-wide singleton; a second run from Python (tests, notebooks)
     # may use another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    from llmkit.models import pick_device
+
     return Accelerator(
+        # cpu=True on machines without an accelerator: only then does Accelerate treat torchrun's WORLD_SIZE
+        # as a multi-process CPU job (gloo); otherwise every process would train alone on all the data.
+        cpu=pick_device() == "cpu",
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=resolve_precision(cfg.mixed_precision),
         dataloader_config=DataLoaderConfiguration(even_batches=True),
