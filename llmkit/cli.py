@@ -10,10 +10,12 @@ import sys
 import typer
 
 from llmkit import __version__
+from llmkit.commands.distill import distill
 from llmkit.commands.evaluate import evaluate
 from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
+from llmkit.commands.quantize import quantize
 from llmkit.errors import UsageError
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(finetune)
+app.command()(distill)
+app.command()(quantize)
 app.command()(evaluate)
 app.command()(models)
 

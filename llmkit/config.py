@@ -145,28 +145,7 @@ class FinetuneConfig:
         need(self.task in TASKS, f"--task {self.task!r} is not one of {', '.join(TASKS)}")
         need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         need(bool(self.model.name), "--model is required")
-        need(bool(d.train), "--data is required (a training file, folder or Hub dataset id)")
-        need(bool(self.out), "--out is required (the output folder)")
-        need(t.max_steps > 0 or t.epochs > 0, "--epochs or --max-steps must be > 0")
-        need(t.max_steps >= 0, f"--max-steps must be >= 0, got {t.max_steps}")
-        need(t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}")
-        need(t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}")
-        need(t.lr > 0, f"--lr must be > 0, got {t.lr}")
-        need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-        need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-        need(t.scheduler in SCHEDULERS, f"train.scheduler {t.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
-        need(t.mixed_precision in PRECISIONS, f"--mixed-precision {t.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("eval_every", "eval_batch_size", "early_stopping", "save_every", "threads"):
-            need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
-        need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-        need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-        need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
-        need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
-        need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")
-        need(bool(d.text_column), "--text-column must not be empty")
-        need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
-             "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
+        problems.extend(run_problems(self.out, d, t))
         if self.method == "lora":
             need(lo.r >= 1, f"--lora-r must be >= 1, got {lo.r}")
             need(lo.alpha > 0, f"--lora-alpha must be > 0, got {lo.alpha}")
@@ -179,6 +158,106 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class StudentConfig:
+    layers: int | None = None
+    """--student-layers: keep this many of the teacher's layers, evenly spaced, first and last kept; None = half."""
+    config: str | None = None
+    """--student-config: a config.json or model folder for the student instead (same tokenizer as the teacher)."""
+
+
+@dataclass
+class KDConfig:
+    temperature: float = 2.0
+    """--temperature: softens both distributions; the KD term is scaled by T^2 so its gradients keep their size."""
+    alpha: float = 0.5
+    """--alpha: weight of the KD term; (1 - alpha) goes to the ordinary loss on the labels."""
+    hidden_weight: float = 0.0
+    """--hidden-weight: weight of a cosine loss between aligned student / teacher hidden states (0 = off)."""
+    cache_top_k: int = 0
+    """Cache the teacher's top-k logits per token on disk, once, and reuse them in later runs (0 = teacher runs live)."""
+    cache_dir: str | None = None
+    """Where cached teacher logits live; None = ~/.cache/llmkit/teacher-logits (or $LLMKIT_CACHE/teacher-logits)."""
+
+
+@dataclass
+class DistillConfig:
+    task: str = "causal-lm"
+    """--task: causal-lm or seq-cls."""
+    out: str = ""
+    """--out: output folder for the student (a normal Hugging Face model folder)."""
+    overwrite: bool = False
+    """--overwrite: replace an existing output folder."""
+    resume: bool = False
+    """--resume: continue from the newest complete checkpoint in --out."""
+    quiet: bool = False
+    """--quiet: no progress bar."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: KDConfig = field(default_factory=KDConfig)
+
+    def validate(self) -> None:
+        """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
+        problems: list[str] = []
+        s, k = self.student, self.distill
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(self.task in TASKS, f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        need(bool(self.teacher.name), "--teacher is required")
+        problems.extend(run_problems(self.out, self.data, self.train))
+        need(s.layers is None or s.layers >= 1, f"--student-layers must be >= 1, got {s.layers}")
+        need(s.layers is None or not s.config, "--student-layers and --student-config exclude each other; pass one")
+        need(k.temperature > 0, f"--temperature must be > 0, got {k.temperature}")
+        need(0 <= k.alpha <= 1, f"--alpha must be in [0, 1], got {k.alpha}")
+        need(k.hidden_weight >= 0, f"--hidden-weight must be >= 0, got {k.hidden_weight}")
+        need(k.cache_top_k >= 0, f"distill.cache_top_k must be >= 0, got {k.cache_top_k}")
+        need(not (k.cache_top_k and k.hidden_weight), "--hidden-weight needs the live teacher's hidden states; set distill.cache_top_k=0")
+        need(not (k.cache_top_k and k.alpha == 0), "distill.cache_top_k is pointless with --alpha 0 (no KD term); set it to 0")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
+    """The checks finetune and distill share: output folder, data and training settings."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    need(bool(d.train), "--data is required (a training file, folder or Hub dataset id)")
+    need(bool(out), "--out is required (the output folder)")
+    need(t.max_steps > 0 or t.epochs > 0, "--epochs or --max-steps must be > 0")
+    need(t.max_steps >= 0, f"--max-steps must be >= 0, got {t.max_steps}")
+    need(t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}")
+    need(t.lr > 0, f"--lr must be > 0, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    need(t.scheduler in SCHEDULERS, f"train.scheduler {t.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    need(t.mixed_precision in PRECISIONS, f"--mixed-precision {t.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+    for name in ("eval_every", "eval_batch_size", "early_stopping", "save_every", "threads"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
+    need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
+    need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")
+    need(bool(d.text_column), "--text-column must not be empty")
+    need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
+         "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -298,6 +298,8 @@ class Collator:
             batch["labels"] = ids.masked_fill(mask == 0, -100)
         else:
             batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+        if "index" in items[0]:  # which examples these are (distillation looks up cached teacher logits by it)
+            batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkit.config import FinetuneConfig
+from llmkit.config import DistillConfig, FinetuneConfig
 from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
 from llmkit.errors import UsageError
 from llmkit.models import ALIASES, ModelRef, resolve
@@ -46,7 +46,7 @@ class Prepared:
     labels: Labels | None
 
 
-def prepare_data(cfg: FinetuneConfig, tokenizer: Any, labels: Labels | None = None) -> Prepared:
+def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: Labels | None = None) -> Prepared:
     """Load, validate and tokenize train (and eval) data; every data error is raised here."""
     d, task = cfg.data, cfg.task
     train_table = load_table(d.train, task=task, what="--data")
@@ -154,7 +154,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.resume:
-        _check_resume_matches(out, cfg)
+        check_resume_matches(out, cfg, ("task", "method", "data.block_size", "data.max_length", "train.batch_size",
+                                        "train.grad_accum", "train.seed"))
 
     from accelerate.utils import set_seed
 
@@ -198,11 +199,11 @@ def _precision(accelerator: Any) -> str:
     return "fp32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} mixed precision"
 
 
-def run_record(cfg: FinetuneConfig, ref: ModelRef, data: Prepared) -> dict[str, Any]:
+def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepared) -> dict[str, Any]:
     """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move."""
     record = cfg.to_dict()
     if ref.source == "local":
-        record["model"]["name"] = str(ref.adapter or ref.path)
+        record["model" if "model" in record else "teacher"]["name"] = str(ref.adapter or ref.path)
     record["data"]["train"] = _abs(cfg.data.train)
     record["data"]["eval"] = _abs(cfg.data.eval) if cfg.data.eval else None
     record["labels"] = data.labels.names if data.labels else None
@@ -216,13 +217,13 @@ def _abs(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec
 
 
-def _check_resume_matches(out: Path, cfg: FinetuneConfig) -> None:
+def check_resume_matches(out: Path, cfg: Any, keys: tuple[str, ...]) -> None:
     """A resumed run must be the same run: other data or another model would silently mix two trainings."""
     from llmkit.outputs import read_run
 
     before = read_run(out) or {}
     now = cfg.to_dict()
-    for key in ("task", "method", "data.block_size", "data.max_length", "train.batch_size", "train.grad_accum", "train.seed"):
+    for key in keys:
         section, _, name = key.partition(".")
         old = before.get(section, {}).get(name) if name else before.get(section)
         new = now[section][name] if name else now[section]
@@ -237,6 +238,16 @@ def base_model_id(ref: ModelRef) -> str:
     if ref.source == "hub":
         return ref.name
     return str(ref.path.parent if ref.is_gguf else ref.path)
+
+
+def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """llmkit.json's "llmkit" section of a finished training run."""
+    state = result.state
+    return {"status": "done", "steps": state.step, "total_steps": result.total_steps, "epochs": state.epoch,
+            "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
+            "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+            "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
+            "metrics": metrics}
 
 
 def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
@@ -264,17 +275,11 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
         (out / stale).unlink(missing_ok=True)  # an --overwrite'd or resumed folder must not mix full and adapter files
     install_files(tmp, out)
 
-    state = result.state
-    metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
-    summary = {"status": "done", "steps": state.step, "total_steps": result.total_steps, "epochs": state.epoch,
-               "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
-               "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
-               "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
-               "metrics": metrics}
-    run = {**record, "llmkit": {**(record.get("llmkit") or {}), **summary, "command": command_line()}}
     from llmkit import __version__
 
-    run["llmkit"]["version"] = __version__
+    metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
+    run = {**record, "llmkit": {**run_summary(result, metrics), "command": command_line(), "version": __version__}}
+    state = result.state
     plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{ref.name} - {cfg.task} {cfg.method}")
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method=cfg.method, merged=merged,
                       metrics=metrics, steps=state.step, command=command_line(), data=cfg.data.train,

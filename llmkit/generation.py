@@ -329,11 +329,11 @@ class LlamaCppBackend:
 
     name = "llama.cpp"
 
-    def __init__(self, ref: ModelRef, n_ctx: int, *, threads: int | None = None) -> None:
+    def __init__(self, ref: ModelRef, n_ctx: int, *, threads: int | None = None, logits_all: bool = False) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
-        self.ref, self.threads = ref, threads or physical_cores()
+        self.ref, self.threads, self.logits_all = ref, threads or physical_cores(), logits_all  # logits_all: for perplexity
         self._load(n_ctx)
         self.context = self.llm._model.n_ctx_train() or None
 
@@ -354,7 +354,7 @@ class LlamaCppBackend:
         try:
             with _native_stderr_silenced():  # llama.cpp logs context warnings from C even with verbose=False
                 self.llm = llama_cpp.Llama(model_path=str(self.ref.path), n_ctx=n_ctx, n_threads=self.threads,
-                                           n_threads_batch=self.threads, verbose=False)
+                                           n_threads_batch=self.threads, logits_all=self.logits_all, verbose=False)
         except ValueError as e:
             raise UsageError(f"llama.cpp cannot load {self.ref.name}: {e}") from None
         finally:

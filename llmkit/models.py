@@ -339,6 +339,10 @@ def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "au
         raise UsageError(f"{ref.name} is not a causal language model (it is {archs[0]}); "
                          f"generation needs one, such as {DEFAULT_CAUSAL_LM}")
     device = pick_device(device)
+    if _int8_folder(ref):
+        from llmkit.quantization import load_int8
+
+        return load_int8(ref.path, AutoModelForCausalLM).to(device)
     model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=pick_dtype(dtype, device))
     if ref.adapter is not None:
         model = apply_adapter(model, ref, merge=True)
@@ -361,10 +365,21 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
         extra = {**config, "ignore_mismatched_sizes": True}  # a new head replaces one of another size
     import torch
 
+    if _int8_folder(ref) and not config:
+        from llmkit.quantization import load_int8
+
+        return load_int8(ref.path, AutoModelForSequenceClassification).to(pick_device(device))
     model = from_pretrained_checked(AutoModelForSequenceClassification, ref, progress, dtype=torch.float32, **extra)
     if ref.adapter is not None:
         model = apply_adapter(model, ref, merge=True)
     return model.to(pick_device(device))
+
+
+def _int8_folder(ref: ModelRef) -> bool:
+    """An `llmkit quantize --method int8` folder: its int8 layers are rebuilt by llmkit, not by transformers."""
+    if ref.is_gguf or ref.adapter is not None:
+        return False
+    return (_read_json(ref.path / "config.json").get("quantization_config") or {}).get("quant_method") == "llmkit-int8"
 
 
 def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:

@@ -118,7 +118,7 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> bool:
 
 
 def model_card(*, title: str, base: str, task: str, method: str, merged: bool, metrics: dict[str, float],
-               steps: int, command: str, data: str, extra: str = "") -> str:
+               steps: int, command: str, data: str, extra: str = "", intro: str | None = None) -> str:
     library = "peft" if method == "lora" and not merged else "transformers"
     pipeline = "text-generation" if task == "causal-lm" else "text-classification"
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
@@ -142,7 +142,7 @@ tags: [llmkit, {method}]
 
 # {title}
 
-Fine-tuned from `{base}` with llmkit {__version__} ({task}, {method}{", merged" if merged else ""}), {steps} optimizer steps on `{data}`.
+{intro or f"Fine-tuned from `{base}` with llmkit {__version__} ({task}, {method}{', merged' if merged else ''}), {steps} optimizer steps on `{data}`."}
 
 ## Evaluation
 

@@ -66,6 +66,7 @@ class TrainJob:
     out: Path
     num_labels: int = 2
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None  # default: the model's own loss
+    log_extra: Callable[[], dict[str, Any]] | None = None  # more values to log (e.g. distillation's loss parts)
     quiet: bool = False
     resume: bool = False
 
@@ -228,16 +229,19 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             state.step += 1
             if state.step % cfg.log_every == 0 or state.step == total:
                 # every process joins these reductions at the same steps, so none waits on another
-                stats = accelerator.reduce(torch.stack([torch.stack(window_loss).float().mean(),
-                                                        torch.tensor(float(window_tokens)), torch.tensor(float(window_samples))]
+                extra = job.log_extra() if job.log_extra else {}
+                stats = accelerator.reduce(torch.stack([torch.stack(window_loss).float().mean().cpu(),
+                                                        torch.tensor(float(window_tokens)), torch.tensor(float(window_samples)),
+                                                        *[torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in extra.values()]]
                                                        ).to(accelerator.device), reduction="sum")
                 seconds = time.perf_counter() - window_start
                 mean_loss, tokens, samples = float(stats[0]) / world, int(stats[1]), int(stats[2])
+                extra = {k: round(float(v) / world, 6) for k, v in zip(extra, stats[3:], strict=True)}
                 state.tokens += tokens
                 state.samples += samples
                 state.train_seconds += seconds
                 log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
-                     "loss": round(mean_loss, 6), "lr": scheduler.get_last_lr()[0],
+                     "loss": round(mean_loss, 6), **extra, "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(samples / seconds, 2)})
                 if bar is not None:
                     bar.set_postfix_str(f"loss={mean_loss:.4f} tok/s={tokens / seconds:,.0f}", refresh=False)

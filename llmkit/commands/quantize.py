@@ -1,0 +1,52 @@
+"""`llmkit quantize`: an 8-bit model for small devices, with its quality and speed measured before and after."""
+
+from __future__ import annotations
+
+import typer
+
+
+def quantize(
+    model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-q8_0); must not exist."),
+    method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | gguf-q8_0 (llama.cpp)."),
+    eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
+                                  "[default: a built-in public-domain sample].", show_default=False),
+    max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
+    force: bool = typer.Option(False, "--force", help="Keep the model even when it fails the quality gate."),
+    keep_fp32: str = typer.Option(None, "--keep-fp32", help="int8: module names to leave in fp32, comma-separated (e.g. lm_head).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin/.pt) weights: they can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run Python code shipped with the model."),
+) -> None:
+    """Quantize a model to 8 bits; measures size, perplexity (or accuracy) and speed before and after.
+
+    Examples (offline, bundled model):
+
+      llmkit quantize --model smollm2-135m --method int8 --out runs/smollm2-int8
+
+      llmkit quantize --model smollm2-135m --method gguf-q8_0 --out runs/smollm2-q8_0.gguf
+
+      llmkit generate --model runs/smollm2-q8_0.gguf "Once upon a time"
+    """
+    import json
+    import sys
+
+    from llmkit.quantization import QualityGateError, print_report
+    from llmkit.quantization import quantize as run
+
+    keep = tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip())
+    say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
+    try:
+        report = run(model, out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase, force=force, keep=keep,
+                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet and sys.stderr.isatty(), say=say)
+    except QualityGateError as e:
+        print_report(e.report, sys.stderr)
+        raise
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+        if report["gate"]["failed"]:
+            typer.echo(f"WARNING: kept despite the failed quality gate (--force): {report['gate']['metric']} {report['gate']['change']}", err=True)
+        typer.echo(f"saved to {out}")

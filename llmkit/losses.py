@@ -1,0 +1,48 @@
+"""Losses beyond the model's own: knowledge distillation (logits and hidden states).
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)
+           + hidden_weight * (1 - cos(student hidden, teacher hidden))
+
+The T^2 factor (Hinton et al., 2015) keeps the KD gradients the same size whatever the temperature, so
+alpha means the same thing at T=1 and T=4. Only real positions count: `mask` drops padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def kd_loss(student_logits: Any, teacher_logits: Any, mask: Any, temperature: float) -> Any:
+    """T^2 * KL(teacher || student) per position, averaged over positions where `mask` is true.
+
+    Logits are [..., V]; `mask` has the leading shape ([B] for classifiers, [B, S] for LMs).
+    """
+    import torch.nn.functional as F
+
+    s = student_logits[mask].float() / temperature
+    t = teacher_logits[mask].float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature**2
+
+
+def kd_loss_topk(student_logits: Any, top_values: Any, top_indices: Any, mask: Any, temperature: float) -> Any:
+    """The KD term against a cached teacher: its top-k logits, renormalised over those k tokens.
+
+    KL(p_k || q) with p_k the teacher's distribution restricted to its k most likely tokens and q the
+    student's full distribution read at those tokens. With k = V it is exactly `kd_loss`.
+    """
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student_logits[mask].float() / temperature, -1).gather(-1, top_indices[mask].long())
+    log_p = F.log_softmax(top_values[mask].float() / temperature, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
+def hidden_cosine_loss(student_hidden: list[Any], teacher_hidden: list[Any], mask: Any) -> Any:
+    """Mean over aligned layer pairs of (1 - cosine similarity), over real tokens (DistilBERT's cosine loss)."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        total = total + (1 - F.cosine_similarity(s[mask].float(), t[mask].float(), dim=-1)).mean()
+    return total / len(student_hidden)

@@ -1,0 +1,693 @@
+"""8-bit models: llmkit int8 (CPU-fast, per-channel), bitsandbytes LLM.int8(), and GGUF Q8_0 export.
+
+    >>> from llmkit.quantization import quantize
+    >>> report = quantize("smollm2-135m", "runs/smollm2-int8", method="int8")
+    >>> report["after"]["perplexity"], report["ratios"]["tokens_per_s"]
+
+`int8` is weight-only int8 with one scale per output channel (symmetric, absmax / 127), for every linear layer,
+GPT-2's `Conv1D` layers (transposed into linear form: generic int8 code silently skips them, pytorch#33433),
+and the token embedding, whose int8 rows also serve as the tied LM head. Activations stay in fp32: per-token
+int8 activations cost SmolLM2 +4% perplexity (GUIDE §3). Matmuls run on `torch._weight_int8pack_mm`, the
+CPU kernel that reads int8 weights directly; decoding is memory-bound, so 4x fewer weight bytes is what
+makes it faster. Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
+Why not a library: torchao's int8 weight-only config was measured here at +0.57% perplexity but only 1.31x,
+with the embedding and tied head left in fp32 (41% of the fp32 size for SmolLM2); optimum-quanto was slower
+than fp32. The folder stores int8 tensors and scales in safetensors; `load_int8(folder)` (or any llmkit
+command with `--model folder`) rebuilds the model.
+
+`gguf-q8_0` writes a GGUF file (llama.cpp's format; gpt2 and llama architectures) with Q8_0 tensors (blocks
+of 32 weights sharing one fp16 scale) and the tokenizer inside. It loads in llama.cpp / llama-cpp-python and in
+transformers (`from_pretrained(folder, gguf_file=name)`); `llmkit generate --model out.gguf` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UsageError
+
+METHODS = ("int8", "bnb-int8", "gguf-q8_0")
+QUANT_METHOD = "llmkit-int8"  # quantization_config.quant_method in config.json
+REPORT = "quantize_report.json"
+GGUF_ARCHS = ("gpt2", "llama")
+# modules left in fp32: classifier heads (small, and their error goes straight into the prediction)
+KEEP_FP32 = ("score", "classifier", "qa_outputs")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+# --------------------------------------------------------------------------------------------- int8 modules
+
+
+def _int8_rows(weight: Any) -> tuple[Any, Any]:
+    """Symmetric per-row int8: (int8 weight, fp32 scale per row)."""
+    torch = _torch()
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class Int8Linear(_torch().nn.Module):
+    """y = x W^T + b with W stored as int8 [out, in] and one fp32 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        torch = _torch()
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(cls, weight: Any, bias: Any) -> Int8Linear:
+        """`weight` in nn.Linear layout [out, in]."""
+        m = cls(weight.shape[1], weight.shape[0], bias is not None)
+        m.weight, m.scale = _int8_rows(weight)
+        if bias is not None:
+            m.bias.data = bias.detach().float().clone()
+        return m
+
+    def forward(self, x: Any) -> Any:
+        return int8_matmul(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def int8_matmul(x: Any, weight: Any, scale: Any, bias: Any = None) -> Any:
+    torch = _torch()
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.device.type == "cpu":
+        y = torch._weight_int8pack_mm(x2.float().contiguous(), weight, scale)  # int8 weights read as they are
+    else:
+        y = torch.nn.functional.linear(x2.float(), weight.float()) * scale
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+class Int8Embedding(_torch().nn.Module):
+    """A token embedding stored as int8 rows with one fp32 scale per token."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        torch = _torch()
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_float(cls, emb: Any) -> Int8Embedding:
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        m.weight, m.scale = _int8_rows(emb.weight)
+        return m
+
+    def forward(self, ids: Any) -> Any:
+        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+
+
+class TiedInt8Head(_torch().nn.Module):
+    """An LM head tied to an Int8Embedding: the same int8 rows, so the tie survives (and costs nothing on disk)."""
+
+    def __init__(self, embedding: Int8Embedding) -> None:
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # not a submodule: its buffers are saved once, under the embedding
+
+    def forward(self, x: Any) -> Any:
+        return int8_matmul(x, self.embedding.weight, self.embedding.scale)
+
+
+def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """Replace linear, Conv1D and token-embedding layers by int8 ones in place; returns {module name: kind}."""
+    torch = _torch()
+    from transformers.pytorch_utils import Conv1D
+
+    keep = (*KEEP_FP32, *keep)
+    emb = model.get_input_embeddings()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = out_emb is not None and getattr(out_emb, "weight", None) is not None and out_emb.weight is emb.weight
+    modules: dict[str, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    int8_emb = None
+    for name, module in list(model.named_modules()):
+        if any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep):
+            continue
+        if module is emb and isinstance(module, torch.nn.Embedding):
+            int8_emb = Int8Embedding.from_float(module)
+            new, kind = int8_emb, "embedding"
+        elif isinstance(module, Conv1D):  # GPT-2: y = x W + b with W [in, out]
+            new, kind = Int8Linear.from_float(module.weight.t(), module.bias), "conv1d"
+        elif isinstance(module, torch.nn.Linear) and not (tied and module is out_emb):
+            new, kind = Int8Linear.from_float(module.weight, module.bias), "linear"
+        else:
+            continue
+        _set_module(model, name, new)
+        modules[name] = kind
+    if tied and int8_emb is not None:
+        head = names[id(out_emb)]
+        _set_module(model, head, TiedInt8Head(int8_emb))
+        modules[head] = "tied_head"
+    return modules
+
+
+def _set_module(model: Any, name: str, new: Any) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    # model_type "llmkit-int8": plain transformers then refuses the folder loudly ("does not recognize this
+    # architecture") instead of loading int8 codes as float weights, which it would otherwise do without a word.
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "base_model_type": cfg["model_type"], "bits": 8,
+                                  "scheme": "symmetric per-channel weight-only", "modules": modules,
+                                  "load_with": "from llmkit.quantization import load_int8; model = load_int8(folder)"}
+    cfg["model_type"] = QUANT_METHOD
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def quantized_method(path: Path) -> str | None:
+    """The quant_method of a model folder's config.json, or None if it is not quantized."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (cfg.get("quantization_config") or {}).get("quant_method")
+
+
+def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
+    """Load an llmkit int8 folder (`llmkit quantize --method int8`) as a ready model in eval mode.
+
+        >>> from llmkit.quantization import load_int8
+        >>> model = load_int8("runs/smollm2-int8")           # then model.generate(...) as usual
+    """
+    torch = _torch()
+    from safetensors.torch import load_file
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    quant = raw.pop("quantization_config")
+    modules = quant["modules"]
+    raw["model_type"] = quant["base_model_type"]
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    if auto_cls is None:
+        archs = raw.get("architectures") or []
+        auto_cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else AutoModelForCausalLM
+    with no_init_weights():  # every weight comes from the file: skip the random init
+        model = auto_cls.from_config(config, dtype=torch.float32)
+    emb = None
+    for name, kind in modules.items():
+        old = model.get_submodule(name)
+        if kind == "embedding":
+            emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
+            _set_module(model, name, emb)
+        elif kind == "conv1d":
+            _set_module(model, name, Int8Linear(old.weight.shape[0], old.weight.shape[1], old.bias is not None))
+        elif kind == "linear":
+            _set_module(model, name, Int8Linear(old.in_features, old.out_features, old.bias is not None))
+    for name, kind in modules.items():
+        if kind == "tied_head":
+            _set_module(model, name, TiedInt8Head(emb))
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith(("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias"))]
+    if missing or unexpected:
+        raise UsageError(f"{folder} does not match its int8 config ({(missing or unexpected)[0]}); re-run llmkit quantize")
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+def export_gguf_q8_0(model: Any, tokenizer: Any, path: Path, source_gguf: Path | None = None) -> dict[str, int]:
+    """Write `model` (gpt2 or llama architecture) to a GGUF file with Q8_0 matrices; returns tensor-type counts."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    arch = cfg.model_type
+    if arch not in GGUF_ARCHS:
+        raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; this model is {arch} "
+                         "(use --method int8 or bnb-int8 for it)")
+    gg_arch = gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    n_layer = cfg.num_hidden_layers
+    names = gguf.TensorNameMap(gg_arch, n_layer)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gg_arch])
+    writer.add_name(getattr(cfg, "_name_or_path", "") or path.stem)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    n_embd = cfg.hidden_size
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(cfg.num_attention_heads)
+    if arch == "gpt2":
+        writer.add_context_length(cfg.n_positions)
+        writer.add_feed_forward_length(cfg.n_inner or 4 * n_embd)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or n_embd // cfg.num_attention_heads
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(_rope_theta(cfg)))
+        writer.add_vocab_size(cfg.vocab_size)
+        if head_dim * cfg.num_attention_heads != n_embd:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+    _add_tokenizer(writer, tokenizer, arch, source_gguf)
+
+    state = {k: v for k, v in model.state_dict().items()}
+    tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    counts: dict[str, int] = {}
+    for hf_name, tensor in state.items():
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+            continue  # buffers rebuilt at load time, not weights
+        if hf_name == "lm_head.weight" and tied and arch == "llama":
+            continue  # llama.cpp reuses token_embd for a missing output tensor
+        data = tensor.detach().float()
+        if arch == "gpt2" and hf_name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            data = data.t()  # Conv1D [in, out] -> [out, in] as llama.cpp and transformers' GGUF reader expect
+        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_attention_heads)
+        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+        new = "output.weight" if hf_name == "lm_head.weight" else names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UsageError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this {arch} variant is not supported")
+        array = data.contiguous().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(new, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:  # norms and biases (and rows not divisible into 32-blocks) stay fp32: tiny, and they set the scale of everything
+            qtype = gguf.GGMLQuantizationType.F32
+            writer.add_tensor(new, array.astype(np.float32))
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        if arch == "gpt2" and new == "token_embd.weight" and "lm_head.weight" not in state:
+            writer.add_tensor("output.weight", gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
+def _rope_theta(cfg: Any) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+
+
+def _permute_rope(w: Any, n_head: int, n_head_kv: int) -> Any:
+    """HF's rotary layout (halves) -> llama.cpp's (interleaved pairs), as llama.cpp's convert_hf_to_gguf does."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | None) -> None:
+    """The tokenizer goes into the file: copied from the source GGUF when there is one, else from tokenizer.json."""
+    import gguf
+
+    if source_gguf is not None:
+        reader = gguf.GGUFReader(str(source_gguf))
+        for field in reader.fields.values():
+            if field.name.startswith("tokenizer."):
+                _copy_field(writer, field)
+        return
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise UsageError("GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3 style); "
+                         f"this one is {model.get('type')}")
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = set(tokenizer.all_special_ids) | {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(size)]
+    for i, tok in enumerate(tokens):
+        if tok.startswith("[PAD") and tok not in vocab:
+            types[i] = gguf.TokenType.UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2" if arch == "gpt2" else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _copy_field(writer: Any, field: Any) -> None:
+    import gguf
+
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.ARRAY:
+        sub = field.types[1]
+        if sub == gguf.GGUFValueType.STRING:
+            values = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        else:
+            values = [field.parts[i].tolist()[0] for i in field.data]
+        writer.add_array(field.name, values)
+    elif kind == gguf.GGUFValueType.STRING:
+        writer.add_string(field.name, bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace"))
+    else:
+        writer.add_key_value(field.name, field.parts[field.data[0]].tolist()[0], kind)
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def _files_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _weight_bytes(model: Any) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | None = None, max_ppl_increase: float = 2.0,
+             force: bool = False, keep: tuple[str, ...] = (), block_size: int = 256, max_blocks: int = 16,
+             allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False,
+             say: Any = None) -> dict[str, Any]:
+    """Quantize `model_name` into `out`, measure before / after, and return the report (also written to disk)."""
+    import torch
+
+    from llmkit.models import architectures, load_tokenizer, resolve
+
+    say = say or (lambda msg: None)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes says it on every fp32 matmul
+    if not progress:
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if max_ppl_increase < 0:
+        raise UsageError(f"--max-ppl-increase must be >= 0, got {max_ppl_increase}")
+    out = Path(out).expanduser()
+    if method == "gguf-q8_0" and out.suffix != ".gguf":
+        raise UsageError(f"--out {out}: for gguf-q8_0, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
+    if out.exists():
+        raise UsageError(f"--out {out} already exists; choose another path or delete it first")
+    ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if ref.is_gguf:
+        pass  # GGUF sources are dequantized to fp32 by transformers: a fine starting point
+    elif quantized_method(ref.path):
+        raise UsageError(f"{model_name} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
+    if method == "bnb-int8":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--method bnb-int8 needs bitsandbytes: pip install 'llmkit[quant]' (or pip install bitsandbytes)") from None
+    archs = architectures(ref)
+    task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+    if method == "gguf-q8_0" and task != "causal-lm":
+        raise UsageError("GGUF export is for causal LMs (llama.cpp runs text generation); use --method int8 for classifiers")
+    if task == "seq-cls" and not eval_data:
+        raise UsageError("a classifier's accuracy needs labelled data: pass --eval-data a .csv/.jsonl with text and label columns")
+    tokenizer = load_tokenizer(ref)
+    if not ref.is_gguf:  # windows no longer than the model's context (tiny and old models have short ones)
+        from types import SimpleNamespace
+
+        from llmkit.models import context_length
+
+        ctx = context_length(SimpleNamespace(**json.loads((ref.path / "config.json").read_text(encoding="utf-8"))))
+        block_size = min(block_size, ctx or block_size)
+    blocks, eval_name = _eval_blocks(eval_data, tokenizer, block_size, max_blocks, task)  # a too-short file fails here
+
+    # ---- before
+    from llmkit.metrics import generation_speed
+
+    say(f"loading {ref.name} (fp32)")
+    model = _load_fp32(ref, task, progress)
+    if method == "gguf-q8_0" and model.config.model_type not in GGUF_ARCHS:
+        raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; {model_name} is {model.config.model_type} "
+                         "(use --method int8 or bnb-int8)")
+    torch.set_num_threads(_threads())
+    say("measuring the fp32 model")
+    before = {"memory_bytes": _weight_bytes(model), "disk_bytes": _weight_bytes(model), "source_disk_bytes": _source_bytes(ref),
+              **_quality(model, blocks, task, eval_data, tokenizer)}
+    prompt = blocks[0][:32] if blocks else tokenizer("Once upon a time")["input_ids"]
+    if task == "causal-lm":
+        before["tokens_per_s"] = round(generation_speed(model, prompt), 2)
+
+    # ---- quantize into a temporary name, measure, then rename: a failure leaves nothing behind
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        after: dict[str, Any] = {}
+        details: dict[str, Any] = {}
+        say(f"quantizing ({method})")
+        if method == "int8":
+            tmp.mkdir(parents=True)
+            modules = quantize_int8_(model, keep)
+            save_int8(model, modules, tmp)
+            tokenizer.save_pretrained(tmp)
+            del model
+            qmodel = load_int8(tmp)  # measure what was saved, reloaded the way users will load it
+            details["modules"] = {k: sum(1 for v in modules.values() if v == k) for k in sorted(set(modules.values()))}
+        elif method == "bnb-int8":
+            tmp.mkdir(parents=True)
+            qmodel = _bnb_int8(model, ref, tmp, task, progress)
+            del model
+            tokenizer.save_pretrained(tmp)
+        else:
+            details["tensor_types"] = export_gguf_q8_0(model, tokenizer, tmp, ref.path if ref.is_gguf else None)
+            del model
+            qmodel = None
+        after["disk_bytes"] = _files_bytes(tmp)
+        say("measuring the 8-bit model")
+        if qmodel is not None:
+            torch.set_num_threads(_threads())
+            after["memory_bytes"] = _weight_bytes(qmodel)
+            after.update(_quality(qmodel, blocks, task, eval_data, tokenizer))
+            if task == "causal-lm":
+                after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
+        else:
+            after["memory_bytes"] = after["disk_bytes"]  # llama.cpp maps the file: weights in memory = the file
+            after.update(_gguf_quality_and_speed(tmp, blocks, prompt))
+        report = _report(model_name, method, task, eval_name, before, after, details, max_ppl_increase)
+        if report["gate"]["failed"] and not force:
+            raise QualityGateError(report)
+        if tmp.is_dir():
+            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        else:
+            _report_path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    return report
+
+
+class QualityGateError(UsageError):
+    """The quantized model lost more quality than allowed; nothing was written."""
+
+    exit_code = 3
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.report = report
+        g = report["gate"]
+        super().__init__(f"QUALITY GATE FAILED: {g['metric']} {g['change']} exceeds the allowed {g['allowed']}; nothing was written. "
+                         "Pass --force to keep the model anyway, or raise --max-ppl-increase")
+
+
+def _report_path(out: Path) -> Path:
+    return out.with_name(out.stem + "." + REPORT)
+
+
+def _threads() -> int:
+    from llmkit.generation import physical_cores
+
+    return physical_cores()
+
+
+def _source_bytes(ref: Any) -> int:
+    if ref.is_gguf:
+        return ref.path.stat().st_size
+    return sum(f.stat().st_size for f in ref.path.glob("*.safetensors"))
+
+
+def _load_fp32(ref: Any, task: str, progress: bool) -> Any:
+    from llmkit.models import load_causal_lm, load_seq_cls
+
+    if task == "causal-lm":
+        return load_causal_lm(ref, device="cpu", dtype="float32", progress=progress)
+    return load_seq_cls(ref, device="cpu", progress=progress).eval()
+
+
+def _bnb_int8(model: Any, ref: Any, tmp: Path, task: str, progress: bool) -> Any:
+    """LLM.int8() through transformers: from an fp32 folder (a GGUF-loaded model cannot take a quantization_config)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with tempfile.TemporaryDirectory(prefix="llmkit-fp32-") as fp32:
+        model.save_pretrained(fp32, safe_serialization=True)
+        q = auto.from_pretrained(fp32, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32,
+                                 device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
+    q.save_pretrained(tmp, safe_serialization=True)
+    return q.eval()
+
+
+def _eval_blocks(eval_data: str | None, tokenizer: Any, block_size: int, max_blocks: int, task: str) -> tuple[Any, str]:
+    """Token blocks for perplexity (causal-lm); for classifiers the data is read in `_quality`."""
+    from llmkit.data import load_table, pack_causal_lm, texts_of
+
+    if task == "seq-cls":
+        table = load_table(eval_data, task=task, what="--eval-data")
+        texts_of(table, "text")
+        return [], str(eval_data)
+    if eval_data:
+        table = load_table(eval_data, task="causal-lm", what="--eval-data")
+        texts, _ = texts_of(table, "text")
+        name = str(eval_data)
+    else:
+        texts, name = [default_eval_text()], "llmkit built-in held-out sample (public-domain prose)"
+    try:
+        blocks = pack_causal_lm(texts, tokenizer, block_size, name)
+    except UsageError as e:
+        raise UsageError(f"--eval-data is too short for one {block_size}-token window: {e}") from None
+    return blocks[:max_blocks], name
+
+
+def default_eval_text() -> str:
+    return (Path(__file__).parent / "heldout.txt").read_text(encoding="utf-8")
+
+
+def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | None, tokenizer: Any) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, texts_of
+    from llmkit.metrics import evaluate_model
+
+    if task == "causal-lm":
+        loader = DataLoader(ExampleSet(blocks), batch_size=4, collate_fn=Collator(tokenizer.pad_token_id, True))
+        with torch.inference_mode():
+            m = evaluate_model(model, loader, task)
+        return {"perplexity": round(m["perplexity"], 4), "eval_tokens": m["tokens"]}
+    table = load_table(eval_data, task=task, what="--eval-data")
+    texts, rows = texts_of(table, "text")
+    labels = Labels.from_config(model.config.id2label)
+    ys = labels.ids(table, "label", rows)
+    ids = encode_seq_cls(tokenizer, texts, None, 512)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    loader = DataLoader(ExampleSet(ids, ys), batch_size=32, collate_fn=Collator(tokenizer.pad_token_id, False))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        m = evaluate_model(model, loader, task, num_labels=len(labels.names))
+    return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], "samples_per_s": round(m["samples"] / (time.perf_counter() - t0), 1)}
+
+
+def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int]) -> dict[str, Any]:
+    """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself."""
+    import numpy as np
+
+    from llmkit.generation import LlamaCppBackend
+    from llmkit.models import resolve
+
+    n_new = 32
+    backend = LlamaCppBackend(resolve(str(path)), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
+    llm = backend.llm
+    nll, count = 0.0, 0
+    for block in blocks:
+        llm.reset()
+        llm.eval(block)
+        logits = np.asarray(llm.scores[: len(block) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        targets = np.asarray(block[1:])
+        nll -= float(logp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+    llm.reset()
+    t0 = time.perf_counter()
+    made = 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1):
+        made += 1
+        if made >= n_new:
+            break
+    speed = made / (time.perf_counter() - t0)
+    llm.close()
+    import math
+
+    return {"perplexity": round(math.exp(nll / count), 4), "eval_tokens": count, "tokens_per_s": round(speed, 2)}
+
+
+def _report(model: str, method: str, task: str, eval_name: str, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
+            max_ppl_increase: float) -> dict[str, Any]:
+    ratios = {"disk": round(after["disk_bytes"] / before["disk_bytes"], 4), "memory": round(after["memory_bytes"] / before["memory_bytes"], 4)}
+    if "tokens_per_s" in after and "tokens_per_s" in before:
+        ratios["tokens_per_s"] = round(after["tokens_per_s"] / before["tokens_per_s"], 3)
+    if task == "causal-lm":
+        change = 100 * (after["perplexity"] / before["perplexity"] - 1)
+        gate = {"metric": "perplexity increase", "change": f"{change:+.2f}%", "allowed": f"{max_ppl_increase}%", "failed": change > max_ppl_increase}
+        ratios["perplexity"] = round(after["perplexity"] / before["perplexity"], 4)
+    else:
+        drop = 100 * (before["accuracy"] - after["accuracy"])
+        gate = {"metric": "accuracy drop", "change": f"{drop:+.2f} points", "allowed": f"{max_ppl_increase} points", "failed": drop > max_ppl_increase}
+        ratios["accuracy"] = round(after["accuracy"] / before["accuracy"], 4)
+    return {"model": model, "method": method, "task": task, "eval_data": eval_name, "before": before, "after": after,
+            "ratios": ratios, "gate": gate, **details}
+
+
+def print_report(report: dict[str, Any], stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    b, a, r = report["before"], report["after"], report["ratios"]
+    metric = "perplexity" if report["task"] == "causal-lm" else "accuracy"
+    rows = [("disk MB", b["disk_bytes"] / 1e6, a["disk_bytes"] / 1e6, r["disk"]), ("memory MB", b["memory_bytes"] / 1e6, a["memory_bytes"] / 1e6, r["memory"]),
+            (metric, b[metric], a[metric], r[metric])]
+    if "tokens_per_s" in r:
+        rows.append(("tokens/s", b["tokens_per_s"], a["tokens_per_s"], r["tokens_per_s"]))
+    print(f"{'':12s} {'fp32':>10s} {report['method']:>10s} {'ratio':>7s}", file=stream)
+    for name, x, y, ratio in rows:
+        print(f"{name:12s} {x:10.2f} {y:10.2f} {ratio:7.3f}", file=stream)
+    g = report["gate"]
+    print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)

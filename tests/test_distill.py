@@ -1,0 +1,263 @@
+"""`llmkit distill`: student construction, the KD loss, an end-to-end run per task, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_tokenizer
+
+
+def _save(model, tok, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    """4-layer teachers: GPT-2 and Llama causal LMs, a BERT classifier (labels neg / pos), and a GPT-NeoX LM."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    gtok = make_tokenizer(["<|endoftext|>"])
+    gtok.eos_token = gtok.bos_token = "<|endoftext|>"
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(gtok), n_positions=64, n_embd=32, n_layer=4, n_head=4,
+                                      bos_token_id=gtok.eos_token_id, eos_token_id=gtok.eos_token_id))
+    ltok = make_tokenizer(["<s>", "</s>"])
+    ltok.bos_token, ltok.eos_token = "<s>", "</s>"
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(ltok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         bos_token_id=ltok.bos_token_id, eos_token_id=ltok.eos_token_id))
+    btok = make_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]"])
+    btok.pad_token, btok.cls_token, btok.sep_token, btok.unk_token = "[PAD]", "[CLS]", "[SEP]", "[UNK]"
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(btok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                                    num_attention_heads=4, max_position_embeddings=128, pad_token_id=btok.pad_token_id,
+                                                    num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}))
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(gtok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=64))
+    return {"gpt2": _save(gpt2, gtok, root / "gpt2"), "llama": _save(llama, ltok, root / "llama"),
+            "bert": _save(bert, btok, root / "bert"), "neox": _save(neox, gtok, root / "neox")}
+
+
+def _flags(teacher: Path, out: Path, data: Path, **extra: str) -> list[str]:
+    args = ["distill", "--teacher", teacher, "--data", data, "--out", out, "--quiet", "--mixed-precision", "no"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return args
+
+
+# ------------------------------------------------------------------------------------------- students
+
+
+def test_kept_layers_are_evenly_spaced_with_first_and_last():
+    from llmkit.distill import kept_layers
+
+    assert kept_layers(6, 3) == [0, 2, 5]  # the layers the issue's no-KD baseline keeps
+    assert kept_layers(12, 6) == [0, 2, 4, 7, 9, 11]
+    picked = kept_layers(30, 15)
+    assert picked[0] == 0 and picked[-1] == 29 and len(set(picked)) == 15 and picked == sorted(picked)
+    assert kept_layers(4, 1) == [0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_layer_extraction_copies_exactly_the_kept_layers(teachers, arch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from llmkit.distill import layer_stack, student_from_layers
+
+    auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
+    teacher = auto.from_pretrained(teachers[arch])
+    student, kept = student_from_layers(teacher, 2)
+    assert kept == [0, 3]
+    assert student.config.num_hidden_layers == 2
+    t_name, t_layers = layer_stack(teacher)
+    s_name, s_layers = layer_stack(student)
+    assert t_name == s_name and len(s_layers) == 2
+    for s_idx, t_idx in enumerate(kept):
+        for (n1, p1), (n2, p2) in zip(s_layers[s_idx].state_dict().items(), t_layers[t_idx].state_dict().items(), strict=True):
+            assert n1 == n2 and torch.equal(p1, p2), n1
+    t_state = teacher.state_dict()
+    for name, value in student.state_dict().items():  # everything outside the layer stack is the teacher's
+        if not name.startswith(s_name + "."):
+            assert torch.equal(value, t_state[name]), name
+    # a dropped middle layer is really gone: the student differs from the teacher
+    ids = torch.tensor([[5, 6, 7, 8]])
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        assert not torch.allclose(teacher(ids).logits, student(ids).logits)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_matches_a_hand_computation():
+    import torch
+
+    from llmkit.losses import kd_loss, kd_loss_topk
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 7)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert float(kd_loss(t, t, mask, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+    s = torch.randn(2, 3, 7)
+    s[0, 2] = 1e4  # a padding position with absurd logits: masked out, it must not count
+    T = 3.0
+    expected = []
+    for b, p in [(0, 0), (0, 1), (1, 0)]:
+        pt = [math.exp(x / T) for x in t[b, p].tolist()]
+        ps = [math.exp(x / T) for x in s[b, p].tolist()]
+        pt = [x / sum(pt) for x in pt]
+        ps = [x / sum(ps) for x in ps]
+        expected.append(sum(a * math.log(a / c) for a, c in zip(pt, ps, strict=True)))
+    want = T * T * sum(expected) / 3
+    assert float(kd_loss(s, t, mask, T)) == pytest.approx(want, rel=1e-5)
+    # the cached top-k form equals the full one when k is the whole vocabulary
+    top = t.topk(7, dim=-1)
+    assert float(kd_loss_topk(s, top.values, top.indices, mask, T)) == pytest.approx(want, rel=1e-5)
+    # and with fewer tokens it stays a proper (non-negative) divergence
+    top3 = t.topk(3, dim=-1)
+    assert float(kd_loss_topk(s, top3.values, top3.indices, mask, T)) >= 0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_distill_causal_lm_end_to_end(cli, teachers, toy_data, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    code, _, err = cli(*_flags(teachers["gpt2"], out, toy_data / "train.txt", eval_data=toy_data / "eval.txt", student_layers="2",
+                               alpha="1.0", temperature="2.0", max_steps="24", lr="3e-3", batch_size="4", block_size="16"),
+                       "--set", "train.log_every=4")
+    assert code == 0, err
+    kl = [r["kd_loss"] for r in _metrics(out) if "kd_loss" in r]
+    assert len(kl) == 6 and kl[-1] < 0.5 * kl[0], kl  # the student moves toward the teacher
+
+    report = json.loads((out / "distill_report.json").read_text())
+    t, s = report["teacher"], report["student"]
+    assert (t["layers"], s["layers"]) == (4, 2) and s["kept_layers"] == [0, 3]
+    assert s["parameters"] < t["parameters"] and s["size_bytes"] < t["size_bytes"]
+    assert report["ratios"]["parameters"] == pytest.approx(s["parameters"] / t["parameters"], abs=1e-4)
+    assert s["disk_bytes"] == (out / "model.safetensors").stat().st_size
+    assert t["generation_tokens_per_s"] > 0 and s["generation_tokens_per_s"] > 0
+    assert report["ratios"]["perplexity"] == pytest.approx(s["metrics"]["perplexity"] / t["metrics"]["perplexity"], rel=1e-3)
+
+    # a plain transformers folder; llmkit evaluate agrees with the report
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.n_layer == 2 and student.config.use_cache
+    code, stdout, err = cli("evaluate", "--model", out, "--data", toy_data / "eval.txt", "--block-size", "16", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["perplexity"] == pytest.approx(s["metrics"]["perplexity"], rel=1e-4)
+    assert "Teacher and student" in (out / "README.md").read_text()
+    assert (out / "loss.png").exists()
+    assert json.loads((out / "llmkit.json").read_text())["llmkit"]["status"] == "done"
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_distill_llama_with_hidden_state_loss(cli, teachers, toy_data, tmp_path):
+    out = tmp_path / "student"
+    code, _, err = cli(*_flags(teachers["llama"], out, toy_data / "train.txt", student_layers="2", hidden_weight="1.0",
+                               max_steps="4", block_size="16", batch_size="4"), "--set", "train.log_every=2")
+    assert code == 0, err
+    rows = [r for r in _metrics(out) if "hidden_loss" in r]
+    assert rows and all(0 <= r["hidden_loss"] <= 2 for r in rows)
+
+
+def test_distill_seq_cls_with_teacher_cache(cli, teachers, toy_data, tmp_path):
+    cache = tmp_path / "cache"
+    args = _flags(teachers["bert"], tmp_path / "a", toy_data / "train.csv", eval_data=toy_data / "eval.csv", task="seq-cls",
+                  student_layers="2", max_steps="6", batch_size="8", cache_top_k="5")
+    code, _, err = cli(*args, "--set", f"distill.cache_dir={cache}")
+    assert code == 0, err
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    report = json.loads((tmp_path / "a" / "distill_report.json").read_text())
+    assert report["student"]["metrics"]["accuracy"] >= 0 and report["teacher"]["inference_samples_per_s"] > 0
+    assert report["settings"]["cache_top_k"] == 5
+
+    # a second student on the same teacher and data reuses the cache instead of running the teacher again
+    args[args.index(tmp_path / "a")] = tmp_path / "b"
+    code, _, err = cli(*args, "--set", f"distill.cache_dir={cache}", "--set", "train.lr=1e-4")
+    assert code == 0, err
+    assert [f.stat().st_mtime_ns for f in cache.glob("*.safetensors")] == [stamp]
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b")
+    assert student.config.id2label == {0: "neg", 1: "pos"} and student.config.num_hidden_layers == 2
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def other_vocab_config(tmp_path) -> Path:
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=1000, n_positions=64, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "small")
+    return tmp_path / "small"
+
+
+@pytest.mark.parametrize("case", ["vocab", "too_many_layers", "zero_layers", "temperature", "alpha", "architecture", "both_students",
+                                  "untrained_classifier"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, teachers, toy_data, tmp_path, other_vocab_config, tiny_bert, case):
+    out = tmp_path / "out"
+    teacher, extra, expect = teachers["gpt2"], {}, ""
+    if case == "vocab":
+        extra, expect = {"student_config": other_vocab_config}, "vocabulary mismatch"
+    elif case == "too_many_layers":
+        extra, expect = {"student_layers": "4"}, "between 1 and 3"
+    elif case == "zero_layers":
+        extra, expect = {"student_layers": "0"}, "--student-layers must be >= 1"
+    elif case == "temperature":
+        extra, expect = {"temperature": "0"}, "--temperature must be > 0"
+    elif case == "alpha":
+        extra, expect = {"alpha": "1.5"}, "--alpha must be in [0, 1]"
+    elif case == "architecture":
+        teacher, extra, expect = teachers["neox"], {"student_layers": "1"}, "--student-config"
+    elif case == "both_students":
+        extra, expect = {"student_layers": "2", "student_config": other_vocab_config}, "exclude each other"
+    elif case == "untrained_classifier":
+        teacher, extra, expect = tiny_bert, {"task": "seq-cls"}, "not a trained classifier"
+    data = toy_data / ("train.csv" if case == "untrained_classifier" else "train.txt")
+    code, _, err = cli(*_flags(teacher, out, data, block_size="16", max_steps="2", **extra))
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_every_flag_is_a_recipe_key_and_recipes_load():
+    from llmkit.commands.distill import FLAG_KEYS
+    from llmkit.config import DistillConfig, keys, load_recipe
+
+    assert set(FLAG_KEYS.values()) <= set(keys(DistillConfig()))
+    recipes = sorted(Path("recipes").glob("distill-*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        cfg = load_recipe(recipe, ["out=runs/x"], cls=DistillConfig)
+        cfg.validate()

@@ -1,0 +1,206 @@
+"""`llmkit quantize`: int8 / bnb-int8 / gguf-q8_0 round trips, GGUF contents, the quality gate, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+IDS = list(range(3, 40))
+# Per-channel int8 rounds each weight by at most half a step, max|row| / 254 (<= 0.4% of the row's largest weight);
+# through two layers of these tiny random models that moves the logits by ~1% of their norm. 3% leaves room
+# for noise and still fails for per-tensor scales or a transposed Conv1D (errors of 20-100%).
+TOL = 0.03
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_round_trip_and_reload(cli, tiny_gpt2, tiny_llama, toy_data, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.quantization import Int8Embedding, Int8Linear, TiedInt8Head, load_int8
+
+    src = tiny_gpt2 if arch == "gpt2" else tiny_llama
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", "--model", src, "--method", "int8", "--out", out, "--eval-data", toy_data / "train.txt", "--json", "--quiet")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report == json.loads((out / "quantize_report.json").read_text())
+    assert report["ratios"]["disk"] < 0.35 and report["after"]["disk_bytes"] == (out / "model.safetensors").stat().st_size
+    assert abs(report["ratios"]["perplexity"] - 1) < 0.02 and not report["gate"]["failed"]
+
+    fp32 = AutoModelForCausalLM.from_pretrained(src).eval()
+    q = load_int8(out)
+    assert _rel_err(_logits(q, IDS), _logits(fp32, IDS)) < TOL
+    assert isinstance(q.get_input_embeddings(), Int8Embedding)
+    if arch == "gpt2":  # GPT-2's Conv1D layers are really quantized, and the tied head shares the int8 embedding
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            layer = q.transformer.h[0].get_submodule(name)
+            assert isinstance(layer, Int8Linear) and layer.weight.dtype.is_floating_point is False
+        assert isinstance(q.lm_head, TiedInt8Head) and q.lm_head.embedding is q.get_input_embeddings()
+        assert report["modules"] == {"conv1d": 8, "embedding": 1, "tied_head": 1}
+    else:
+        assert isinstance(q.model.layers[0].self_attn.q_proj, Int8Linear)
+    # plain transformers refuses the folder loudly instead of loading int8 bytes as floats
+    with pytest.raises(Exception, match="llmkit-int8"):
+        AutoModelForCausalLM.from_pretrained(out)
+    # llmkit loads it anywhere a model is taken
+    code, stdout, err = cli("evaluate", "--model", out, "--data", toy_data / "train.txt", "--json", "--block-size", "64", "--max-blocks", "16")
+    assert code == 0, err
+    assert json.loads(stdout)["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-3)
+    code, stdout, err = cli("generate", "--model", out, "Once upon", "--max-new-tokens", "5", "--seed", "0")
+    assert code == 0, err
+
+
+def test_gguf_q8_0_file_loads_in_llama_cpp_and_transformers(cli, tiny_llama, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "model.gguf"
+    code, stdout, err = cli("quantize", "--model", tiny_llama, "--method", "gguf-q8_0", "--out", out, "--json", "--quiet")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert json.loads((tmp_path / "model.quantize_report.json").read_text()) == report
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert all(types[n] == gguf.GGMLQuantizationType.Q8_0 for n in types if n.endswith(("attn_q.weight", "ffn_down.weight", "output.weight")))
+    assert all(types[n] == gguf.GGMLQuantizationType.F32 for n in types if n.endswith("norm.weight"))
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
+    # the tokenizer inside the file gives the same ids as the original
+    import llama_cpp
+
+    hf_tok = AutoTokenizer.from_pretrained(tiny_llama)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in ["Once upon a time there was a model.", "To be, or not to be: that is the question!"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf_tok(text, add_special_tokens=False)["input_ids"]
+    # transformers reads it back (de-quantized): logits close to the fp32 original, so the Q/K permutation is right
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    assert _rel_err(_logits(back, IDS), _logits(fp32, IDS)) < TOL
+    # and llama.cpp computes the same perplexity (the report measured it through llama.cpp)
+    assert abs(report["ratios"]["perplexity"] - 1) < 0.02
+    code, stdout, err = cli("generate", "--model", out, "Once upon", "--max-new-tokens", "5", "--backend", "llama.cpp")
+    assert code == 0, err
+
+
+def test_gguf_gpt2_export(cli, tmp_path):
+    """GPT-2: Conv1D weights transposed, tied head written as output.weight, learned positions.
+
+    n_positions is GPT-2's real 1024 here: transformers' GGUF reader maps the file's context_length onto `n_ctx`,
+    not `n_positions`, so it can only read GPT-2 files with the default 1024 positions (llama.cpp reads any).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(["<|endoftext|>"])
+    tok.eos_token = tok.bos_token = "<|endoftext|>"
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "gpt2.gguf"
+    code, stdout, err = cli("quantize", "--model", src, "--method", "gguf-q8_0", "--out", out, "--json", "--quiet")
+    assert code == 0, err
+    assert abs(json.loads(stdout)["ratios"]["perplexity"] - 1) < 0.02  # llama.cpp agrees with transformers fp32
+    fp32 = AutoModelForCausalLM.from_pretrained(src).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    assert _rel_err(_logits(back, IDS), _logits(fp32, IDS)) < TOL
+
+
+def test_bnb_int8_round_trip(cli, tiny_llama, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bnb"
+    code, _, err = cli("quantize", "--model", tiny_llama, "--method", "bnb-int8", "--out", out, "--json", "--quiet")
+    assert code == 0, err
+    q = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, from the saved folder
+    assert q.model.layers[0].self_attn.q_proj.weight.dtype.is_floating_point is False
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    assert _rel_err(_logits(q, IDS), _logits(fp32, IDS)) < TOL
+
+
+def test_quality_gate_refuses_and_force_keeps(cli, tiny_llama, tmp_path, monkeypatch):
+    import torch
+
+    import llmkit.quantization as qz
+
+    def one_bit(weight):  # a deliberately terrible quantizer: only the sign survives, at a far too large scale
+        w = weight.detach().float()
+        return torch.sign(w).to(torch.int8).contiguous(), torch.full((w.shape[0],), 0.5)
+
+    monkeypatch.setattr(qz, "_int8_rows", one_bit)
+    out = tmp_path / "bad"
+    code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", out, "--quiet", "--max-ppl-increase", "1")
+    assert code == 3, err
+    assert "QUALITY GATE FAILED" in err and "--force" in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+    code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", out, "--quiet", "--max-ppl-increase", "1", "--force")
+    assert code == 0, err
+    assert json.loads((out / "quantize_report.json").read_text())["gate"]["failed"] is True
+
+
+@pytest.fixture(scope="module")
+def tiny_neox(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer(["<|endoftext|>"])
+    tok.eos_token = "<|endoftext|>"
+    out = tmp_path_factory.mktemp("neox")
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=64)).save_pretrained(out)
+    tok.save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("case", ["gguf_arch", "already_quantized", "no_bitsandbytes", "short_eval", "out_exists", "gguf_suffix"])
+def test_bad_input(cli, tiny_llama, tiny_neox, tmp_path, monkeypatch, case):
+    import sys
+
+    model, method, out, extra, expect = tiny_llama, "int8", tmp_path / "out", [], ""
+    if case == "gguf_arch":
+        model, method, out, expect = tiny_neox, "gguf-q8_0", tmp_path / "out.gguf", "supports the gpt2, llama architectures"
+    elif case == "already_quantized":
+        code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", tmp_path / "q8", "--quiet")
+        assert code == 0, err
+        model, expect = tmp_path / "q8", "already quantized"
+    elif case == "no_bitsandbytes":
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
+        method, expect = "bnb-int8", "pip install"
+    elif case == "short_eval":
+        (tmp_path / "short.txt").write_text("Too short.")
+        extra, expect = ["--eval-data", tmp_path / "short.txt"], "too short for one"
+    elif case == "out_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        expect = "already exists"
+    elif case == "gguf_suffix":
+        method, expect = "gguf-q8_0", ".gguf file"
+    code, _, err = cli("quantize", "--model", model, "--method", method, "--out", out, "--quiet", *extra)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and expect in lines[0], err
+    if case == "out_exists":
+        assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".tmp-*"))
