@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint bench bench-finetune clean
+.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ bench: setup
 bench-finetune: setup
 	$(BIN)/python benchmarks/finetune_cls.py
 	$(BIN)/python benchmarks/finetune_clm.py
+
+# ~20 min: teacher vs distilled student vs the same student without KD (seq-cls and causal-lm)
+bench-distill: setup
+	$(BIN)/python benchmarks/distill.py
+
+# ~10 min: every 8-bit method against fp32 on SmolLM2-135M and a small GPT-2
+bench-quantize: setup
+	$(BIN)/python benchmarks/quantize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ embeddings / norms / heads copied: the DistilBERT and DistilGPT2 initialisation)
 the teacher runs in eval mode under no_grad, or not at all when its top-k logits are cached on disk.
 
 Teacher logit cache (`distill.cache_top_k=K`): the teacher runs once over the training set and its K largest
-logits per token are stored as fp16 values + int32 ids, 6*K bytes per token (K=32: ~58 MB per million tokens,
+logits per token are stored as fp16 values + int32 ids, 6*K bytes per token (K=32: ~192 MB per million tokens,
 against 98 GB for SmolLM2's full 49,152-entry distributions in fp16). The KD term then uses the teacher's
 distribution renormalised over those K tokens; K=16-64 keeps nearly all of its probability mass. The cache is
 keyed by teacher, data and K, so later student runs (other sizes, learning rates, seeds) skip the teacher's
