@@ -355,23 +355,13 @@ class Measured:
                 "metrics": self.metrics, unit: round(self.speed, 2)}
 
 
-def weight_bytes(model: Any) -> int:
-    seen, total = set(), 0
-    for p in model.state_dict().values():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
 def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() lists tied weights once
 
 
 def measure(model: Any, task: str, eval_loader: Any, speed_set: Any, collate: Any, num_labels: int) -> Measured:
     """Eval metrics (fp32, this process alone) and speed of one model, for the teacher-vs-student report."""
-    from llmkit.metrics import evaluate_model, generation_speed, inference_speed
+    from llmkit.metrics import evaluate_model, generation_speed, inference_speed, weight_bytes
 
     metrics = {}
     if eval_loader is not None:

@@ -196,3 +196,14 @@ def inference_speed(model: Any, examples: Any, collate: Any, batch_size: int = 3
             model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
         seconds = time.perf_counter() - t0
     return n / seconds
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers as they sit in memory (tied or shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -256,8 +256,9 @@ def test_every_flag_is_a_recipe_key_and_recipes_load():
     from llmkit.config import DistillConfig, keys, load_recipe
 
     assert set(FLAG_KEYS.values()) <= set(keys(DistillConfig()))
-    recipes = sorted(Path("recipes").glob("distill-*.yaml"))
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("distill-*.yaml"))
     assert len(recipes) >= 3
     for recipe in recipes:
         cfg = load_recipe(recipe, ["out=runs/x"], cls=DistillConfig)
         cfg.validate()
+        assert recipe.read_text().startswith("#") and "llmkit distill --recipe recipes/" + recipe.name in recipe.read_text()
