@@ -115,11 +115,11 @@ class LoraConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class RunConfig:
+    """The top-level keys every training command shares."""
+
     task: str = "causal-lm"
     """--task: causal-lm or seq-cls."""
-    method: str = "full"
-    """--method: full (every weight) or lora (small adapters, base frozen)."""
     out: str = ""
     """--out: output folder (a normal Hugging Face model folder when done)."""
     overwrite: bool = False
@@ -128,6 +128,15 @@ class FinetuneConfig:
     """--resume: continue from the newest complete checkpoint in --out."""
     quiet: bool = False
     """--quiet: no progress bar."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    method: str = "full"
+    """--method: full (every weight) or lora (small adapters, base frozen)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -156,9 +165,6 @@ class FinetuneConfig:
         if problems:
             raise UsageError("; ".join(problems))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
 class StudentConfig:
@@ -183,17 +189,7 @@ class KDConfig:
 
 
 @dataclass
-class DistillConfig:
-    task: str = "causal-lm"
-    """--task: causal-lm or seq-cls."""
-    out: str = ""
-    """--out: output folder for the student (a normal Hugging Face model folder)."""
-    overwrite: bool = False
-    """--overwrite: replace an existing output folder."""
-    resume: bool = False
-    """--resume: continue from the newest complete checkpoint in --out."""
-    quiet: bool = False
-    """--quiet: no progress bar."""
+class DistillConfig(RunConfig):
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -222,9 +218,6 @@ class DistillConfig:
         need(not (k.cache_top_k and k.alpha == 0), "distill.cache_top_k is pointless with --alpha 0 (no KD term); set it to 0")
         if problems:
             raise UsageError("; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:

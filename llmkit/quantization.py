@@ -426,9 +426,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     if out.exists():
         raise UsageError(f"--out {out} already exists; choose another path or delete it first")
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if ref.is_gguf:
-        pass  # GGUF sources are dequantized to fp32 by transformers: a fine starting point
-    elif quantized_method(ref.path):
+    if not ref.is_gguf and quantized_method(ref.path):  # a GGUF source is de-quantized to fp32: a fine start
         raise UsageError(f"{model_name} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
     if method == "bnb-int8":
         try:
@@ -461,7 +459,8 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
                          "(use --method int8 or bnb-int8)")
     torch.set_num_threads(_threads())
     say("measuring the fp32 model")
-    before = {"memory_bytes": weight_bytes(model), "disk_bytes": weight_bytes(model), "source_disk_bytes": _source_bytes(ref),
+    fp32_bytes = weight_bytes(model)  # what save_pretrained writes and what sits in memory
+    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(ref),
               **_quality(model, blocks, task, eval_data, tokenizer)}
     prompt = blocks[0][:32] if blocks else tokenizer("Once upon a time")["input_ids"]
     if task == "causal-lm":
