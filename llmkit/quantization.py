@@ -468,6 +468,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
 
     # ---- quantize into a temporary name, measure, then rename: a failure leaves nothing behind
     tmp = out.with_name(f".tmp-{out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x.gguf` on a fresh checkout: runs/ is not there yet
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     try:

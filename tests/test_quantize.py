@@ -114,12 +114,12 @@ def test_gguf_gpt2_export(cli, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(src)
     tok.save_pretrained(src)
-    out = tmp_path / "gpt2.gguf"
+    out = tmp_path / "runs" / "gpt2.gguf"  # a folder that does not exist yet
     code, stdout, err = cli("quantize", "--model", src, "--method", "gguf-q8_0", "--out", out, "--json", "--quiet")
     assert code == 0, err
     assert abs(json.loads(stdout)["ratios"]["perplexity"] - 1) < 0.02  # llama.cpp agrees with transformers fp32
     fp32 = AutoModelForCausalLM.from_pretrained(src).eval()
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
     assert _rel_err(_logits(back, IDS), _logits(fp32, IDS)) < TOL
 
 
