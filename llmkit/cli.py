@@ -1,10 +1,11 @@
-"""The `llmkit` command: registers the commands and turns `UsageError` into one line and exit code 2.
+"""The `llmkit` command: registers the commands and turns llmkit's errors into one line and an exit code (llmkit/errors.py).
 
 No logic lives here, and nothing heavy is imported, so `llmkit --help` answers instantly.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -16,7 +17,9 @@ from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
 from llmkit.commands.quantize import quantize
-from llmkit.errors import UsageError
+from llmkit.errors import DiskError, LlmkitError
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 
 app = typer.Typer(
     name="llmkit",
@@ -56,12 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, prog_name="llmkit")
-    except UsageError as e:
+    except LlmkitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     except BrokenPipeError:  # `llmkit generate ... | head` closed the pipe: not an error
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        # a full disk or a read-only folder somewhere llmkit did not expect it: still one line, not a traceback
+        err = DiskError.from_os_error(e, e.filename or "the output")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -94,6 +94,8 @@ class TrainConfig:
     """--save-every: write a resumable checkpoint every N optimizer steps; 0 = only at the end of each epoch."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (the best model is kept separately)."""
+    max_bad_steps: int = 5
+    """Stop (exit 4) after this many optimizer steps in a row whose loss or gradient is NaN/inf; each is skipped."""
     log_every: int = 10
     """Write a metrics.jsonl line every N optimizer steps."""
     threads: int = 0
@@ -244,6 +246,7 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
     need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
     need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")

@@ -11,6 +11,7 @@ Every problem with the user's data surfaces here, before a model is loaded or a 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,30 +82,128 @@ def _load_file(path: Path, task: str, what: str) -> Table:
     if path.suffix in TEXT_SUFFIXES:
         if task != "causal-lm":
             raise UsageError(f"{what} {path}: a plain text file has no labels; --task seq-cls needs a .csv or .jsonl with text and label columns")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-        return Table(str(path), {"text": [text]}, [str(path)])
+        return Table(str(path), {"text": [_read_utf8(path)]}, [str(path)])
     kind = TABLE_SUFFIXES.get(path.suffix)
     if kind is None:
         raise UsageError(f"{what} {path}: unknown file type '{path.suffix}'; use .txt, .csv, .tsv, .jsonl, .json or .parquet")
+    if kind == "parquet":
+        table = _load_parquet(path, what)
+    elif kind == "csv":
+        table = _parse_csv(path, _read_utf8(path), "\t" if path.suffix == ".tsv" else ",")
+    else:
+        table = _parse_json(path, _read_utf8(path))
+    if len(table) == 0:
+        raise UsageError(f"{what} {path} has no rows")
+    return table
+
+
+# CSV and JSON Lines are parsed here, not by pandas / pyarrow (datasets): their errors name no line, and they
+# guess column types (a label column of 0/1 with one "pos" in it fails deep inside pyarrow). Every error
+# below names `file:line` as an editor shows it.
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UsageError(f"{path}:line {line}: byte 0x{raw[e.start]:02x} at column {col} is not UTF-8; "
+                         "save the file as UTF-8") from None
+
+
+def _parse_csv(path: Path, text: str, delimiter: str) -> Table:
+    import csv
+    import io
+    import sys
+
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default 128 KB refuses long documents
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    sep = "tab" if delimiter == "\t" else "','"
+    start = 1
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    names: list[str] = []
+    try:
+        for record in reader:
+            if not record or record == [""]:  # blank line
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header = [h.strip() for h in record]
+                dup = next((h for h in header if header.count(h) > 1), None)
+                if dup is not None:
+                    raise UsageError(f"{path}:line {start}: the header names column '{dup}' twice; rename one")
+            elif len(record) != len(header):
+                raise UsageError(f"{path}:line {start}: {len(record)} fields, but the header has {len(header)}; "
+                                 f"put fields containing {sep} in double quotes")
+            else:
+                rows.append(record)
+                names.append(f"{path}:line {start}")
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UsageError(f"{path}:line {start}: {e}; check the quotes on this line "
+                         "(a quote inside a quoted field is written twice: \"\")") from None
+    if header is None:
+        return Table(str(path), {}, [])
+    return Table(str(path), {h: [r[k] for r in rows] for k, h in enumerate(header)}, names)
+
+
+def _parse_json(path: Path, text: str) -> Table:
+    """JSON Lines (one object per line), or a .json file holding a list of objects."""
+    import json
+
+    if path.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip()[:1] == "{" and "\n" in text.strip():
+                data = None  # maybe JSON Lines saved as .json
+            else:
+                raise UsageError(f"{path}:line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(data, dict):  # {"data": [...]}: the one list of records inside
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        if isinstance(data, list):
+            records = [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
+            return _records_table(path, records)
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+                             "JSON Lines needs one complete object per line") from None
+    return _records_table(path, records)
+
+
+def _records_table(path: Path, records: list[tuple[str, Any]]) -> Table:
+    columns: dict[str, list[Any]] = {}
+    for i, (where, r) in enumerate(records):
+        if not isinstance(r, dict):
+            raise UsageError(f"{where}: a JSON {type(r).__name__} where an object like {{\"text\": ...}} is expected")
+        for k, v in r.items():
+            columns.setdefault(k, [None] * i).append(v)
+        for col in columns.values():
+            if len(col) == i:  # a key this record lacks
+                col.append(None)
+    return Table(str(path), columns, [where for where, _ in records])
+
+
+def _load_parquet(path: Path, what: str) -> Table:
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix == ".tsv" else {}
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # pandas / pyarrow parse errors come in many types; all mean "fix the file"
-        if "corresponds to no data" in str(e):  # a header and nothing else
-            raise UsageError(f"{what} {path} has no rows") from None
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # pyarrow's errors come in many types; all mean "fix the file"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{what} {path} cannot be read as {path.suffix[1:]}: {first[:200]}") from None
-    if len(ds) == 0:
-        raise UsageError(f"{what} {path} has no rows")
-    line = "line" if kind == "json" else "row"
-    return Table(str(path), {c: ds[c] for c in ds.column_names}, [f"{path.name}:{line} {i + 1}" for i in range(len(ds))])
+        raise UsageError(f"{what} {path} cannot be read as parquet: {first[:200]}") from None
+    return Table(str(path), {c: ds[c] for c in ds.column_names}, [f"{path}:row {i + 1}" for i in range(len(ds))])
 
 
 def _load_hub(spec: str, what: str) -> Table:
@@ -143,6 +242,9 @@ def texts_of(table: Table, column: str, flag: str = "--text-column") -> tuple[li
     for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
+        if isinstance(v, (dict, list)):
+            raise UsageError(f"{table.where(i)}: column '{column}' holds a JSON {type(v).__name__}, not text; "
+                             "store the text as a string")
         s = str(v)
         if s.strip():
             texts.append(s)
@@ -170,6 +272,8 @@ class Labels:
     @classmethod
     def infer(cls, table: Table, column: str, rows: list[int]) -> Labels:
         values = table.column(column, "--label-column")
+        for i in rows:
+            _check_label(table, i, values[i])
         as_int = [_as_int(values[i]) for i in rows]
         ints = [v for v in as_int if v is not None]
         if ints and len(ints) < len(rows):  # mostly ids with a stray word: a data error, not a new class
@@ -180,6 +284,10 @@ class Labels:
             if neg is not None:
                 raise UsageError(f"{table.where(neg)}: label {values[neg]!r} is negative; integer labels must be 0..N-1")
             n = max(ints) + 1
+            if n > max(100, 2 * len(set(ints))):  # not class ids: a model with a million-way head is not wanted
+                top = next(r for r, v in zip(rows, ints, strict=True) if v == n - 1)
+                raise UsageError(f"{table.where(top)}: label {n - 1} but only {len(set(ints))} different labels appear; "
+                                 "integer labels are class ids 0..N-1 (or use class names)")
             if n < 2:
                 raise UsageError(f"{table.name}: every label is {ints[0]}; classification needs at least two classes")
             return cls([str(i) for i in range(n)], ints=True)
@@ -200,6 +308,7 @@ class Labels:
         out = []
         for i in rows:
             v = values[i]
+            _check_label(table, i, v)
             if self.ints:
                 k = _as_int(v)
                 if k is None:
@@ -214,6 +323,16 @@ class Labels:
         return out
 
 
+def _check_label(table: Table, i: int, v: Any) -> None:
+    """A label must be a class name or a whole-number id; anything else is a data error on that row."""
+    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v)):
+        raise UsageError(f"{table.where(i)}: the label is missing; give every row with text a label (or drop the row)")
+    if isinstance(v, (bool, dict, list)):
+        raise UsageError(f"{table.where(i)}: label {v!r} is a {type(v).__name__}; labels are class names or ids 0..N-1")
+    if isinstance(v, float) and not v.is_integer():
+        raise UsageError(f"{table.where(i)}: label {v!r} is not a whole number; labels are class names or ids 0..N-1")
+
+
 def _as_int(v: Any) -> int | None:
     if isinstance(v, bool) or v is None:
         return None
@@ -222,7 +341,7 @@ def _as_int(v: Any) -> int | None:
     if isinstance(v, float):
         return int(v) if v.is_integer() else None
     s = str(v).strip()
-    return int(s) if s.lstrip("-").isdigit() else None
+    return int(s) if re.fullmatch(r"-?[0-9]+", s) else None
 
 
 # --------------------------------------------------------------------------------------- tokenizing

@@ -542,4 +542,6 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
                       extra=f"## Teacher and student\n\n{table}\n\n" + ("![loss curves](loss.png)\n" if plotted else ""))
     (out / "README.md").write_text(card, encoding="utf-8")
     write_json(out / RUN_FILE, run)  # last: "status: done" means everything above is in place
-    shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)
+    from llmkit.train import remove_best
+
+    remove_best(out / "checkpoints")

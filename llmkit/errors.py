@@ -1,18 +1,61 @@
-"""The one exception type that reaches the user as a single line instead of a traceback.
+"""Errors that reach the user as a single line instead of a traceback, and the exit codes they map to.
 
 Raise `UsageError("what is wrong; how to fix it")` anywhere in llmkit; `llmkit.cli.main` prints
-`error: <message>` to stderr and exits with `exit_code` (2 for usage errors, like click does).
+`error: <message>` to stderr and exits with the error's `exit_code`:
+
+    0    success
+    2    bad input or usage: a flag, a file, a model, a label, an unsafe file (UsageError)
+    3    `llmkit quantize`: the quality gate refused the model; nothing was written
+    4    training stopped: the loss was NaN/inf for `train.max_bad_steps` steps in a row (Diverged)
+    74   the disk filled up (or another I/O error) while writing; the previous checkpoint is intact (DiskError)
+    130  interrupted by Ctrl-C (SIGINT); training runs write a checkpoint first: continue with --resume
+    143  terminated by SIGTERM (a scheduler, `kill`); a checkpoint is written first: continue with --resume
 """
 
 from __future__ import annotations
 
+import errno
 
-class UsageError(Exception):
-    """Bad input the user can fix: wrong flag, missing file, unknown model, unsafe file."""
 
-    exit_code = 2
+class LlmkitError(Exception):
+    """A failure llmkit can explain in one line."""
+
+    exit_code = 1
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class UsageError(LlmkitError):
+    """Bad input the user can fix: wrong flag, missing file, unknown model, unsafe file."""
+
+    exit_code = 2
+
+
+class Diverged(LlmkitError):
+    """Training produced non-finite losses for too many steps in a row."""
+
+    exit_code = 4
+
+
+class DiskError(LlmkitError):
+    """Writing failed (disk full, read-only folder, quota); what was there before is intact."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h)
+
+    @classmethod
+    def from_os_error(cls, e: OSError, what: str) -> DiskError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = "no space left on device"
+        else:
+            why = e.strerror or str(e)
+        return cls(f"{why} while writing {what}; free space (or pick another folder) and run again")
+
+
+class Interrupted(LlmkitError):
+    """SIGINT / SIGTERM during training: a checkpoint was written, the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message, exit_code=128 + signum)

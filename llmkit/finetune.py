@@ -286,4 +286,6 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
                       extra="![loss curves](loss.png)\n" if plotted else "")
     (out / "README.md").write_text(card, encoding="utf-8")
     write_json(out / RUN_FILE, run)  # last: "status: done" means everything above is in place
-    shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)  # the folder's model *is* the best one now
+    from llmkit.train import remove_best
+
+    remove_best(out / "checkpoints")  # the folder's model *is* the best one now

@@ -12,6 +12,15 @@ scheduler state, every process's RNG state and the data position. They are writt
 and renamed into place only when complete, and old ones are deleted only after that: a crash during a save
 leaves the previous checkpoint as it was. Everything is loaded back with `torch.load(weights_only=True)`,
 which cannot run code.
+
+What can go wrong while training, and what happens (llmkit/errors.py lists the exit codes):
+- Ctrl-C / SIGTERM: the current optimizer step finishes, a checkpoint is written, the process exits with
+  130 / 143; `--resume` continues exactly where it stopped. A second Ctrl-C stops at once.
+- A NaN/inf loss or gradient: that update is skipped (weights and optimizer state untouched); after
+  `train.max_bad_steps` such steps in a row the run stops with advice (exit 4). Nothing non-finite is saved.
+- A full disk while saving: the half-written checkpoint is removed and the run stops (exit 74); the older
+  checkpoints are untouched, because rotation only runs after a new checkpoint is complete.
+- A SIGKILL or power loss: `--resume` picks the newest complete checkpoint and warns about partial ones.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +42,7 @@ from typing import Any
 
 from llmkit.config import TrainConfig
 from llmkit.data import Collator, EpochSampler, ExampleSet
-from llmkit.errors import UsageError
+from llmkit.errors import DiskError, Diverged, Interrupted, UsageError
 from llmkit.metrics import BEST_METRIC, evaluate_model
 
 CHECKPOINTS = "checkpoints"
@@ -166,6 +177,11 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     ckpt_root = job.out / CHECKPOINTS
     if job.resume:
         latest = latest_checkpoint(ckpt_root)
+        if main:
+            for partial in partial_checkpoints(ckpt_root):
+                _warn(f"ignoring the incomplete checkpoint {partial} (its save was interrupted); "
+                      f"resuming from {latest.name if latest else 'nothing'}")
+                shutil.rmtree(partial, ignore_errors=True)
         if latest is None:
             raise UsageError(f"--resume: no complete checkpoint in {ckpt_root}; run without --resume (and --overwrite) to start over")
         state = load_checkpoint(latest, accelerator, model, optimizer, scheduler)
@@ -175,7 +191,8 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
 
     metric_name, higher_is_better = BEST_METRIC[job.task]
     bar = _progress(job, total, state.step, main)
-    window_loss, window_tokens, window_samples, window_start = [], 0, 0, time.perf_counter()
+    window_loss: list[Any] = []
+    window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
     model.train()
 
     def log(record: dict[str, Any]) -> None:
@@ -196,74 +213,108 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
         better = state.best is None or (value > state.best if higher_is_better else value < state.best)
         if better:
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            save_trainable(accelerator, model, ckpt_root / "best", extra={"step": state.step, **metrics})
+            save_trainable(accelerator, model, best_folder(ckpt_root, state.step), extra={"step": state.step, **metrics})
+            if main:
+                prune_best(ckpt_root, state.best_step)
         else:
             state.bad_evals += 1
         if bar is not None:
             bar.set_postfix_str(f"eval_{metric_name}={value:.4g}", refresh=False)
         return metrics
 
+    stop = _StopSignal()
+    scaler = accelerator.scaler
+    step_losses: list[Any] = []  # this optimizer step's micro-batch losses
+    window_skipped, bad_in_a_row = 0, 0
     done = state.step >= total
-    while not done:
-        sampler.set_epoch(state.epoch)
-        loader = train_loader
-        if state.batch_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batch_in_epoch += 1
-            window_loss.append(loss.detach())
-            window_tokens += int(batch["attention_mask"].sum())
-            window_samples += len(batch["input_ids"])
-            if not accelerator.sync_gradients:
-                continue
+    with stop.installed():
+        while not done:
+            sampler.set_epoch(state.epoch)
+            loader = train_loader
+            if state.batch_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    step_losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        # The norm is computed (not clipped) even with clipping off: a non-finite norm is how a bad
+                        # step is seen on every process alike, since gradients are already averaged across them.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                        bad, stopping = _agree(accelerator, not _finite(step_losses, None if scaler else norm), stop.signum)
+                        # fp16's scaler skips overflowing steps itself (and must see them to lower its scale)
+                        if not bad or scaler is not None:
+                            optimizer.step()
+                            if not accelerator.optimizer_step_was_skipped:
+                                scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batch_in_epoch += 1
+                window_tokens += int(batch["attention_mask"].sum())
+                window_samples += len(batch["input_ids"])
+                if not accelerator.sync_gradients:
+                    continue
 
-            state.step += 1
-            if state.step % cfg.log_every == 0 or state.step == total:
-                # every process joins these reductions at the same steps, so none waits on another
-                extra = job.log_extra() if job.log_extra else {}
-                stats = accelerator.reduce(torch.stack([torch.stack(window_loss).float().mean().cpu(),
-                                                        torch.tensor(float(window_tokens)), torch.tensor(float(window_samples)),
-                                                        *[torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in extra.values()]]
-                                                       ).to(accelerator.device), reduction="sum")
-                seconds = time.perf_counter() - window_start
-                mean_loss, tokens, samples = float(stats[0]) / world, int(stats[1]), int(stats[2])
-                extra = {k: round(float(v) / world, 6) for k, v in zip(extra, stats[3:], strict=True)}
-                state.tokens += tokens
-                state.samples += samples
-                state.train_seconds += seconds
-                log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
-                     "loss": round(mean_loss, 6), **extra, "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(samples / seconds, 2)})
+                state.step += 1
+                if bad:
+                    window_skipped += 1
+                    bad_in_a_row += 1
+                    _warn(f"step {state.step}: the loss or its gradient is NaN/inf; skipped this update "
+                          f"({bad_in_a_row}/{cfg.max_bad_steps} in a row)", main)
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise Diverged(_divergence_advice(cfg, state.step, accelerator.mixed_precision, ckpt_root))
+                else:
+                    window_loss.extend(step_losses)
+                    bad_in_a_row = 0
+                step_losses = []
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    # every process joins these reductions at the same steps, so none waits on another
+                    extra = job.log_extra() if job.log_extra else {}
+                    loss_sum = torch.stack(window_loss).float().sum().cpu() if window_loss else torch.tensor(0.0)
+                    stats = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(len(window_loss))),
+                                                            torch.tensor(float(window_tokens)), torch.tensor(float(window_samples)),
+                                                            *[torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in extra.values()]]
+                                                           ).to(accelerator.device), reduction="sum")
+                    seconds = time.perf_counter() - window_start
+                    mean_loss = float(stats[0]) / float(stats[1]) if float(stats[1]) else None
+                    tokens, samples = int(stats[2]), int(stats[3])
+                    extra = {k: _finite_or_none(float(v) / world) for k, v in zip(extra, stats[4:], strict=True)}
+                    state.tokens += tokens
+                    state.samples += samples
+                    state.train_seconds += seconds
+                    log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
+                         "loss": None if mean_loss is None else round(mean_loss, 6), **extra, "lr": scheduler.get_last_lr()[0],
+                         "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(samples / seconds, 2),
+                         **({"skipped_steps": window_skipped} if window_skipped else {})})
+                    if bar is not None and mean_loss is not None:
+                        bar.set_postfix_str(f"loss={mean_loss:.4f} tok/s={tokens / seconds:,.0f}", refresh=False)
+                    window_loss, window_tokens, window_samples, window_start, window_skipped = [], 0, 0, time.perf_counter(), 0
                 if bar is not None:
-                    bar.set_postfix_str(f"loss={mean_loss:.4f} tok/s={tokens / seconds:,.0f}", refresh=False)
-                window_loss, window_tokens, window_samples, window_start = [], 0, 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
+                    bar.update(1)
 
-            end_of_epoch = state.batch_in_epoch >= len(train_loader)
-            if eval_loader is not None and (
-                    (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)):
-                run_eval()
-                if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
-                    state.stopped_early = True
-            done = state.step >= total or state.stopped_early
-            if end_of_epoch:
+                end_of_epoch = state.batch_in_epoch >= len(train_loader)
+                if eval_loader is not None and (
+                        (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)):
+                    run_eval()
+                    if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
+                        state.stopped_early = True
+                done = state.step >= total or state.stopped_early
+                if end_of_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                saved = None
+                if not done and ((cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch)):
+                    saved = save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
+                if stopping and not done:
+                    saved = saved or save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
+                    if bar is not None:
+                        bar.close()
+                    name = signal.Signals(stopping).name
+                    raise Interrupted(f"stopped by {name} after step {state.step}/{total}; checkpoint {saved} written. "
+                                      "Continue with the same command plus --resume", stopping)
+                if done or end_of_epoch:
+                    break
+            else:  # the loader ran out without a sync (cannot happen with accelerate's end-of-data sync)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if not done and ((cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch)):
-                save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
-            if done or end_of_epoch:
-                break
-        else:  # the loader ran out without a sync (cannot happen with accelerate's end-of-data sync)
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     if bar is not None:
         bar.close()
@@ -271,12 +322,13 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     if eval_loader is not None:
         if state.last_eval_step != state.step:
             result.eval_metrics = run_eval()
-        if state.best_step is not None and state.best_step != state.step:
-            best = load_trainable(ckpt_root / "best", accelerator.unwrap_model(model))
+        best_dir = best_folder(ckpt_root, state.best_step) if state.best_step is not None else None
+        if best_dir is not None and state.best_step != state.step:
+            best = load_trainable(best_dir, accelerator.unwrap_model(model))
             result.eval_metrics = {k: v for k, v in best.items() if k != "step"}
             _say(job, f"kept the best model: step {state.best_step} ({metric_name} {state.best:.4g})")
-        elif not result.eval_metrics:
-            result.eval_metrics = {k: v for k, v in _read_json(ckpt_root / "best" / "state.json").items() if k != "step"}
+        elif not result.eval_metrics and best_dir is not None:
+            result.eval_metrics = {k: v for k, v in _read_json(best_dir / "state.json").items() if k != "step"}
     accelerator.wait_for_everyone()
     return result
 
@@ -315,6 +367,77 @@ def _progress(job: TrainJob, total: int, initial: int, main: bool) -> Any:
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
+class _StopSignal:
+    """Ctrl-C / SIGTERM during training set a flag; the loop finishes its step, saves and exits cleanly.
+
+    A second Ctrl-C raises KeyboardInterrupt at once, for when even one more step is too long to wait.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+            yield
+            return
+        before = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+
+def _finite(losses: list[Any], norm: Any) -> bool:
+    import torch
+
+    ok = bool(torch.isfinite(torch.stack(losses).float()).all())
+    return ok and (norm is None or bool(torch.isfinite(torch.as_tensor(norm)).all()))
+
+
+def _agree(accelerator: Any, bad: bool, signum: int) -> tuple[bool, int]:
+    """(skip this step?, stop after it?) decided the same on every process, or they would go separate ways."""
+    if accelerator.num_processes == 1:
+        return bad, signum
+    import torch
+
+    flags = accelerator.reduce(torch.tensor([float(bad), float(signum)], device=accelerator.device), reduction="max")
+    return bool(flags[0]), int(flags[1])
+
+
+def _finite_or_none(v: float) -> float | None:
+    return round(v, 6) if math.isfinite(v) else None  # NaN is not JSON: metrics.jsonl must stay parseable
+
+
+def _divergence_advice(cfg: TrainConfig, step: int, precision: str, ckpt_root: Path) -> str:
+    hints = [f"lower --lr (now {cfg.lr:g})"]
+    if precision == "fp16":
+        hints.append("use --mixed-precision bf16 or no (fp16 overflows)")
+    elif precision == "bf16":
+        hints.append("try --mixed-precision no (fp32)")
+    if not cfg.max_grad_norm:
+        hints.append("turn gradient clipping back on (train.max_grad_norm=1.0)")
+    hints.append("check the data for broken rows")
+    last = latest_checkpoint(ckpt_root)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+    return (f"training diverged: the loss or its gradient was NaN/inf for {cfg.max_bad_steps} steps in a row "
+            f"(up to step {step}); nothing non-finite was saved and {kept}. To fix: {'; '.join(hints)}")
+
+
+def _warn(msg: str, main: bool = True) -> None:
+    """Warnings go to stderr even with --quiet: they are about the user's run, not progress chatter."""
+    if main:
+        print(f"warning: {msg}", file=sys.stderr)
+
+
 def _say(job: TrainJob, msg: str) -> None:
     if not job.quiet:
         print(msg, file=sys.stderr)
@@ -328,22 +451,49 @@ def trainable_tensors(model: Any) -> dict[str, Any]:
 
     named_parameters() lists tied weights once (GPT-2's embedding / LM head), which safetensors requires.
     """
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    import torch
+
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # never write a checkpoint or model that would poison whatever loads it
+        raise Diverged(f"weight {bad} is NaN/inf; nothing was saved. Lower --lr or use --mixed-precision no")
+    return tensors
 
 
 def save_trainable(accelerator: Any, model: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the trainable weights to `folder`, atomically (temp folder + rename); main process only."""
     from safetensors.torch import save_file
 
+    tmp = folder.with_name(".tmp-" + folder.name)
+    error = None
     if accelerator.is_main_process:
         tensors = trainable_tensors(accelerator.unwrap_model(model))
-        tmp = folder.with_name(".tmp-" + folder.name)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(extra or {}))
-        _replace_dir(tmp, folder)
-    accelerator.wait_for_everyone()
+        try:
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(extra or {}))
+            _replace_dir(tmp, folder)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(accelerator, error, tmp, f"the best model to {folder}")
+
+
+def _raise_if_any_failed(accelerator: Any, error: OSError | None, tmp: Path, what: str) -> None:
+    """A failed write on one process must stop all of them (not leave the others waiting at a barrier forever)."""
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        import torch
+
+        failed = bool(accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), reduction="max")[0])
+    else:
+        accelerator.wait_for_everyone()
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the half-written copy took
+        if error is None:
+            raise DiskError(f"another process failed while writing {what}")
+        raise DiskError.from_os_error(error, what) from None
 
 
 def load_trainable(folder: Path, model: Any) -> dict[str, Any]:
@@ -374,33 +524,46 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
 
 def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any, optimizer: Any, scheduler: Any,
                     keep: int) -> Path:
-    """Write a complete checkpoint, then rename it into place, then rotate out the oldest."""
+    """Write a complete checkpoint, then rename it into place, then rotate out the oldest.
+
+    A failure part-way (disk full) removes the half-written folder and raises DiskError; the checkpoints
+    already there are not touched, because rotation only runs once the new one is complete.
+    """
     import torch
 
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        from safetensors.torch import save_file
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
 
-        save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "world_size": accelerator.num_processes}))
-    accelerator.wait_for_everyone()
+            save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "state.json").write_text(json.dumps({**asdict(state), "world_size": accelerator.num_processes}))
+    except OSError as e:
+        error = e
+    _raise_if_any_failed(accelerator, error, tmp, f"checkpoint {final}")
     if accelerator.is_main_process:
-        (tmp / "COMPLETE").write_text("ok\n")
-        _fsync_tree(tmp)
+        try:
+            (tmp / "COMPLETE").write_text("ok\n")
+            _fsync_tree(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskError.from_os_error(e, f"checkpoint {final}") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a reader sees no checkpoint or a complete one
         for old in sorted(complete_checkpoints(root))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        prune_best(root, state.best_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -420,6 +583,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists() and (p / "state.json").exists())
+
+
+def partial_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders a crash left half-written: never loaded, removed on --resume."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (
+        p.name.startswith(".tmp-") or (p.name.startswith("step-") and not (p / "COMPLETE").exists())))
+
+
+def best_folder(root: Path, step: int) -> Path:
+    return root / f"best-{step:08d}"
+
+
+def prune_best(root: Path, best_step: int | None) -> None:
+    """Keep the best weights of the run so far and those any remaining checkpoint refers to.
+
+    A resumed run goes back to its checkpoint's idea of the best step; a best saved after that checkpoint
+    (by the run that was killed) must not have replaced it.
+    """
+    keep = {best_step} | {_read_json(c / "state.json").get("best_step") for c in complete_checkpoints(root)}
+    for folder in root.glob("best-*"):
+        if folder.is_dir() and int(folder.name.split("-")[1]) not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_best(root: Path) -> None:
+    """Once the output folder holds the final (best) model, the copies kept during training are redundant."""
+    for folder in root.glob("best-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -474,8 +667,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget metrics logged after the checkpoint: they will be logged again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):  # the half-written last line of a killed run
+            continue
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -50,14 +50,14 @@ def test_missing_column_names_the_columns_found(run, tmp_path):
 def test_label_outside_the_known_set_names_file_row_and_value(run, tmp_path, toy_data):
     train = write(tmp_path / "train.csv", "text,label\ngood,1\nbad,0\nfine,1\n")
     evals = write(tmp_path / "eval.csv", "text,label\ngood,1\nodd,7\n")
-    assert_usage_error(run("--data", train, "--eval-data", evals), "eval.csv:row 2", "label 7", "0..1")
+    assert_usage_error(run("--data", train, "--eval-data", evals), "eval.csv:line 3", "label 7", "0..1")
     evals = write(tmp_path / "eval3.csv", "text,label\ngood,meh\n")
-    assert_usage_error(run("--data", toy_data / "train.csv", "--eval-data", evals), "eval3.csv:row 1", "'meh'", "neg, pos")
+    assert_usage_error(run("--data", toy_data / "train.csv", "--eval-data", evals), "eval3.csv:line 2", "'meh'", "neg, pos")
 
 
 def test_label_not_an_int_where_ints_are_expected(run, tmp_path):
     data = write(tmp_path / "d.csv", "text,label\na,0\nb,1\nc,positive\nd,1\n")
-    assert_usage_error(run("--data", data), "d.csv:row 3", "'positive'", "not an int")
+    assert_usage_error(run("--data", data), "d.csv:line 4", "'positive'", "not an int")
     data = write(tmp_path / "e.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n')
     assert_usage_error(run("--data", data), "e.jsonl:line 2", "1.5")
 
