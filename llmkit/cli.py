@@ -5,7 +5,6 @@ No logic lives here, and nothing heavy is imported, so `llmkit --help` answers i
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import typer
@@ -18,8 +17,6 @@ from llmkit.commands.generate import generate
 from llmkit.commands.models import models
 from llmkit.commands.quantize import quantize
 from llmkit.errors import DiskError, LlmkitError
-
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 
 app = typer.Typer(
     name="llmkit",
@@ -65,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `llmkit generate ... | head` closed the pipe: not an error
         sys.stderr.close()
         sys.exit(0)
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+    except Exception as e:
+        # a full disk or a read-only folder (saving a model, a tokenizer, a report): still one line, not a traceback
+        err = DiskError.classify(e, "the output")
+        if err is None:
             raise
-        # a full disk or a read-only folder somewhere llmkit did not expect it: still one line, not a traceback
-        err = DiskError.from_os_error(e, e.filename or "the output")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:

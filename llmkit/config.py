@@ -50,6 +50,10 @@ class DataConfig:
     """--text-column: the column holding the text (CSV/JSONL)."""
     text_pair_column: str | None = None
     """--text-pair-column: optional second text column for pair tasks (seq-cls)."""
+    prompt_column: str | None = None
+    """--prompt-column: causal-lm on CSV/JSONL prompt/response pairs: only the --text-column (response) tokens are
+    learned, the prompt is context. Rows are not packed but cut to --block-size; a row whose response is cut off
+    entirely is dropped and counted (it would teach nothing and make the loss NaN)."""
     label_column: str = "label"
     """--label-column: the label column (seq-cls); ints 0..N-1 or strings, mapped to ids."""
     max_length: int = 128

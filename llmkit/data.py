@@ -367,18 +367,40 @@ def pack_causal_lm(texts: list[str], tokenizer: Any, block_size: int, name: str)
     return [stream[i * block_size:(i + 1) * block_size] for i in range(n)]
 
 
+def encode_prompt_response(tokenizer: Any, prompts: list[str], responses: list[str], max_tokens: int
+                           ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Prompt + response + EOS per row, cut to `max_tokens`; labels are -100 on the prompt (context, not learned).
+
+    Returns ids, labels and the indices of the rows kept. A row is dropped when no response token is left to
+    predict after the cut (labels at position 0 predict nothing): it would add 0/0 to the loss, which is NaN.
+    """
+    eos = tokenizer.eos_token_id
+    p_enc = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r_enc = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    ids, labels, kept = [], [], []
+    for k, (p, r) in enumerate(zip(p_enc, r_enc, strict=True)):
+        r = r + ([eos] if eos is not None else [])
+        seq, lab = (p + r)[:max_tokens], ([-100] * len(p) + r)[:max_tokens]
+        if any(t != -100 for t in lab[1:]):
+            ids.append(seq)
+            labels.append(lab)
+            kept.append(k)
+    return ids, labels, kept
+
+
 def encode_seq_cls(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> list[list[int]]:
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     return enc["input_ids"]
 
 
 class ExampleSet:
-    """A list of token-id sequences (plus labels for seq-cls): all the DataLoader needs, nothing to re-map."""
+    """Token-id sequences plus labels (a class id for seq-cls, per-token labels for prompt/response causal-lm)."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None) -> None:
+    def __init__(self, input_ids: list[list[int]], labels: list[Any] | None = None, dropped: int = 0) -> None:
         self.input_ids = input_ids
         self.labels = labels
         self.lengths = [len(x) for x in input_ids]
+        self.dropped = dropped  # rows left out because nothing in them could be learned
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -412,7 +434,12 @@ class Collator:
             ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
             mask[row, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
-        if self.causal:
+        if self.causal and "labels" in items[0]:  # prompt/response rows: the prompt is already -100
+            labels = torch.full((len(items), width), -100, dtype=torch.long)
+            for row, it in enumerate(items):
+                labels[row, :len(it["labels"])] = torch.tensor(it["labels"], dtype=torch.long)
+            batch["labels"] = labels
+        elif self.causal:
             # -100 only where there is padding: a real EOS (even when pad == eos) stays a label.
             batch["labels"] = ids.masked_fill(mask == 0, -100)
         else:

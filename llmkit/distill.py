@@ -402,7 +402,7 @@ def distill(cfg: DistillConfig) -> Path:
     from llmkit.data import Collator, Labels
     from llmkit.finetune import check_resume_matches, prepare_data, run_record, set_threads
     from llmkit.models import load_tokenizer
-    from llmkit.outputs import check_out_dir
+    from llmkit.outputs import check_out_dir, run_guard
     from llmkit.train import TrainJob, fit, full_precision, make_accelerator
 
     cfg.validate()
@@ -450,47 +450,48 @@ def distill(cfg: DistillConfig) -> Path:
         start_run(out, cfg.overwrite, cfg.resume, record)
     accelerator.wait_for_everyone()
 
-    collate = Collator(tokenizer.pad_token_id, cfg.task == "causal-lm")
-    num_labels = len(labels.names) if labels else 2
-    eval_loader = None
-    if data.eval is not None:
-        from torch.utils.data import DataLoader
+    with run_guard(out, resume=cfg.resume, main=main):  # from here on a failure cleans up after itself
+        collate = Collator(tokenizer.pad_token_id, cfg.task == "causal-lm")
+        num_labels = len(labels.names) if labels else 2
+        eval_loader = None
+        if data.eval is not None:
+            from torch.utils.data import DataLoader
 
-        eval_loader = DataLoader(data.eval, batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size, collate_fn=collate)
-    speed_set = data.eval or data.train
-    teacher_measured = None
-    if main:  # the report is written by the main process; the others wait at the next collective
-        say(f"measuring the teacher ({count_layers(teacher)} layers)")
-        teacher_measured = measure(teacher, cfg.task, eval_loader, speed_set, collate, num_labels)
+            eval_loader = DataLoader(data.eval, batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size, collate_fn=collate)
+        speed_set = data.eval or data.train
+        teacher_measured = None
+        if main:  # the report is written by the main process; the others wait at the next collective
+            say(f"measuring the teacher ({count_layers(teacher)} layers)")
+            teacher_measured = measure(teacher, cfg.task, eval_loader, speed_set, collate, num_labels)
 
-    teacher_layers, teacher_params = count_layers(teacher), parameter_count(teacher)
-    train_set: Any = data.train
-    cache = None
-    if cfg.distill.cache_top_k:
-        k = min(cfg.distill.cache_top_k, student.get_input_embeddings().num_embeddings)
-        path = cache_dir(cfg.distill) / f"{TeacherCache.key(ref, cfg.task, k, data.train)}.safetensors"
-        say(f"teacher logits cache: {path}" + (" (found)" if path.exists() else " (computing once)"))
-        cache = TeacherCache.build_or_load(path, teacher, data.train, collate, cfg.task, k,
-                                           cfg.train.eval_batch_size or 2 * cfg.train.batch_size, accelerator, progress)
-        train_set = IndexedExamples(data.train)
-    if cache is not None or (cfg.distill.alpha == 0 and cfg.distill.hidden_weight == 0):
-        teacher = None  # not needed while training: its memory goes back
-        import gc
+        teacher_layers, teacher_params = count_layers(teacher), parameter_count(teacher)
+        train_set: Any = data.train
+        cache = None
+        if cfg.distill.cache_top_k:
+            k = min(cfg.distill.cache_top_k, student.get_input_embeddings().num_embeddings)
+            path = cache_dir(cfg.distill) / f"{TeacherCache.key(ref, cfg.task, k, data.train)}.safetensors"
+            say(f"teacher logits cache: {path}" + (" (found)" if path.exists() else " (computing once)"))
+            cache = TeacherCache.build_or_load(path, teacher, data.train, collate, cfg.task, k,
+                                               cfg.train.eval_batch_size or 2 * cfg.train.batch_size, accelerator, progress)
+            train_set = IndexedExamples(data.train)
+        if cache is not None or (cfg.distill.alpha == 0 and cfg.distill.hidden_weight == 0):
+            teacher = None  # not needed while training: its memory goes back
+            import gc
 
-        gc.collect()
-    loss = DistillLoss(cfg.task, cfg.distill, accelerator, teacher=teacher, cache=cache, align=align)
-    say(f"distilling {ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
-        f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
-        + (f", layers {kept}" if kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}")
-    job = TrainJob(student, train_set, data.eval, collate, cfg.task, cfg.train, out, num_labels=num_labels,
-                   loss_fn=loss, log_extra=loss.log_extra, quiet=cfg.quiet or not main, resume=cfg.resume)
-    result = fit(job, accelerator)  # trains `student` in place
-    if main:
-        say("measuring the student")
-        with full_precision(accelerator, student) as fp32_student:  # without the training autocast, as users will run it
-            student_measured = measure(fp32_student, cfg.task, eval_loader, speed_set, collate, num_labels)
-        save_student(cfg, ref, student, tokenizer, out, record, result, teacher_measured, student_measured)
-    accelerator.wait_for_everyone()
+            gc.collect()
+        loss = DistillLoss(cfg.task, cfg.distill, accelerator, teacher=teacher, cache=cache, align=align)
+        say(f"distilling {ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
+            f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
+            + (f", layers {kept}" if kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}")
+        job = TrainJob(student, train_set, data.eval, collate, cfg.task, cfg.train, out, num_labels=num_labels,
+                       loss_fn=loss, log_extra=loss.log_extra, quiet=cfg.quiet or not main, resume=cfg.resume)
+        result = fit(job, accelerator)  # trains `student` in place
+        if main:
+            say("measuring the student")
+            with full_precision(accelerator, student) as fp32_student:  # without the training autocast, as users will run it
+                student_measured = measure(fp32_student, cfg.task, eval_loader, speed_set, collate, num_labels)
+            save_student(cfg, ref, student, tokenizer, out, record, result, teacher_measured, student_measured)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import errno
 
+# errno values that mean "cannot write here", as opposed to a bug
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
 
 class LlmkitError(Exception):
     """A failure llmkit can explain in one line."""
@@ -52,6 +55,18 @@ class DiskError(LlmkitError):
         else:
             why = e.strerror or str(e)
         return cls(f"{why} while writing {what}; free space (or pick another folder) and run again")
+
+    @classmethod
+    def classify(cls, e: BaseException, what: str) -> DiskError | None:
+        """The DiskError behind `e`, if it is one. safetensors reports a full disk as a SafetensorError that
+        only says so in its text ("No space left on device (os error 28)")."""
+        if isinstance(e, DiskError):
+            return e
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return cls.from_os_error(e, getattr(e, "filename", None) or what)
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return cls(f"no space left on device while writing {what}; free space (or pick another folder) and run again")
+        return None
 
 
 class Interrupted(LlmkitError):

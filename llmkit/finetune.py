@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.config import DistillConfig, FinetuneConfig
-from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
+from llmkit.data import Collator, ExampleSet, Labels, encode_prompt_response, encode_seq_cls, load_table, pack_causal_lm, texts_of
 from llmkit.errors import UsageError
 from llmkit.models import ALIASES, ModelRef, resolve
 
@@ -54,6 +54,18 @@ def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: La
 
     def build(table: Any, labels: Labels | None) -> tuple[ExampleSet, Labels | None]:
         texts, rows = texts_of(table, d.text_column)
+        if task == "causal-lm" and d.prompt_column:
+            prompt_col = table.column(d.prompt_column, "--prompt-column")
+            prompts = ["" if prompt_col[i] is None else str(prompt_col[i]) for i in rows]
+            ids, labels_, kept = encode_prompt_response(tokenizer, prompts, texts, d.block_size)
+            dropped = [table.where(rows[k]) for k in range(len(rows)) if k not in set(kept)]
+            if not kept:
+                raise UsageError(f"{table.name}: every prompt fills all {d.block_size} tokens of --block-size, so no response "
+                                 "token is left to learn; raise --block-size or shorten the prompts")
+            if dropped:
+                print(f"warning: dropped {len(dropped)} of {len(rows)} rows of {table.name} whose response is cut off entirely "
+                      f"by --block-size {d.block_size} (first: {dropped[0]}); raise --block-size to keep them", file=sys.stderr)
+            return ExampleSet(ids, labels_, dropped=len(dropped)), None
         if task == "causal-lm":
             return ExampleSet(pack_causal_lm(texts, tokenizer, d.block_size, table.name)), None
         pairs = None
@@ -80,7 +92,8 @@ def _split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, Ex
         raise UsageError(f"data.eval_split={fraction} leaves no training examples out of {len(idx)}; lower it or pass --eval-data")
 
     def take(ids: list[int]) -> ExampleSet:
-        return ExampleSet([data.input_ids[i] for i in ids], None if data.labels is None else [data.labels[i] for i in ids])
+        return ExampleSet([data.input_ids[i] for i in ids], None if data.labels is None else [data.labels[i] for i in ids],
+                          dropped=data.dropped)
 
     return take(sorted(idx[n_eval:])), take(sorted(idx[:n_eval]))
 
@@ -147,7 +160,7 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run a fine-tune described by `cfg`; returns the output folder."""
-    from llmkit.outputs import check_out_dir
+    from llmkit.outputs import check_out_dir, run_guard
 
     cfg.validate()
     out = Path(cfg.out).expanduser()
@@ -187,10 +200,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     job = TrainJob(model, data.train, data.eval, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
                    cfg.train, out, num_labels=len(data.labels.names) if data.labels else 2, quiet=cfg.quiet or not main,
                    resume=cfg.resume)
-    result = fit(job, accelerator)
-    if main:
-        save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result)
-    accelerator.wait_for_everyone()
+    with run_guard(out, resume=cfg.resume, main=main):
+        result = fit(job, accelerator)
+        if main:
+            save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
@@ -209,6 +223,8 @@ def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepare
     record["labels"] = data.labels.names if data.labels else None
     record["examples"] = {"train": len(data.train), "eval": len(data.eval) if data.eval else 0,
                           "train_tokens": data.train.tokens}
+    if data.train.dropped or (data.eval and data.eval.dropped):
+        record["examples"]["dropped"] = {"train": data.train.dropped, "eval": data.eval.dropped if data.eval else 0}
     return record
 
 

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,30 @@ def start_run(out: Path, overwrite: bool, resume: bool, record: dict[str, Any]) 
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     write_json(out / RUN_FILE, {**record, "llmkit": {"version": __version__, "status": "running", "command": command_line()}})
+
+
+@contextmanager
+def run_guard(out: Path, *, resume: bool, main: bool) -> Iterator[None]:
+    """Around training + saving: a run that fails leaves either nothing or a folder `--resume` can continue.
+
+    Before its first checkpoint a new run has nothing worth keeping, so the folder it created goes (no
+    half-written output). After that, the checkpoints stay and the user is told how to continue.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if main:
+            from llmkit.errors import Interrupted
+            from llmkit.train import CHECKPOINTS, complete_checkpoints
+
+            shutil.rmtree(out / ".tmp-model", ignore_errors=True)
+            if complete_checkpoints(out / CHECKPOINTS):
+                if not isinstance(e, Interrupted):  # its message already says how to continue
+                    print(f"the checkpoints in {out} are kept: continue this run with the same command plus --resume",
+                          file=sys.stderr)
+            elif not resume:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -149,8 +149,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     loss_fn = job.loss_fn or _default_loss
     world = accelerator.num_processes
 
+    lengths = job.train_set.lengths
     sampler = EpochSampler(len(job.train_set), cfg.seed, cfg.batch_size * world,
-                           job.train_set.lengths if cfg.group_by_length and job.task == "seq-cls" else None)
+                           lengths if cfg.group_by_length and len(set(lengths)) > 1 else None)
     # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
     # (dropout's), or a resumed run would draw it at another moment and diverge from an uninterrupted one.
     train_loader = DataLoader(job.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=job.collate,
@@ -474,12 +475,27 @@ def save_trainable(accelerator: Any, model: Any, folder: Path, extra: dict[str, 
             save_file(tensors, str(tmp / "trainable.safetensors"))
             (tmp / "state.json").write_text(json.dumps(extra or {}))
             _replace_dir(tmp, folder)
-        except OSError as e:
-            error = e
+        except Exception as e:
+            error = _disk_error_or_raise(e, f"the best model to {folder}")
     _raise_if_any_failed(accelerator, error, tmp, f"the best model to {folder}")
 
 
-def _raise_if_any_failed(accelerator: Any, error: OSError | None, tmp: Path, what: str) -> None:
+def _disk_error_or_raise(e: Exception, what: str) -> DiskError:
+    err = DiskError.classify(e, what)
+    if err is None:
+        raise e
+    return err
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), not a vague RuntimeError."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _raise_if_any_failed(accelerator: Any, error: DiskError | None, tmp: Path, what: str) -> None:
     """A failed write on one process must stop all of them (not leave the others waiting at a barrier forever)."""
     failed = error is not None
     if accelerator.num_processes > 1:
@@ -491,9 +507,7 @@ def _raise_if_any_failed(accelerator: Any, error: OSError | None, tmp: Path, wha
     if failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # free what the half-written copy took
-        if error is None:
-            raise DiskError(f"another process failed while writing {what}")
-        raise DiskError.from_os_error(error, what) from None
+        raise error or DiskError(f"another process failed while writing {what}")
 
 
 def load_trainable(folder: Path, model: Any) -> dict[str, Any]:
@@ -529,36 +543,35 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any,
     A failure part-way (disk full) removes the half-written folder and raises DiskError; the checkpoints
     already there are not touched, because rotation only runs once the new one is complete.
     """
-    import torch
-
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
+    what = f"checkpoint {final}"
     error = None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        _save_torch(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
             save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+                _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "world_size": accelerator.num_processes}))
-    except OSError as e:
-        error = e
-    _raise_if_any_failed(accelerator, error, tmp, f"checkpoint {final}")
+    except Exception as e:
+        error = _disk_error_or_raise(e, what)
+    _raise_if_any_failed(accelerator, error, tmp, what)
     if accelerator.is_main_process:
         try:
             (tmp / "COMPLETE").write_text("ok\n")
             _fsync_tree(tmp)
-        except OSError as e:
+        except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DiskError.from_os_error(e, f"checkpoint {final}") from None
+            raise _disk_error_or_raise(e, what) from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a reader sees no checkpoint or a complete one
         for old in sorted(complete_checkpoints(root))[:-keep]:
