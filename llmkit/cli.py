@@ -5,6 +5,7 @@ No logic lives here, and nothing heavy is imported, so `llmkit --help` answers i
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     # Library deprecation notices are for llmkit's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    args = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty() or "--quiet" in args or "-q" in args:
+        # library bars (downloads, "Writing model shards") follow llmkit's rule: none in logs or with --quiet
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(args=argv, prog_name="llmkit")
     except LlmkitError as e:

@@ -1,0 +1,59 @@
+"""`python _child.py ARGS...` runs `llmkit ARGS...` in this process with faults injected from the environment.
+
+Process-level reliability tests use it: the fault is real (SIGKILL, ENOSPC from the writer), the code path
+is the installed CLI's. Nothing here changes what llmkit computes; the step delay only gives the parent
+time to act between steps of a tiny model.
+
+    LLMKIT_TEST_STEP_DELAY=0.1          sleep this long in every training step
+    LLMKIT_TEST_KILL_AT=step-00000006/optimizer.pt   SIGKILL this process when it starts writing that file
+                                        ("step-00000006/COMPLETE": after every file, before the rename)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import llmkit.train as train
+
+delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0"))
+kill_at = os.environ.get("LLMKIT_TEST_KILL_AT", "")
+
+if delay:
+    real_loss = train._default_loss
+
+    def slow_loss(model, batch):
+        time.sleep(delay)
+        return real_loss(model, batch)
+
+    train._default_loss = slow_loss
+
+if kill_at:
+    step, _, filename = kill_at.partition("/")
+    real_open = open
+
+    def killing_open(file, mode="r", *args, **kwargs):
+        name = str(file)
+        if "w" in mode and f"{step}/" in name.replace(".tmp-", "") and name.endswith(filename):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_open(file, mode, *args, **kwargs)
+
+    real_fsync_tree = train._fsync_tree
+
+    def killing_fsync_tree(folder):
+        if filename == "COMPLETE" and folder.name == f".tmp-{step}":
+            os.kill(os.getpid(), signal.SIGKILL)  # every file is written; the rename into place never happens
+        return real_fsync_tree(folder)
+
+    import builtins
+
+    builtins.open = killing_open
+    train._fsync_tree = killing_fsync_tree
+
+from llmkit.cli import main  # noqa: E402
+
+main(sys.argv[1:])
