@@ -634,7 +634,6 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    import torch
 
     saved = _read_json(folder / "state.json")
     world = saved.pop("world_size", accelerator.num_processes)
@@ -642,14 +641,27 @@ def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, 
         raise UsageError(f"--resume: {folder.name} was written by {world} processes and this run has "
                          f"{accelerator.num_processes}; resume with the same number of processes")
     load_trainable(folder, accelerator.unwrap_model(model))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
     if accelerator.scaler is not None and (folder / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(_load_torch(folder / "scaler.pt"))
     rng = folder / f"rng-{accelerator.process_index}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(_load_torch(rng))
     return TrainState(**saved)
+
+
+def _load_torch(path: Path) -> Any:
+    """Tensors, numbers, strings and containers only (`weights_only`): a planted pickle cannot run code."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UsageError(f"--resume: refusing {path}: it is not a checkpoint file llmkit wrote ({str(e).splitlines()[0][:120]}); "
+                         "delete that checkpoint folder to resume from an older one") from None
 
 
 def _rng_state() -> dict[str, Any]:
