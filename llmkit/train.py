@@ -303,7 +303,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                 if end_of_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 saved = None
-                if not done and ((cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch)):
+                # no periodic checkpoint inside a run of bad steps: the one before it is the one to go back to
+                if not done and not bad_in_a_row and (
+                        (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch)):
                     saved = save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
                 if stopping and not done:
                     saved = saved or save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
