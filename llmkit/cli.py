@@ -6,7 +6,9 @@ No logic lives here, and nothing heavy is imported, so `llmkit --help` answers i
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -17,7 +19,7 @@ from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
 from llmkit.commands.quantize import quantize
-from llmkit.errors import DiskError, LlmkitError
+from llmkit.errors import DiskError, Interrupted, LlmkitError
 
 app = typer.Typer(
     name="llmkit",
@@ -48,6 +50,11 @@ def _root(
     """Generate, fine-tune, distill, quantize and evaluate Hugging Face language models."""
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM outside a training loop (which checkpoints first): unwind like Ctrl-C, so temp files are cleaned up."""
+    raise Interrupted("terminated by SIGTERM", signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every expected failure is one line on stderr, never a traceback."""
     import warnings
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     if not sys.stderr.isatty() or "--quiet" in args or "-q" in args:
         # library bars (downloads, "Writing model shards") follow llmkit's rule: none in logs or with --quiet
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         app(args=argv, prog_name="llmkit")
     except LlmkitError as e:

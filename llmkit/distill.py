@@ -508,11 +508,10 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
     student.config.use_cache = True
     student.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    install_files(tmp, out)
 
     unit = "generation_tokens_per_s" if cfg.task == "causal-lm" else "inference_samples_per_s"
     metric = "perplexity" if cfg.task == "causal-lm" else "accuracy"
-    disk = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    disk = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
     report: dict[str, Any] = {
         "task": cfg.task, "teacher_model": cfg.teacher.name,
         "teacher": teacher.as_dict(unit), "student": {**measured.as_dict(unit), "disk_bytes": disk, "kept_layers": record["student"]["kept_layers"]},
@@ -526,11 +525,11 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
     }
     if metric in teacher.metrics and metric in measured.metrics:
         report["ratios"][metric] = round(measured.metrics[metric] / teacher.metrics[metric], 4)
-    write_json(out / REPORT, report)
+    write_json(tmp / REPORT, report)
 
     metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
     run = {**record, "llmkit": {**run_summary(result, metrics), "command": command_line(), "version": __version__}}
-    plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{ref.name} -> {measured.layers}-layer student ({cfg.task})")
+    plotted = plot_losses(out / "metrics.jsonl", tmp / "loss.png", f"{ref.name} -> {measured.layers}-layer student ({cfg.task})")
     rows = [("layers", teacher.layers, measured.layers), ("parameters", f"{teacher.parameters:,}", f"{measured.parameters:,}"),
             ("fp32 size (MB)", f"{teacher.size_bytes / 1e6:.1f}", f"{measured.size_bytes / 1e6:.1f}"),
             (unit.replace("_", " "), f"{teacher.speed:.1f}", f"{measured.speed:.1f}")]
@@ -541,8 +540,9 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method="distill", merged=False, metrics=metrics,
                       steps=result.state.step, command=command_line(), data=cfg.data.train, intro=intro,
                       extra=f"## Teacher and student\n\n{table}\n\n" + ("![loss curves](loss.png)\n" if plotted else ""))
-    (out / "README.md").write_text(card, encoding="utf-8")
-    write_json(out / RUN_FILE, run)  # last: "status: done" means everything above is in place
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    write_json(tmp / RUN_FILE, run)
+    install_files(tmp, out)  # everything was written above; now only renames, llmkit.json ("status: done") last
     from llmkit.train import remove_best
 
     remove_best(out / "checkpoints")

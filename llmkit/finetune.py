@@ -287,21 +287,20 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    for stale in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json"):
-        (out / stale).unlink(missing_ok=True)  # an --overwrite'd or resumed folder must not mix full and adapter files
-    install_files(tmp, out)
 
     from llmkit import __version__
 
     metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
     run = {**record, "llmkit": {**run_summary(result, metrics), "command": command_line(), "version": __version__}}
-    state = result.state
-    plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", f"{ref.name} - {cfg.task} {cfg.method}")
+    plotted = plot_losses(out / "metrics.jsonl", tmp / "loss.png", f"{ref.name} - {cfg.task} {cfg.method}")
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method=cfg.method, merged=merged,
-                      metrics=metrics, steps=state.step, command=command_line(), data=cfg.data.train,
+                      metrics=metrics, steps=result.state.step, command=command_line(), data=cfg.data.train,
                       extra="![loss curves](loss.png)\n" if plotted else "")
-    (out / "README.md").write_text(card, encoding="utf-8")
-    write_json(out / RUN_FILE, run)  # last: "status: done" means everything above is in place
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    write_json(tmp / RUN_FILE, run)
+    for stale in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / stale).unlink(missing_ok=True)  # an --overwrite'd or resumed folder must not mix full and adapter files
+    install_files(tmp, out)  # everything was written above; now only renames, llmkit.json ("status: done") last
     from llmkit.train import remove_best
 
     remove_best(out / "checkpoints")  # the folder's model *is* the best one now

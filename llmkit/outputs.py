@@ -109,8 +109,11 @@ def command_line() -> str:
 
 
 def install_files(tmp: Path, out: Path) -> None:
-    """Move every file of `tmp` into `out` (each rename is atomic), then remove `tmp`."""
-    for f in tmp.iterdir():
+    """Move every file of `tmp` into `out` (each rename is atomic), llmkit.json last, then remove `tmp`.
+
+    Until llmkit.json says "done", the folder is a run in progress (resumable), never a finished-looking model.
+    """
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == RUN_FILE):
         os.replace(f, out / f.name)
     tmp.rmdir()
 

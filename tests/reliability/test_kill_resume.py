@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from reliability_helpers import logged_steps, max_weight_diff, metrics_rows, record, run, start, wait_until
 
+pytestmark = pytest.mark.slow  # real processes, ~1 min in all
+
 STEPS_PER_EPOCH = 15  # 60 blocks of 16 tokens at batch 4
 
 
