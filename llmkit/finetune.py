@@ -58,7 +58,8 @@ def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: La
             prompt_col = table.column(d.prompt_column, "--prompt-column")
             prompts = ["" if prompt_col[i] is None else str(prompt_col[i]) for i in rows]
             ids, labels_, kept = encode_prompt_response(tokenizer, prompts, texts, d.block_size)
-            dropped = [table.where(rows[k]) for k in range(len(rows)) if k not in set(kept)]
+            kept_rows = set(kept)
+            dropped = [table.where(rows[k]) for k in range(len(rows)) if k not in kept_rows]
             if not kept:
                 raise UsageError(f"{table.name}: every prompt fills all {d.block_size} tokens of --block-size, so no response "
                                  "token is left to learn; raise --block-size or shorten the prompts")
