@@ -49,24 +49,19 @@ class DiskError(LlmkitError):
     exit_code = 74  # EX_IOERR (sysexits.h)
 
     @classmethod
-    def from_os_error(cls, e: OSError, what: str) -> DiskError:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = "no space left on device"
-        else:
-            why = e.strerror or str(e)
-        return cls(f"{why} while writing {what}; free space (or pick another folder) and run again")
-
-    @classmethod
     def classify(cls, e: BaseException, what: str) -> DiskError | None:
         """The DiskError behind `e`, if it is one. safetensors reports a full disk as a SafetensorError that
         only says so in its text ("No space left on device (os error 28)")."""
         if isinstance(e, DiskError):
             return e
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-            return cls.from_os_error(e, getattr(e, "filename", None) or what)
-        if "No space left on device" in str(e) or "os error 28" in str(e):
-            return cls(f"no space left on device while writing {what}; free space (or pick another folder) and run again")
-        return None
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            why, what = ("no space left on device" if full else e.strerror or str(e)), getattr(e, "filename", None) or what
+        elif "No space left on device" in str(e) or "os error 28" in str(e):
+            why = "no space left on device"
+        else:
+            return None
+        return cls(f"{why} while writing {what}; free space (or pick another folder) and run again")
 
 
 class Interrupted(LlmkitError):

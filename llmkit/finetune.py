@@ -92,11 +92,12 @@ def _split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, Ex
     if n_eval >= len(idx):
         raise UsageError(f"data.eval_split={fraction} leaves no training examples out of {len(idx)}; lower it or pass --eval-data")
 
-    def take(ids: list[int]) -> ExampleSet:
+    def take(ids: list[int], dropped: int) -> ExampleSet:
         return ExampleSet([data.input_ids[i] for i in ids], None if data.labels is None else [data.labels[i] for i in ids],
-                          dropped=data.dropped)
+                          dropped=dropped)
 
-    return take(sorted(idx[n_eval:])), take(sorted(idx[:n_eval]))
+    # rows dropped before the split are counted once, with the training rows they were read among
+    return take(sorted(idx[n_eval:]), data.dropped), take(sorted(idx[:n_eval]), 0)
 
 
 def set_threads(threads: int) -> None:

@@ -408,12 +408,16 @@ def _finite(losses: list[Any], norm: Any) -> bool:
 
 def _agree(accelerator: Any, bad: bool, signum: int) -> tuple[bool, int]:
     """(skip this step?, stop after it?) decided the same on every process, or they would go separate ways."""
+    bad_max, signum_max = _max_over_processes(accelerator, [float(bad), float(signum)])
+    return bool(bad_max), int(signum_max)
+
+
+def _max_over_processes(accelerator: Any, values: list[float]) -> list[float]:
     if accelerator.num_processes == 1:
-        return bad, signum
+        return values
     import torch
 
-    flags = accelerator.reduce(torch.tensor([float(bad), float(signum)], device=accelerator.device), reduction="max")
-    return bool(flags[0]), int(flags[1])
+    return accelerator.reduce(torch.tensor(values, device=accelerator.device), reduction="max").tolist()
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -499,13 +503,7 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 def _raise_if_any_failed(accelerator: Any, error: DiskError | None, tmp: Path, what: str) -> None:
     """A failed write on one process must stop all of them (not leave the others waiting at a barrier forever)."""
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        import torch
-
-        failed = bool(accelerator.reduce(torch.tensor([float(failed)], device=accelerator.device), reduction="max")[0])
-    else:
-        accelerator.wait_for_everyone()
+    failed = bool(_max_over_processes(accelerator, [float(error is not None)])[0])  # also the barrier
     if failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # free what the half-written copy took

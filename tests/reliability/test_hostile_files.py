@@ -73,15 +73,17 @@ def test_a_bare_pickle_file_is_refused(cli, tmp_path, marker, one_line_error):
     assert not marker.exists()
 
 
-def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, toy_data, tmp_path, marker, one_line_error):
+def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, toy_data, tmp_path, marker, monkeypatch,
+                                                                one_line_error):
     """Checkpoints are loaded with weights_only: a swapped-in optimizer.pt cannot run code either."""
     import torch
+
+    from llmkit import train
 
     out = tmp_path / "run"
     argv = ["finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--out", out, "--block-size", "16",
             "--max-steps", "6", "--save-every", "2", "--quiet"]
-    real_save = torch.save
-    from llmkit import train
+    real_save_checkpoint = train.save_checkpoint
 
     def stop_after_4(*a, **k):  # Ctrl-C right after the step-4 checkpoint
         path = real_save_checkpoint(*a, **k)
@@ -89,13 +91,10 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, t
             raise KeyboardInterrupt
         return path
 
-    real_save_checkpoint = train.save_checkpoint
-    train.save_checkpoint = stop_after_4
-    try:
-        assert cli(*argv)[0] == 130
-    finally:
-        train.save_checkpoint = real_save_checkpoint
-    real_save(Payload(f"open({str(marker)!r}, 'w').write('pwned')"), out / "checkpoints" / "step-00000004" / "optimizer.pt")
+    monkeypatch.setattr(train, "save_checkpoint", stop_after_4)
+    assert cli(*argv)[0] == 130
+    monkeypatch.undo()
+    torch.save(Payload(f"open({str(marker)!r}, 'w').write('pwned')"), out / "checkpoints" / "step-00000004" / "optimizer.pt")
     code, _, err = cli(*argv, "--resume")
     assert code == 2, err
     one_line_error(err, "optimizer.pt", "refusing")
