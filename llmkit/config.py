@@ -26,6 +26,7 @@ TASKS = ("causal-lm", "seq-cls")
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion")  # llmkit.chat.FORMATS
 
 
 @dataclass
@@ -59,7 +60,16 @@ class DataConfig:
     max_length: int = 128
     """--max-length: seq-cls inputs are truncated to this many tokens."""
     block_size: int = 256
-    """--block-size: causal-lm text is packed into blocks of this many tokens."""
+    """--block-size: causal-lm text is packed into blocks of this many tokens (chat: conversations are cut to it)."""
+    format: str = "auto"
+    """--format: auto (from the columns), text, messages (OpenAI), sharegpt, prompt-completion (chat data)."""
+    chat_template: str | None = None
+    """--chat-template: chatml or a Jinja file, for chat data; None = the model's own template (never guessed)."""
+    train_on_prompt: bool = False
+    """--train-on-prompt: chat data: learn every token, not only the assistant replies and their end-of-turn."""
+    packing: bool = False
+    """--packing: chat / prompt-response data: several conversations per --block-size row, kept apart by position ids
+    (no attention across them, positions restart): less padding, same loss."""
 
 
 @dataclass
@@ -161,6 +171,7 @@ class FinetuneConfig(RunConfig):
         need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         need(bool(self.model.name), "--model is required")
         problems.extend(run_problems(self.out, d, t))
+        problems.extend(chat_problems(self.task, d))
         if self.method == "lora":
             need(lo.r >= 1, f"--lora-r must be >= 1, got {lo.r}")
             need(lo.alpha > 0, f"--lora-alpha must be > 0, got {lo.alpha}")
@@ -214,6 +225,8 @@ class DistillConfig(RunConfig):
         need(self.task in TASKS, f"--task {self.task!r} is not one of {', '.join(TASKS)}")
         need(bool(self.teacher.name), "--teacher is required")
         problems.extend(run_problems(self.out, self.data, self.train))
+        problems.extend(chat_problems(self.task, self.data))
+        need(not self.data.packing, "--packing is for finetune; distill runs the teacher on unpacked rows (set data.packing=false)")
         need(s.layers is None or s.layers >= 1, f"--student-layers must be >= 1, got {s.layers}")
         need(s.layers is None or not s.config, "--student-layers and --student-config exclude each other; pass one")
         need(k.temperature > 0, f"--temperature must be > 0, got {k.temperature}")
@@ -257,7 +270,17 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     need(bool(d.text_column), "--text-column must not be empty")
     need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
          "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
+    need(d.format in DATA_FORMATS, f"--format {d.format!r} is not one of {', '.join(DATA_FORMATS)}")
     return problems
+
+
+def chat_problems(task: str, d: DataConfig) -> list[str]:
+    """Chat options only make sense for causal-LM training on conversations."""
+    if task == "causal-lm":
+        return []
+    return [f"{flag} is for causal-lm chat data, not --task {task}" for flag, on in (
+        ("--packing", d.packing), ("--chat-template", bool(d.chat_template)), ("--train-on-prompt", d.train_on_prompt),
+        (f"--format {d.format}", d.format not in ("auto", "text"))) if on]
 
 
 # ------------------------------------------------------------------------------------------- loading

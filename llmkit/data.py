@@ -394,11 +394,17 @@ def encode_seq_cls(tokenizer: Any, texts: list[str], pairs: list[str] | None, ma
 
 
 class ExampleSet:
-    """Token-id sequences plus labels (a class id for seq-cls, per-token labels for prompt/response causal-lm)."""
+    """Token-id sequences plus labels (a class id for seq-cls, per-token labels for prompt/response causal-lm).
 
-    def __init__(self, input_ids: list[list[int]], labels: list[Any] | None = None, dropped: int = 0) -> None:
+    Packed rows (`--packing`) also carry position ids that restart at every conversation, and how many
+    conversations each row holds (so samples/s counts conversations, not rows).
+    """
+
+    def __init__(self, input_ids: list[list[int]], labels: list[Any] | None = None, dropped: int = 0,
+                 position_ids: list[list[int]] | None = None) -> None:
         self.input_ids = input_ids
         self.labels = labels
+        self.position_ids = position_ids
         self.lengths = [len(x) for x in input_ids]
         self.dropped = dropped  # rows left out because nothing in them could be learned
 
@@ -409,6 +415,8 @@ class ExampleSet:
         item: dict[str, Any] = {"input_ids": self.input_ids[i]}
         if self.labels is not None:
             item["labels"] = self.labels[i]
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[i]
         return item
 
     @property
@@ -417,7 +425,13 @@ class ExampleSet:
 
 
 class Collator:
-    """Pad to the longest sequence in the batch (right padding); causal-LM labels are the inputs."""
+    """Pad to the longest sequence in the batch (right padding); causal-LM labels are the inputs.
+
+    Packed rows get no attention mask but position ids: transformers then builds a mask that keeps the
+    conversations in a row apart (a new sequence starts wherever the position goes back). Padding at a
+    row's end is harmless there: causal attention never lets an earlier token see it, and it is not a label.
+    `num_tokens` / `num_examples` are for the loop's speed counters; it removes them before the forward pass.
+    """
 
     def __init__(self, pad_id: int, causal: bool) -> None:
         self.pad_id = pad_id
@@ -433,7 +447,17 @@ class Collator:
             n = len(it["input_ids"])
             ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
             mask[row, :n] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in items[0]:
+            pos = torch.zeros((len(items), width), dtype=torch.long)
+            for row, it in enumerate(items):
+                n = len(it["position_ids"])
+                pos[row, :n] = torch.tensor(it["position_ids"], dtype=torch.long)
+                pos[row, n:] = torch.arange(width - n)  # padding: a sequence of its own, after every real token
+            del batch["attention_mask"]
+            batch["position_ids"] = pos
+            batch["num_tokens"] = mask.sum()
+            batch["num_examples"] = torch.tensor(sum(it["position_ids"].count(0) for it in items))
         if self.causal and "labels" in items[0]:  # prompt/response rows: the prompt is already -100
             labels = torch.full((len(items), width), -100, dtype=torch.long)
             for row, it in enumerate(items):

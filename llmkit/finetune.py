@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.chat import ChatEncoder, add_template_tokens, detect_format, encode_conversations, pack, read_conversations, resolve_template
 from llmkit.config import DistillConfig, FinetuneConfig
 from llmkit.data import Collator, ExampleSet, Labels, encode_prompt_response, encode_seq_cls, load_table, pack_causal_lm, texts_of
 from llmkit.errors import UsageError
@@ -44,6 +45,8 @@ class Prepared:
     train: ExampleSet
     eval: ExampleSet | None
     labels: Labels | None
+    chat: ChatEncoder | None = None  # chat data: the template it was rendered with, and its end-of-turn tokens
+    added_tokens: tuple[str, ...] = ()  # special tokens the template needed and the tokenizer lacked (embeddings grow)
 
 
 def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: Labels | None = None) -> Prepared:
@@ -51,22 +54,27 @@ def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: La
     d, task = cfg.data, cfg.task
     train_table = load_table(d.train, task=task, what="--data")
     eval_table = load_table(d.eval, task=task, what="--eval-data") if d.eval else None
+    chat, added = None, ()
+    if task == "causal-lm" and detect_format(train_table, d.format, d.prompt_column) != "text":
+        model_name = cfg.model.name if isinstance(cfg, FinetuneConfig) else cfg.teacher.name
+        template = resolve_template(tokenizer, d.chat_template, model_name)
+        added = tuple(add_template_tokens(tokenizer, template))
+        chat = ChatEncoder(tokenizer, template, d.train_on_prompt)
+    elif d.chat_template or d.train_on_prompt:
+        raise UsageError(f"--chat-template and --train-on-prompt are for chat data; {d.train} holds no conversations "
+                         "('messages', 'conversations' or 'prompt'/'completion' columns, or pass --format)")
 
-    def build(table: Any, labels: Labels | None) -> tuple[ExampleSet, Labels | None]:
+    def build(table: Any, labels: Labels | None, packing: bool) -> tuple[ExampleSet, Labels | None]:
+        if chat is not None:
+            convs = read_conversations(table, d.format, d.prompt_column, d.text_column)
+            ids, labels_, kept = encode_conversations(chat, convs, d.block_size)
+            return _kept(table, ids, labels_, [c.where for c in convs], kept, packing, d.block_size), None
         texts, rows = texts_of(table, d.text_column)
         if task == "causal-lm" and d.prompt_column:
             prompt_col = table.column(d.prompt_column, "--prompt-column")
             prompts = ["" if prompt_col[i] is None else str(prompt_col[i]) for i in rows]
             ids, labels_, kept = encode_prompt_response(tokenizer, prompts, texts, d.block_size)
-            kept_rows = set(kept)
-            dropped = [table.where(rows[k]) for k in range(len(rows)) if k not in kept_rows]
-            if not kept:
-                raise UsageError(f"{table.name}: every prompt fills all {d.block_size} tokens of --block-size, so no response "
-                                 "token is left to learn; raise --block-size or shorten the prompts")
-            if dropped:
-                print(f"warning: dropped {len(dropped)} of {len(rows)} rows of {table.name} whose response is cut off entirely "
-                      f"by --block-size {d.block_size} (first: {dropped[0]}); raise --block-size to keep them", file=sys.stderr)
-            return ExampleSet(ids, labels_, dropped=len(dropped)), None
+            return _kept(table, ids, labels_, [table.where(r) for r in rows], kept, packing, d.block_size), None
         if task == "causal-lm":
             return ExampleSet(pack_causal_lm(texts, tokenizer, d.block_size, table.name)), None
         pairs = None
@@ -76,11 +84,31 @@ def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: La
         labels = labels or Labels.infer(table, d.label_column, rows)
         return ExampleSet(encode_seq_cls(tokenizer, texts, pairs, d.max_length), labels.ids(table, d.label_column, rows)), labels
 
-    train, labels = build(train_table, labels)
-    evals = build(eval_table, labels)[0] if eval_table is not None else None
+    train, labels = build(train_table, labels, d.packing)
+    # eval rows stay unpacked: the same loss either way, and evaluation need not know about packing
+    evals = build(eval_table, labels, False)[0] if eval_table is not None else None
     if evals is None and d.eval_split > 0:
+        if d.packing:
+            raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
         train, evals = _split(train, d.eval_split, cfg.train.seed)
-    return Prepared(train, evals, labels)
+    return Prepared(train, evals, labels, chat, added)
+
+
+def _kept(table: Any, ids: list[list[int]], labels: list[list[int]], where: list[str], kept: list[int], packing: bool,
+          block_size: int) -> ExampleSet:
+    """Rows whose learned part survived the cut to --block-size; the others are dropped, counted and named."""
+    kept_rows = set(kept)
+    dropped = [where[k] for k in range(len(where)) if k not in kept_rows]
+    if not kept:
+        raise UsageError(f"{table.name}: every prompt fills all {block_size} tokens of --block-size, so no response "
+                         "token is left to learn; raise --block-size or shorten the prompts")
+    if dropped:
+        print(f"warning: dropped {len(dropped)} of {len(where)} rows of {table.name} whose response is cut off entirely "
+              f"by --block-size {block_size} (first: {dropped[0]}); raise --block-size to keep them", file=sys.stderr)
+    pos = None
+    if packing:
+        ids, labels, pos = pack(ids, labels, block_size)
+    return ExampleSet(ids, labels, dropped=len(dropped), position_ids=pos)
 
 
 def _split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, ExampleSet]:
@@ -112,8 +140,12 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool) -> Any:
-    """The model to train: base weights in fp32, a new head for seq-cls, LoRA adapters when asked."""
+def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool,
+                grow_vocab: bool = False) -> Any:
+    """The model to train: base weights in fp32, a new head for seq-cls, LoRA adapters when asked.
+
+    `grow_vocab`: the chat template added special tokens to the tokenizer; the embeddings grow to match.
+    """
     from llmkit.models import architectures, load_seq_cls
 
     if cfg.task == "seq-cls":
@@ -133,6 +165,8 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
         model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
         if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
             model = apply_adapter(model, ref, merge=True)
+    if grow_vocab and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # new rows start at the mean embedding
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if cfg.method == "lora":
         model = add_lora(model, cfg)
@@ -160,6 +194,24 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def keep_chat_format(chat: ChatEncoder, tokenizer: Any, model: Any) -> None:
+    """The saved folder chats exactly as it was trained: same template, and generation stops at the end-of-turn token.
+
+    The template goes into the tokenizer files (transformers, llmkit generate / serve and the GGUF export read it
+    there). The token that closed every assistant reply becomes the tokenizer's EOS and joins the model's
+    generation stop ids, so plain `model.generate` stops where the model learned to stop.
+    """
+    tokenizer.chat_template = chat.template
+    if len(chat.end_of_turn) == 1:
+        (eot,) = chat.end_of_turn
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eot)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        old = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        stop = sorted({*(i for i in old if i is not None), *chat.end_of_turn})
+        gen.eos_token_id = stop[0] if len(stop) == 1 else stop
+
+
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run a fine-tune described by `cfg`; returns the output folder."""
     from llmkit.outputs import check_out_dir, run_guard
@@ -184,8 +236,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     tokenizer = load_tokenizer(ref)
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer)
+    if data.added_tokens and cfg.method == "lora":
+        raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {ref.name}'s tokenizer lacks; new token "
+                         "embeddings must be trained, so use --method full, or a template made of the model's own tokens")
     set_seed(cfg.train.seed)  # the new head and the LoRA matrices start the same on every process and every run
-    model = build_model(cfg, ref, tokenizer, data.labels, progress)
+    model = build_model(cfg, ref, tokenizer, data.labels, progress, grow_vocab=bool(data.added_tokens))
 
     record = run_record(cfg, ref, data)
     if main:
@@ -205,7 +260,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     with run_guard(out, resume=cfg.resume, main=main):
         result = fit(job, accelerator)
         if main:
-            save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result)
+            save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result, data.chat)
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -269,9 +324,12 @@ def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
 
 
 def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
-                 result: Any) -> None:
+                 result: Any, chat: ChatEncoder | None = None) -> None:
     """Write the model folder: weights, tokenizer, llmkit.json, loss.png, README.md (main process only)."""
     import shutil
+
+    if chat is not None:
+        keep_chat_format(chat, tokenizer, model)
 
     from llmkit.outputs import RUN_FILE, command_line, install_files, model_card, plot_losses, write_json
 

@@ -36,7 +36,7 @@ def causal_lm_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
@@ -90,8 +90,12 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
                   max_blocks: int | None = None, batch_size: int = 8, text_column: str = "text",
                   text_pair_column: str | None = None, label_column: str = "label", max_length: int = 512,
                   device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False, data_format: str = "auto", chat_template: str | None = None,
+                  answers: bool = False, max_new_tokens: int = 64, max_examples: int | None = None) -> dict[str, Any]:
     """Perplexity (causal-lm) or accuracy / F1 (seq-cls) of any model llmkit can load, on a data file.
+
+    Conversations (chat data) give the perplexity of the assistant tokens only, and with `answers` the
+    exact-match / contains-match of greedy answers to each conversation's last user turn (`evaluate_chat`).
 
         >>> evaluate_data("runs/shakespeare", "../shared/data/tinyshakespeare/validation.txt", block_size=256)
         {'perplexity': 21.3, 'tokens': 32640, 'blocks': 128, 'block_size': 256, ...}
@@ -101,6 +105,7 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
     import torch
     from torch.utils.data import DataLoader
 
+    from llmkit.chat import detect_format
     from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
     from llmkit.errors import UsageError
     from llmkit.models import adapter_task, architectures, context_length, load_causal_lm, load_seq_cls, load_tokenizer, resolve
@@ -115,6 +120,12 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
     if max_blocks is not None and max_blocks < 1:
         raise UsageError(f"--max-blocks must be >= 1, got {max_blocks}")
     table = load_table(data, task=task, what="--data")  # data errors before the (slow) model load
+    if task == "causal-lm" and detect_format(table, data_format, None) != "text":
+        return evaluate_chat(ref, table, data_format=data_format, chat_template=chat_template, block_size=block_size or 1024,
+                             batch_size=batch_size, max_examples=max_examples, answers=answers, max_new_tokens=max_new_tokens,
+                             device=device, progress=progress) | {"model": model_name, "data": data}
+    if answers:
+        raise UsageError(f"--generate-answers needs conversations ('messages' / 'conversations' / 'prompt'+'completion'); {data} has none")
     texts, rows = texts_of(table, text_column)
     tokenizer = load_tokenizer(ref)
     start = time.perf_counter()
@@ -158,6 +169,75 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
         result.update(blocks=len(blocks), block_size=block)
     result.update(task=task, model=model_name, data=data, seconds=round(time.perf_counter() - start, 2))
     return result
+
+
+def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_template: str | None = None, block_size: int = 1024,
+                  batch_size: int = 8, max_examples: int | None = None, answers: bool = False, max_new_tokens: int = 64,
+                  device: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Did a chat fine-tune work? Assistant-token loss / perplexity, and (with `answers`) greedy answers scored.
+
+    Each conversation's last assistant turn is the reference; the model answers everything before it with
+    the chat template (`llmkit generate --chat` does the same). exact_match compares case-folded text with
+    surrounding whitespace and final punctuation removed; contains_match asks whether the reference appears in
+    the answer.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from llmkit.chat import ChatEncoder, encode_conversations, read_conversations, resolve_template
+    from llmkit.data import Collator, ExampleSet
+    from llmkit.errors import UsageError
+    from llmkit.generation import SamplingOptions, TransformersBackend, choose_backend, open_backend
+    from llmkit.models import load_causal_lm, load_tokenizer
+
+    if max_examples is not None and max_examples < 1:
+        raise UsageError(f"--max-examples must be >= 1, got {max_examples}")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    convs = read_conversations(table, data_format)[:max_examples]
+    tokenizer = load_tokenizer(ref)
+    template = resolve_template(tokenizer, chat_template, ref.name)
+    encoder = ChatEncoder(tokenizer, template)
+    ids, labels, kept = encode_conversations(encoder, convs, block_size)
+    if not kept:
+        raise UsageError(f"{table.name}: no assistant token is left within --block-size {block_size}; raise it")
+    start = time.perf_counter()
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, chat=True)
+    backend = None
+    if answers:
+        prompts = [c.messages[:_last_assistant(c.messages)] for c in convs]
+        backend = open_backend(ref, prompts, opts, device=device, dtype="float32", batch_size=batch_size, progress=progress)
+        if chat_template:  # answer with the template the loss was measured with
+            if isinstance(backend, TransformersBackend):
+                backend.tokenizer.chat_template = template
+            else:
+                raise UsageError("--chat-template applies to models run by transformers; this one runs on llama.cpp with its own template")
+    model = backend.model if isinstance(backend, TransformersBackend) else load_causal_lm(ref, device=device, dtype="float32", progress=progress)
+    loader = DataLoader(ExampleSet(ids, labels), batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        loss = evaluate_model(model, ({k: v.to(dev) for k, v in b.items()} for b in loader), "causal-lm")
+    result: dict[str, Any] = {"task": "chat", "conversations": len(kept), "assistant_tokens": loss["tokens"],
+                              "perplexity": loss["perplexity"], "loss": loss["loss"]}
+    if backend is not None:
+        refs = [c.messages[_last_assistant(c.messages)]["content"] for c in convs]
+        outs = [g.text for g in backend.generate(prompts, opts)]
+        exact = [_norm(o) == _norm(r) for o, r in zip(outs, refs, strict=True)]
+        contains = [_norm(r) in _norm(o) for o, r in zip(outs, refs, strict=True)]
+        result.update(answered=len(outs), exact_match=sum(exact) / len(outs), contains_match=sum(contains) / len(outs),
+                      backend=choose_backend(ref), examples=[
+                          {"prompt": p[-1]["content"], "reference": r, "answer": o, "exact": e}
+                          for p, r, o, e in list(zip(prompts, refs, outs, exact, strict=True))[:3]])
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _last_assistant(messages: list[dict[str, str]]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split()).strip(" .!?\"'")
 
 
 def generation_speed(model: Any, prompt_ids: list[int], new_tokens: int = 32) -> float:

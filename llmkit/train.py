@@ -235,6 +235,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
             for batch in loader:
+                # packed rows say how many real tokens / conversations they hold; others count rows and the mask
+                n_tokens = int(batch.pop("num_tokens")) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+                n_examples = int(batch.pop("num_examples")) if "num_examples" in batch else len(batch["input_ids"])
                 with accelerator.accumulate(model):
                     loss = loss_fn(model, batch)
                     accelerator.backward(loss)
@@ -251,8 +254,8 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                                 scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.batch_in_epoch += 1
-                window_tokens += int(batch["attention_mask"].sum())
-                window_samples += len(batch["input_ids"])
+                window_tokens += n_tokens
+                window_samples += n_examples
                 if not accelerator.sync_gradients:
                     continue
 

@@ -87,10 +87,10 @@ def test_stream_prints_same_text_as_batch(cli, tiny_gpt2):
 
 def test_chat_template_applied(tiny_llama, cli):
     backend = TransformersBackend(resolve(str(tiny_llama)), device="cpu")
-    assert backend.format("hi", chat=True) == "<|user|>hi</s><|assistant|>"
-    assert backend.prompt_lengths(["hi"], chat=True)[0] > backend.prompt_lengths(["hi"], chat=False)[0]
+    assert backend.format("hi", SamplingOptions(chat=True)) == "<|user|>hi</s><|assistant|>"
+    assert backend.prompt_lengths(["hi"], SamplingOptions(chat=True))[0] > backend.prompt_lengths(["hi"], SamplingOptions())[0]
     code, out, _ = cli("generate", "hi", "--model", tiny_llama, "--chat", "-n", "4", "--json", "--temperature", "0")
-    assert code == 0 and _jsonl(out)[0]["prompt_tokens"] == backend.prompt_lengths(["hi"], chat=True)[0]
+    assert code == 0 and _jsonl(out)[0]["prompt_tokens"] == backend.prompt_lengths(["hi"], SamplingOptions(chat=True))[0]
 
 
 def test_chat_without_template_is_an_error(cli, tiny_gpt2):

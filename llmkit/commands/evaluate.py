@@ -19,6 +19,11 @@ def evaluate(
     text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column (pair tasks).", show_default=False),
     label_column: str = typer.Option("label", "--label-column", help="Label column (seq-cls)."),
     max_length: int = typer.Option(512, "--max-length", help="seq-cls: truncate inputs to this many tokens."),
+    data_format: str = typer.Option("auto", "--format", help="Chat data: auto | messages | sharegpt | prompt-completion (auto: from the columns)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].", show_default=False),
+    generate_answers: bool = typer.Option(False, "--generate-answers", help="Chat data: answer each last user turn greedily; report exact / contains match."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="With --generate-answers: tokens per answer."),
+    max_examples: int = typer.Option(None, "--max-examples", help="Chat data: only the first N conversations.", show_default=False),
     device: str = typer.Option(None, "--device", help="cpu, cuda, mps [default: best available].", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -32,15 +37,26 @@ def evaluate(
       llmkit evaluate --model smollm2-135m --data ../shared/data/tinyshakespeare/validation.txt --block-size 256 --max-blocks 16
 
       llmkit evaluate --model runs/sentiment --data ../shared/data/rt-polarity/validation.csv --json
+
+      llmkit evaluate --model runs/chat --data chat-val.jsonl --generate-answers --max-examples 200   # conversations
     """
     from llmkit.metrics import evaluate_data
 
     result = evaluate_data(model, data, task=task, block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
                            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                            max_length=max_length, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           progress=not quiet and sys.stderr.isatty())
+                           progress=not quiet and sys.stderr.isatty(), data_format=data_format, chat_template=chat_template,
+                           answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples)
     if as_json:
         typer.echo(json.dumps(result))
+    elif result["task"] == "chat":
+        typer.echo(f"assistant-token perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f}) over {result['assistant_tokens']} "
+                   f"tokens of {result['conversations']} conversations in {result['seconds']} s")
+        if "exact_match" in result:
+            for ex in result["examples"]:
+                typer.echo(f"  {'ok  ' if ex['exact'] else 'MISS'} {ex['prompt'][:70]!r} -> {ex['answer'][:40]!r} (reference {ex['reference'][:40]!r})")
+            typer.echo(f"exact match {result['exact_match']:.4f}  contains match {result['contains_match']:.4f} "
+                       f"over {result['answered']} answers ({result['backend']})")
     elif result["task"] == "causal-lm":
         typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
                    f"({result['blocks']} windows of {result['block_size']}) in {result['seconds']} s")

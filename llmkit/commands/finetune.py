@@ -17,6 +17,8 @@ FLAG_KEYS = {
     "save_every": "train.save_every", "threads": "train.threads", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
     "lora_targets": "lora.target_modules", "merge": "lora.merge", "resume": "resume", "overwrite": "overwrite",
     "quiet": "quiet", "allow_pickle": "model.allow_pickle", "trust_remote_code": "model.trust_remote_code",
+    "data_format": "data.format", "chat_template": "data.chat_template", "train_on_prompt": "data.train_on_prompt",
+    "packing": "data.packing",
 }
 
 
@@ -37,6 +39,12 @@ def finetune(
     text_column: str = typer.Option(None, "--text-column", help="Text column of CSV/JSONL data [default: text].", show_default=False),
     text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column for pair tasks (seq-cls).", show_default=False),
     prompt_column: str = typer.Option(None, "--prompt-column", help="causal-lm: prompt column; only the response is learned.", show_default=False),
+    data_format: str = typer.Option(None, "--format", help="auto | text | messages | sharegpt | prompt-completion [default: auto, from the columns].",
+                                    show_default=False),
+    chat_template: str = typer.Option(None, "--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].", show_default=False),
+    train_on_prompt: bool = typer.Option(None, "--train-on-prompt", help="Chat data: learn every token, not only the replies.", show_default=False),
+    packing: bool = typer.Option(None, "--packing", help="Chat / prompt-response data: several conversations per --block-size row.",
+                                 show_default=False),
     label_column: str = typer.Option(None, "--label-column", help="Label column for seq-cls [default: label].", show_default=False),
     seed: int = typer.Option(None, "--seed", help="Seed for init, dropout and data order [default: 0].", show_default=False),
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="auto | no | bf16 | fp16 [default: auto, bf16 if fast here].", show_default=False),
@@ -62,6 +70,8 @@ def finetune(
       llmkit finetune --model minilm-l6 --task seq-cls --method lora --data train.csv --eval-data val.csv --out runs/sentiment
 
       llmkit finetune --recipe recipes/smollm2-135m-shakespeare-lora.yaml --set train.max_steps=30 --out runs/shakespeare
+
+      llmkit finetune --model smollm2-135m --method lora --data chat.jsonl --packing --out runs/chat   # {"messages": [...]} rows
 
       torchrun --nproc_per_node 2 -m llmkit finetune --recipe recipes/minilm-l6-sentiment-full.yaml --out runs/ddp
     """

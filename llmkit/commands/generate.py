@@ -54,6 +54,7 @@ def generate(
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this string (repeatable); it is not printed.", show_default=False),
     seed: int = typer.Option(None, "--seed", help="Same seed, same output.", show_default=False),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the model's chat template (instruct models)."),
+    system: str = typer.Option(None, "--system", help="With --chat: a system message before each prompt.", show_default=False),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Print tokens as they come [default: on a terminal].", show_default=False),
     backend: str = typer.Option("auto", "--backend", help="auto | transformers | llama.cpp (auto: llama.cpp for .gguf)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per continuation, for scripts."),
@@ -75,6 +76,8 @@ def generate(
 
         llmkit generate "What is the capital of France?" --chat --stop "\\n\\n"
 
+        llmkit generate "Review: a gorgeous, moving film. Positive or negative?" --chat --system "Answer in one word."
+
         llmkit generate --prompts-file prompts.txt --json --seed 1 > out.jsonl
 
         llmkit generate "Hello" --model openai-community/gpt2   # wherever the Hub is reachable
@@ -84,8 +87,10 @@ def generate(
 
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-                           stop=tuple(stop or ()), seed=seed, chat=chat)
+                           stop=tuple(stop or ()), seed=seed, chat=chat, system=system)
     opts.validate()
+    if system is not None and not chat:
+        raise UsageError("--system only applies to chat prompts: add --chat")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     texts = read_prompts(prompts or [], prompts_file)

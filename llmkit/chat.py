@@ -1,0 +1,308 @@
+"""Chat data for instruction fine-tuning: conversations in, token ids with assistant-only labels out.
+
+    >>> from llmkit.chat import ChatEncoder, read_conversations, resolve_template
+    >>> convs = read_conversations(load_table("chat.jsonl", task="causal-lm"), fmt="auto")
+    >>> enc = ChatEncoder(tokenizer, resolve_template(tokenizer, None, "smollm2-135m"))
+    >>> ids, labels = enc.encode(convs[0])        # labels: -100 except on every assistant turn + its end-of-turn
+
+Formats, detected from the columns of a JSONL / JSON / CSV / parquet file or Hub dataset:
+
+    messages           {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}  (OpenAI)
+    sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}
+    prompt-completion  {"prompt": "...", "completion": "..."}  (one user turn, one assistant turn)
+
+Conversations are rendered with the model's own chat template (the one `llmkit generate --chat` and
+`llmkit serve` render with), then tokenized once. Which tokens are learned is read off that one rendering:
+for each assistant turn, the template is also rendered up to the turn (with the generation prompt) and
+through it, and the characters in between — the reply and the template's end-of-turn token — are mapped to
+tokens by the tokenizer's offsets. Nothing is re-tokenized piecewise, so the mask cannot drift from the
+tokens. A template that puts no special token after a reply is refused: a model trained on it could never
+learn to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import DATA_FORMATS
+from llmkit.data import Table
+from llmkit.errors import UsageError
+
+FORMATS = DATA_FORMATS
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# ChatML (OpenAI's format, used by SmolLM2, Qwen, ...): what `--chat-template chatml` means.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# A prompt: text to continue, or (chat) a conversation as a list of {"role": ..., "content": ...} messages.
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    where: str  # "chat.jsonl:line 7", for error messages
+
+
+def detect_format(table: Table, fmt: str, prompt_column: str | None) -> str:
+    """The data's format: `fmt` unless it is "auto", else what the columns say ("text" for plain text)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    if prompt_column:  # --prompt-column alone: raw prompt + response text, no template (as before chat support)
+        return "text"
+    columns = {"messages": "messages", "sharegpt": "conversations", "prompt-completion": "prompt"}
+    present = {name: table.columns[col] for name, col in columns.items() if col in table.columns}
+    if "prompt-completion" in present and "completion" not in table.columns:
+        del present["prompt-completion"]
+    if not present:
+        return "text"
+
+    def row_format(i: int) -> str | None:
+        return next((name for name, values in present.items() if values[i] is not None), None)
+
+    first = row_format(0)
+    for i in range(len(table)):
+        here = row_format(i)
+        if here != first:  # one file, one format: a stray row of another format is a data error, not a guess
+            what = f"a {here} row" if here else f"a row with none of the {', '.join(columns[n] for n in present)} fields"
+            raise UsageError(f"{table.where(i)}: {what} in a file of {first} rows ({table.where(0)}); keep one chat format per file")
+    return first or "text"
+
+
+def read_conversations(table: Table, fmt: str, prompt_column: str | None = None, text_column: str = "text") -> list[Conversation]:
+    """Every row as a validated conversation; the first bad row is a one-line error naming file:line."""
+    fmt = detect_format(table, fmt, prompt_column)
+    if fmt == "text":
+        raise UsageError(f"{table.name} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' "
+                         "columns); pass --format to say which columns hold them")
+    out = []
+    if fmt == "prompt-completion":
+        prompt_col = prompt_column or "prompt"
+        answer_col = text_column if prompt_column else "completion"
+        prompts, answers = table.column(prompt_col, "--prompt-column"), table.column(answer_col, "--text-column")
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+            out.append(_checked(msgs, table.where(i)))
+        return out
+    column = "messages" if fmt == "messages" else "conversations"
+    for i, turns in enumerate(table.column(column, "--format")):
+        where = table.where(i)
+        if isinstance(turns, str):  # a CSV cell, or JSON stored as a string
+            import json
+
+            try:
+                turns = json.loads(turns)
+            except json.JSONDecodeError:
+                raise UsageError(f"{where}: '{column}' is text, not a list of turns") from None
+        if not isinstance(turns, list):
+            raise UsageError(f"{where}: '{column}' must be a list of turns, got a {type(turns).__name__}")
+        msgs = [_turn(t, fmt, where, k) for k, t in enumerate(turns, 1)]
+        out.append(_checked(msgs, where))
+    return out
+
+
+def _turn(turn: Any, fmt: str, where: str, k: int) -> dict[str, str]:
+    role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
+    if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+        raise UsageError(f"{where}: turn {k} must be an object with '{role_key}' and '{text_key}' ({fmt} format)")
+    role = turn[role_key]
+    if fmt == "sharegpt":
+        if role not in SHAREGPT_ROLES:
+            raise UsageError(f"{where}: turn {k} has unknown role 'from': {role!r}; use human, gpt or system")
+        role = SHAREGPT_ROLES[role]
+    elif role not in ROLES:
+        raise UsageError(f"{where}: turn {k} has unknown role {role!r}; use {', '.join(ROLES)}")
+    return {"role": role, "content": turn[text_key]}
+
+
+def _checked(msgs: list[dict[str, Any]], where: str) -> Conversation:
+    for k, m in enumerate(msgs, 1):
+        c = m["content"]
+        if c is None or (isinstance(c, float) and math.isnan(c)) or (isinstance(c, str) and not c.strip()):
+            raise UsageError(f"{where}: turn {k} ({m['role']}) has empty content; fill it in or drop the turn")
+        if not isinstance(c, str):
+            raise UsageError(f"{where}: turn {k} ({m['role']}) content is a {type(c).__name__}, not text")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise UsageError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; "
+                         "add the reply or drop the row")
+    return Conversation(msgs, where)
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+def chat_messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str]]:
+    """A chat prompt as messages: a string is one user turn (after `system`, if given); a list is used as is."""
+    if isinstance(prompt, list):
+        return prompt
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def render_chat(template: str, messages: list[dict[str, str]], *, bos_token: str | None = None,
+                eos_token: str | None = None, add_generation_prompt: bool = True) -> str:
+    """Render messages with a Jinja chat template, exactly as `tokenizer.apply_chat_template` does.
+
+    One renderer (transformers') for training, generation and serving, on both backends: the text a model
+    is asked to continue is the text it was trained on. A template's own exception (e.g. "roles must
+    alternate") becomes a one-line UsageError.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                            add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos_token or "", eos_token=eos_token or "")
+    except Exception as e:  # jinja2's TemplateError, or raise_exception() inside the template
+        raise UsageError(f"the chat template refused this conversation: {str(e).splitlines()[0][:200]}") from None
+    return rendered[0]
+
+
+
+def resolve_template(tokenizer: Any, option: str | None, model_name: str) -> str:
+    """The chat template to train with: `--chat-template` (chatml or a Jinja file), else the model's own.
+
+    Never guessed: a model without a template and no --chat-template is an error.
+    """
+    if option:
+        if option.lower() == "chatml":
+            return CHATML
+        path = Path(option).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--chat-template {option}: no such file; pass chatml or a Jinja template file")
+        text = path.read_text(encoding="utf-8")
+        check_template(text, str(path))
+        return text
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is for chat
+        template = template.get("default")
+    if not template:
+        raise UsageError(f"{model_name} has no chat template; pass --chat-template chatml or --chat-template FILE.jinja "
+                         "(the template is saved with the model, so generation and serving use the same one)")
+    return template
+
+
+def check_template(text: str, name: str) -> None:
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise UsageError(f"--chat-template {name}:line {e.lineno}: not a valid Jinja template ({e.message})") from None
+
+
+def add_template_tokens(tokenizer: Any, template: str) -> list[str]:
+    """ChatML's markers as special tokens when the tokenizer lacks them; returns those added (embeddings must grow)."""
+    if template != CHATML:
+        return []
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CHATML_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return missing
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+
+class ChatEncoder:
+    """Renders conversations with one template and labels exactly the assistant turns (plus end-of-turn)."""
+
+    def __init__(self, tokenizer: Any, template: str, train_on_prompt: bool = False) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise UsageError("chat fine-tuning needs a fast tokenizer (token offsets); this model's tokenizer is a slow one")
+        self.tokenizer, self.template, self.train_on_prompt = tokenizer, template, train_on_prompt
+        # special = registered (bos/eos/...) or an added token marked special (<|im_end|>, <|eot_id|>, ...)
+        self.special_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.end_of_turn: set[int] = set()  # the token(s) that close an assistant turn: generation must stop there
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        tok = self.tokenizer
+        return render_chat(self.template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                           add_generation_prompt=add_generation_prompt)
+
+    def spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span of each assistant reply + its end-of-turn marker."""
+        msgs = conv.messages
+        try:
+            full = self.render(msgs)
+            spans = []
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                before = self.render(msgs[:i], add_generation_prompt=True)
+                through = self.render(msgs[: i + 1])
+                if not (through.startswith(before) and full.startswith(through)):
+                    raise UsageError(f"{conv.where}: the chat template renders turn {i + 1} differently depending on what follows it, "
+                                     "so the reply cannot be located; use --chat-template chatml or a template without look-ahead")
+                # the reply and its end-of-turn token; the newline a template puts between turns is not the model's to say
+                end = len(through.rstrip(" \n"))
+                spans.append((len(before), end))
+        except UsageError as e:
+            msg = str(e)
+            raise UsageError(msg if msg.startswith(conv.where) else f"{conv.where}: {msg}") from None
+        return full, spans
+
+    def encode(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        full, spans = self.spans(conv)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # the template wrote BOS etc.
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if self.train_on_prompt:
+            return ids, list(ids)
+        labels = [-100] * len(ids)
+        for start, end in spans:
+            inside = [k for k, (a, b) in enumerate(offsets) if b > start and a < end]
+            if not inside:
+                raise UsageError(f"{conv.where}: an assistant reply maps to no tokens (empty after the template)")
+            last = ids[inside[-1]]
+            if last not in self.special_ids:
+                raise UsageError(f"{conv.where}: the chat template ends assistant replies without a special end-of-turn token "
+                                 f"(last token {self.tokenizer.convert_ids_to_tokens(last)!r}), so the model could never learn to stop; "
+                                 "use a template that closes each reply with EOS or --chat-template chatml")
+            self.end_of_turn.add(last)
+            for k in inside:
+                labels[k] = ids[k]
+        return ids, labels
+
+
+def encode_conversations(encoder: ChatEncoder, convs: list[Conversation], max_tokens: int
+                         ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """ids, labels and kept indices; a conversation cut so that no assistant token is left is dropped."""
+    ids, labels, kept = [], [], []
+    for k, conv in enumerate(convs):
+        seq, lab = encoder.encode(conv)
+        seq, lab = seq[:max_tokens], lab[:max_tokens]
+        if any(t != -100 for t in lab[1:]):  # position 0 predicts nothing
+            ids.append(seq)
+            labels.append(lab)
+            kept.append(k)
+    return ids, labels, kept
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], block_size: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Several conversations per block (in order, first fit): ids, labels and position ids restarting per conversation.
+
+    The first token of each conversation gets label -100: in a packed row the loss would otherwise ask the
+    previous conversation's last token to predict it. With position ids that restart, transformers' attention
+    keeps conversations from seeing each other (its packed-sequence mask), so a packed block computes the same
+    loss as the conversations one by one.
+    """
+    out_ids: list[list[int]] = []
+    out_labels: list[list[int]] = []
+    out_pos: list[list[int]] = []
+    for seq, lab in zip(ids, labels, strict=True):
+        if not out_ids or len(out_ids[-1]) + len(seq) > block_size:
+            out_ids.append([])
+            out_labels.append([])
+            out_pos.append([])
+        out_ids[-1].extend(seq)
+        out_labels[-1].extend([-100, *lab[1:]])
+        out_pos[-1].extend(range(len(seq)))
+    return out_ids, out_labels, out_pos
