@@ -93,7 +93,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 turns clipping off."""
     mixed_precision: str = "auto"
-    """--mixed-precision: auto (bf16 autocast where the hardware has it: GPUs, AMX / AVX512-BF16 CPUs), no, bf16, fp16 (GPU)."""
+    """--mixed-precision: auto (bf16 autocast where it is faster: GPUs, Intel AMX CPUs; else fp32), no, bf16, fp16 (GPU)."""
     seed: int = 0
     """--seed: model init, dropout and data order."""
     group_by_length: bool = True

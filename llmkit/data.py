@@ -423,6 +423,11 @@ class ExampleSet:
     def tokens(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def conversations(self) -> int:
+        """Examples before packing: a packed row holds several (each starts at position 0)."""
+        return sum(p.count(0) for p in self.position_ids) if self.position_ids else len(self)
+
 
 class Collator:
     """Pad to the longest sequence in the batch (right padding); causal-LM labels are the inputs.

@@ -251,6 +251,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if not cfg.quiet and main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = f"{len(data.train)} blocks of {cfg.data.block_size} tokens" if cfg.task == "causal-lm" else f"{len(data.train)} examples"
+        if data.chat is not None:
+            what = f"{data.train.conversations} conversations (assistant turns learned{', all tokens' if cfg.data.train_on_prompt else ''})"
+        if cfg.data.packing:
+            what += f", packed into {len(data.train)} rows of up to {cfg.data.block_size} tokens"
         print(f"fine-tuning {ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {what}, "
               f"{accelerator.num_processes} process(es), {_precision(accelerator)}", file=sys.stderr)
 
@@ -280,6 +284,8 @@ def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepare
     record["labels"] = data.labels.names if data.labels else None
     record["examples"] = {"train": len(data.train), "eval": len(data.eval) if data.eval else 0,
                           "train_tokens": data.train.tokens}
+    if data.chat is not None or cfg.data.packing:
+        record["examples"]["train_conversations"] = data.train.conversations
     if data.train.dropped or (data.eval and data.eval.dropped):
         record["examples"]["dropped"] = {"train": data.train.dropped, "eval": data.eval.dropped if data.eval else 0}
     return record
