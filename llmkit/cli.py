@@ -19,6 +19,7 @@ from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
 from llmkit.commands.quantize import quantize
+from llmkit.commands.serve import serve
 from llmkit.errors import DiskError, Interrupted, LlmkitError
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ app.command()(distill)
 app.command()(quantize)
 app.command()(evaluate)
 app.command()(models)
+app.command()(serve)
 
 
 def _version(value: bool) -> None:

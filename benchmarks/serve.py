@@ -1,0 +1,185 @@
+"""Serving speed: `llmkit serve` vs llama-cpp-python's own OpenAI server, same GGUF, same requests, loopback.
+
+Both servers run the bundled SmolLM2-135M GGUF with the same threads and a 4096-token context. At each
+concurrency (1, 4, 16) the same chat requests (distinct questions, max_tokens 32, temperature 0, repeat
+penalty off) are sent through the real `openai` client by that many threads at once; the levels alternate
+between the two servers so drift in machine load hits both alike. Printed per server and level: aggregate
+completion tokens/s, p50 / p95 request latency, and whether both servers gave the same texts; then the
+ratios against the targets (llmkit >= 1.0x the peer at concurrency 1, >= 1.5x at 16).
+
+Usage: python benchmarks/serve.py [--requests 32] [--max-tokens 32] [--concurrency 1 4 16] [--threads N] [--budget 900]
+Needs: pip install -e '.[bench]'  (llama-cpp-python[server], the peer) and openai.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+    "What is photosynthesis?", "Give me a synonym for happy.", "Why is the sky blue?", "What is 12 times 12?",
+    "Who wrote Romeo and Juliet?", "What does a compiler do?", "Describe a cat in one sentence.",
+    "What is the boiling point of water?", "Suggest a name for a goldfish.", "What is gravity?",
+    "How do bees make honey?", "What is the largest ocean?", "Write a haiku about rain.",
+]
+# llama.cpp's AMX kernels crash in batched prompt evaluation on AMX CPUs (see llmkit/generation.py); the peer
+# gets the same one-line work-around llmkit applies, or it could not run there at all.
+PEER = """
+import sys, llama_cpp
+if " amx_int8" in open("/proc/cpuinfo").read():
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    def params():
+        p = default(); p.use_extra_bufts = False; return p
+    llama_cpp.llama_cpp.llama_model_default_params = params
+from llama_cpp.server.__main__ import main
+sys.argv = ["llama_cpp.server", *sys.argv[1:]]
+main()
+"""
+
+
+def cpu_line() -> str:
+    """The CPU model and the SIMD flags that decide llama.cpp's speed: machines differ from run to run."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags_line = re.search(r"flags\s*:\s*(.*)", info)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    return (f"cpu: {name.group(1).strip() if name else 'unknown'} x{len(os.sched_getaffinity(0))} cores; "
+            f"flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path) -> None:
+        self.name, self.url, self.log = name, f"http://127.0.0.1:{port}", log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            self._wait_ready()
+        except BaseException:  # including the --budget alarm: never leave a server behind
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while True:  # both answer /v1/models once the model is loaded
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # still draining a request nobody waits for any more
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_level(server: Server, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, int, str]:
+        start = time.perf_counter()
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                           max_tokens=max_tokens, temperature=0, extra_body={"repeat_penalty": 1.0})
+        return time.perf_counter() - start, r.usage.completion_tokens, r.choices[0].message.content
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        rows = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in rows)
+    tokens = sum(r[1] for r in rows)
+    return {"tok_s": tokens / wall, "p50": statistics.median(latencies), "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "tokens": tokens, "wall": wall, "texts": [r[2] for r in rows]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="llama.cpp threads, the same for both [default: every core this process may use, llmkit's default]")
+    ap.add_argument("--budget", type=int, default=900, help="seconds before the whole run gives up (servers are stopped)")
+    args = ap.parse_args()
+    print(cpu_line(), flush=True)
+
+    def give_up(signum: int, frame: object) -> None:  # SystemExit unwinds through `finally`, which stops both servers
+        raise SystemExit(f"benchmark stopped: {'--budget of ' + str(args.budget) + ' s exceeded' if signum == signal.SIGALRM else 'terminated'}"
+                         " (on a busy machine llama.cpp with every core stalls: try --threads 1)")
+
+    signal.signal(signal.SIGTERM, give_up)
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(args.budget)
+
+    from llmkit.models import resolve
+
+    gguf = str(resolve("smollm2-135m").path)
+    threads = str(args.threads)
+    logs = Path(tempfile.mkdtemp(prefix="llmkit-bench-serve-"))
+    servers: dict[str, Server] = {}
+    try:
+        port = free_port()
+        servers["llmkit"] = Server("llmkit serve", [sys.executable, "-m", "llmkit", "serve", "--model", gguf, "--port", str(port),
+                                                    "--threads", threads, "--max-concurrency", "256", "--quiet"], port, logs / "llmkit.log")
+        port = free_port()
+        servers["peer"] = Server("llama_cpp.server", [sys.executable, "-c", PEER, "--model", gguf, "--port", str(port), "--n_ctx", "4096",
+                                                      "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False",
+                                                      "--interrupt_requests", "False"], port, logs / "peer.log")
+        models = {"llmkit": gguf, "peer": gguf}
+        for key, srv in servers.items():  # warm-up: first-request costs are not what is measured
+            run_level(srv, models[key], 1, 2, 8)
+        results: dict[tuple[str, int], dict] = {}
+        for c in args.concurrency:
+            for key, srv in servers.items():
+                results[key, c] = run_level(srv, models[key], c, args.requests, args.max_tokens)
+                r = results[key, c]
+                print(f"{srv.name:<17} concurrency {c:>2}: {r['tok_s']:7.1f} completion tok/s  p50 {r['p50']:6.2f} s  "
+                      f"p95 {r['p95']:6.2f} s  ({r['tokens']} tokens in {r['wall']:.1f} s)", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    print(f"\n{args.requests} chat requests per level, max_tokens {args.max_tokens}, temperature 0, threads {threads}, same GGUF: {gguf}")
+    targets = {1: 1.0, 16: 1.5}
+    for c in args.concurrency:
+        ours, peer = results["llmkit", c], results["peer", c]
+        same = sum(a == b for a, b in zip(ours["texts"], peer["texts"], strict=True))
+        # same requests, same texts: the throughput ratio is the ratio of wall times (the servers count a
+        # final end-of-turn token differently, so their own token counts differ by a few)
+        ratio = peer["wall"] / ours["wall"]
+        target = f" (target >= {targets[c]:.1f}x: {'met' if ratio >= targets[c] else 'NOT met'})" if c in targets else ""
+        print(f"concurrency {c:>2}: llmkit/peer throughput {ratio:.2f}x{target}; "
+              f"p50 latency {ours['p50'] / peer['p50']:.2f}x of the peer's; same text {same}/{len(ours['texts'])}")
+
+
+if __name__ == "__main__":
+    main()

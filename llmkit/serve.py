@@ -1,0 +1,355 @@
+"""OpenAI-compatible HTTP serving on llmkit's own generation backends (the engine behind `llmkit serve`).
+
+    >>> import uvicorn
+    >>> from llmkit.serve import Engine, create_app
+    >>> engine = Engine.open("smollm2-135m")   # loads the model; one worker thread owns it from now on
+    >>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000)
+
+How a request flows: the event loop parses it (pydantic; a bad body is a 400), checks the key (401) and the
+model name (404), takes a slot (waiting + running requests are bounded: beyond, 429), then a "prep" thread
+renders and counts its prompt tokens so that a prompt too long for the context is refused (400) before
+anything is generated. The request then joins the queue of the single worker thread that owns the model:
+llama.cpp contexts and torch models are never used from two threads at once. On the transformers backend
+the worker groups queued non-streaming requests whose sampling options agree into one batched
+`backend.generate([...])` call. Text goes back to the event loop as events on a per-request asyncio queue;
+a client that disconnects sets its request's cancel flag, which aborts the generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmkit.chat import Prompt
+from llmkit.errors import UsageError
+from llmkit.generation import Generation, LlamaCppBackend, SamplingOptions, TransformersBackend, open_backend
+from llmkit.models import ModelRef, resolve
+from llmkit.serving.protocol import APIError, ChatRequest, CompletionRequest, Output, validation_message
+
+log = logging.getLogger("llmkit.serve")
+# KV cache for the llama.cpp context: sized once at start-up (reloading it per request would stall everyone),
+# large enough for long chats, small enough to stay ~100 MB on a 135M model.
+LLAMA_CPP_CTX = 4096
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+class _Cancelled(Exception):
+    """Raised from on_text to abort a generation whose client has gone."""
+
+
+@dataclass
+class Job:
+    """One request's work, from the queue to the worker, and its events back to the event loop."""
+
+    prompts: list[Prompt]
+    opts: SamplingOptions
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    prompt_tokens: list[int] = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, *event: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (shutdown past its deadline): nobody is listening
+            self.cancelled.set()
+
+
+class Engine:
+    """The model, its worker thread, the request queue and the slot count; independent of HTTP."""
+
+    def __init__(self, backend: TransformersBackend | LlamaCppBackend, ref: ModelRef, *, names: Iterable[str] = (),
+                 max_concurrency: int = 64, batch_size: int = 8) -> None:
+        self.backend, self.ref = backend, ref
+        self.names = list(dict.fromkeys(n for n in [*names, ref.name] if n))  # the first is the one we report
+        self.model_name = self.names[0]
+        self.max_concurrency, self.batch_size = max_concurrency, max(1, batch_size)
+        self.created = int(time.time())
+        self.window = backend.context
+        if isinstance(backend, LlamaCppBackend):  # never past the loaded KV cache: a reload would stall everyone
+            self.window = min(backend.llm.n_ctx(), backend.context or backend.llm.n_ctx())
+            self._count = lambda prompts, opts: [len(backend.tokens(p, opts)) for p in prompts]
+        else:
+            # A tokenizer of its own for the prep thread: HF fast tokenizers fail ("Already borrowed") when one
+            # object is used from two threads, and the worker's is busy inside generate().
+            counter = copy.copy(backend)
+            counter.tokenizer = copy.deepcopy(backend.tokenizer)
+            self._count = counter.prompt_lengths
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="llmkit-prep")
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._slots = 0
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="llmkit-worker", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def open(cls, model: str, *, backend: str = "auto", device: str | None = None, dtype: str = "auto",
+             batch_size: int = 8, threads: int | None = None, max_concurrency: int = 64, allow_pickle: bool = False,
+             trust_remote_code: bool = False, progress: bool = False) -> Engine:
+        """Resolve and load `model` for serving; bad references raise a one-line UsageError."""
+        ref = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        # open_backend sizes llama.cpp's KV cache for the prompts and max_new_tokens it is shown: showing it an
+        # empty prompt and LLAMA_CPP_CTX - 16 new tokens (16: its allowance for BOS and such) sizes it to LLAMA_CPP_CTX.
+        sizing = SamplingOptions(max_new_tokens=LLAMA_CPP_CTX - 16)
+        engine = open_backend(ref, [""], sizing, backend, device=device, dtype=dtype, batch_size=batch_size,
+                              threads=threads, progress=progress)
+        path = ref.adapter or ref.path
+        names = [model, Path(model).name, path.name, path.stem if ref.is_gguf else ""]
+        return cls(engine, ref, names=names, max_concurrency=max_concurrency, batch_size=batch_size)
+
+    # -- admission, on the event loop
+
+    def acquire(self) -> None:
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if self._slots >= self.max_concurrency:
+                raise APIError(429, f"too many requests: {self._slots} waiting or running already "
+                               f"(--max-concurrency {self.max_concurrency}); retry later", code="rate_limit_exceeded")
+            self._slots += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._slots -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._slots
+
+    async def submit(self, req: ChatRequest | CompletionRequest, chat: bool) -> Job:
+        """Validate and queue a request that holds a slot; errors are APIErrors, raised before any generation."""
+        loop = asyncio.get_running_loop()
+        prompts, opts, counts = await loop.run_in_executor(self._prep, self._prepare, req, chat)
+        job = Job(prompts, opts, req.stream, loop, counts)
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+        return job
+
+    def _prepare(self, req: ChatRequest | CompletionRequest, chat: bool) -> tuple[list[Prompt], SamplingOptions, list[int]]:
+        prompts = req.prompts()
+        max_tokens = (req.max_completion_tokens if isinstance(req, ChatRequest) else None) or req.max_tokens
+        opts = req.options(chat, max_tokens or 1)
+        try:
+            opts.validate()
+            counts = self._count(prompts, opts)
+        except UsageError as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        longest = max(counts)
+        if max_tokens is None:
+            max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if not chat else (self.window - longest if self.window else 512)
+        if self.window and (longest + max_tokens > self.window or max_tokens < 1):
+            raise APIError(400, f"the prompt is {longest} tokens; with max_tokens {max_tokens} that exceeds this model's "
+                           f"context of {self.window} tokens: shorten the {'messages' if chat else 'prompt'} or lower max_tokens",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        return prompts, replace(opts, max_new_tokens=max_tokens), counts
+
+    # -- the worker thread
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                group = [self._jobs.popleft()]
+                key = self._batch_key(group[0])
+                if key is not None:  # gather queued requests that can share one batched generate() call
+                    size = len(group[0].prompts) * group[0].opts.num_return_sequences
+                    for other in list(self._jobs):
+                        more = len(other.prompts) * other.opts.num_return_sequences
+                        if size + more <= self.batch_size and self._batch_key(other) == key:
+                            self._jobs.remove(other)
+                            group.append(other)
+                            size += more
+            live = [j for j in group if not j.cancelled.is_set()]
+            for _ in range(len(group) - len(live)):  # gone before they started
+                self.release()
+            if live:
+                self._run(live)
+
+    def _batch_key(self, job: Job) -> SamplingOptions | None:
+        """Requests with equal keys can be generated together; None: alone. A seeded sampling request runs
+        alone, so the same seed gives the same text whatever else is being served."""
+        if job.stream or not isinstance(self.backend, TransformersBackend):
+            return None
+        if job.opts.seed is not None and not job.opts.greedy:
+            return None
+        return replace(job.opts, seed=None)
+
+    def _run(self, group: list[Job]) -> None:
+        first, opts = group[0], group[0].opts
+        # Greedy samples of one prompt are identical: generate one and copy it (transformers even refuses
+        # greedy num_return_sequences > 1).
+        copies = opts.num_return_sequences if opts.greedy else 1
+        owners = [(job, k) for job in group for k in range(0, len(job.prompts) * opts.num_return_sequences, copies)]
+        done = 0  # outputs finished so far: on_text's text belongs to output number `done`
+
+        def on_text(index: int, text: str) -> None:
+            if first.cancelled.is_set():
+                raise _Cancelled
+            if first.stream:
+                for k in range(copies):
+                    first.post("text", done * copies + k, text)
+
+        # on_text puts transformers into one-sequence-at-a-time streaming; llama.cpp always works that way,
+        # so there it also lets a non-streaming request's disconnect abort its generation.
+        watch = len(group) == 1 and (first.stream or isinstance(self.backend, LlamaCppBackend))
+        prompts = [p for job in group for p in job.prompts]
+        try:
+            for gen in self.backend.generate(prompts, replace(opts, num_return_sequences=opts.num_return_sequences // copies),
+                                             on_text if watch else None):
+                job, k = owners[done]
+                done += 1
+                for c in range(copies):
+                    job.post("gen", k + c, replace(gen, index=gen.index + c))
+            last: tuple[Any, ...] = ("end",)
+        except _Cancelled:
+            last = ("end",)
+        except UsageError as e:
+            last = ("error", APIError(400, str(e)))
+        except Exception as e:  # a bug, not the user's input: the traceback belongs in the server log
+            log.exception("generation failed")
+            last = ("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+        # Slots first, then the last event: a client that got its answer and asks again finds its slot free.
+        for _ in group:
+            self.release()
+        for job in group:
+            job.post(*last)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker. Called once uvicorn has drained the live requests, so whatever is still queued
+        belongs to clients that are gone: it is dropped, and a generation still running gets `timeout` s."""
+        with self._cond:
+            self._stopping = True
+            for job in self._jobs:
+                job.cancelled.set()
+            self._cond.notify_all()
+        self._worker.join(timeout)
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+
+
+class _ApiKey:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks streaming disconnects): /v1/* needs the key."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "incorrect API key provided"
+                await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None) -> Any:
+    """The FastAPI app; wrapped with the API-key check when `api_key` is set."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has stopped accepting and drained the in-flight requests; now let the worker go
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "llmkit"}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in engine.names:
+            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{engine.model_name}'",
+                           param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.model_name, "backend": engine.backend.name,
+                "in_flight": engine.in_flight, "max_concurrency": engine.max_concurrency}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(engine.model_name)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card(engine.model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        return await _complete(engine, req, request, chat=True, check_model=check_model)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await _complete(engine, req, request, chat=False, check_model=check_model)
+
+    return _ApiKey(app, api_key) if api_key else app
+
+
+async def _complete(engine: Engine, req: ChatRequest | CompletionRequest, request: Request, *, chat: bool, check_model: Any) -> Any:
+    check_model(req.model)
+    engine.acquire()
+    try:
+        job = await engine.submit(req, chat)
+    except BaseException:
+        engine.release()  # refused before it reached the worker (400), or the client left during prep
+        raise
+    out = Output(engine.model_name, chat, req, job)
+    if req.stream:
+        return StreamingResponse(out.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    gens: dict[int, Generation] = {}
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), 0.5)
+        except TimeoutError:
+            if await request.is_disconnected():  # nobody to answer: stop generating (llama.cpp) or skip if queued
+                job.cancelled.set()
+                return JSONResponse({}, status_code=499)
+            continue
+        if event[0] == "gen":
+            gens[event[1]] = event[2]
+        elif event[0] == "error":
+            raise event[1]
+        elif event[0] == "end":
+            return out.final([gens[i] for i in range(len(gens))])
