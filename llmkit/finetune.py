@@ -221,8 +221,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.resume:
-        check_resume_matches(out, cfg, ("task", "method", "data.block_size", "data.max_length", "train.batch_size",
-                                        "train.grad_accum", "train.seed"))
+        check_resume_matches(out, cfg, ("task", "method", "data.block_size", "data.max_length", "data.packing", "data.format",
+                                        "data.chat_template", "data.train_on_prompt", "train.batch_size", "train.grad_accum", "train.seed"))
 
     from accelerate.utils import set_seed
 

@@ -283,8 +283,37 @@ def test_smollm2_chat_lora_learns_sentiment_answers(tmp_path, cli):
     code, out, err = cli("evaluate", "--model", "smollm2-135m", "--data", data, "--generate-answers", "--json", "-n", "4")
     before = json.loads(out)["exact_match"]
     code, _, err = cli("finetune", "--model", "smollm2-135m", "--method", "lora", "--data", data, "--out", tmp_path / "run", "--max-steps", "20",
-                       "--batch-size", "8", "--lr", "5e-4", "--packing", "--quiet")
+                       "--batch-size", "8", "--lr", "5e-4", "--quiet")
     assert code == 0, err
     code, out, err = cli("evaluate", "--model", tmp_path / "run", "--data", data, "--generate-answers", "--json", "-n", "4")
     after = json.loads(out)["exact_match"]
     assert code == 0 and after > before + 0.2, (before, after)
+
+
+def test_serving_renders_prompts_exactly_as_training_did(chat_run):
+    """The saved folder carries the training template: generate / serve render a conversation's prompt to the same text."""
+    from transformers import AutoTokenizer
+
+    from llmkit.generation import SamplingOptions, TransformersBackend
+    from llmkit.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(chat_run)
+    trained = ChatEncoder(tok, SIMPLE)
+    backend = TransformersBackend(resolve(str(chat_run)), device="cpu")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QA[0][0]}]
+    assert backend.format(msgs, SamplingOptions(chat=True)) == trained.render(msgs, add_generation_prompt=True)
+    assert backend.format(QA[0][0], SamplingOptions(chat=True, system="Be brief.")) == trained.render(msgs, add_generation_prompt=True)
+
+
+def test_truncation_never_leaves_an_all_masked_row(tiny_llama, tmp_path, cli):
+    """A conversation whose reply is cut off by --block-size is dropped and counted; if all are, the run stops."""
+    long_q = " ".join(["the quick brown fox"] * 30)
+    rows = [{"messages": [{"role": "user", "content": long_q if i % 2 else "Hello"}, {"role": "assistant", "content": "world"}]}
+            for i in range(8)]
+    data = _write_jsonl(tmp_path / "long.jsonl", rows)
+    code, _, err = cli("finetune", "--model", tiny_llama, "--data", data, "--out", tmp_path / "a", "--max-steps", "1", "--block-size", "24", "--quiet")
+    assert code == 0 and "dropped 4 of 8 rows" in err and f"{data}:line 2" in err
+    assert json.loads((tmp_path / "a" / "llmkit.json").read_text())["examples"]["dropped"]["train"] == 4
+    only_long = _write_jsonl(tmp_path / "only-long.jsonl", rows[1::2])
+    code, _, err = cli("finetune", "--model", tiny_llama, "--data", only_long, "--out", tmp_path / "b", "--max-steps", "1", "--block-size", "24")
+    assert code == 2 and "no response token is left" in err and not (tmp_path / "b").exists()
