@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.chat import Prompt, chat_messages, render_chat
 from llmkit.errors import UsageError
 from llmkit.models import ModelRef
 
@@ -52,7 +53,10 @@ class SamplingOptions:
     seed: int | None = None
     """Same seed, same model, same options: same text."""
     chat: bool = False
-    """Wrap each prompt as a user message in the model's chat template."""
+    """Prompts are chat: a string is one user message, a list of {"role", "content"} dicts a whole conversation;
+    either is rendered with the model's own chat template (the one it was trained with)."""
+    system: str | None = None
+    """With `chat`: a system message put before a string prompt."""
 
     def validate(self) -> None:
         """Collect every problem, then raise one error that names the flags to change."""
@@ -83,7 +87,7 @@ class SamplingOptions:
 class Generation:
     """One generated continuation; `to_json()` is the `--json` line."""
 
-    prompt: str
+    prompt: Prompt
     text: str
     new_tokens: int
     seconds: float
@@ -172,27 +176,26 @@ class TransformersBackend:
         self.model = load_causal_lm(ref, device=device, dtype=dtype, progress=progress)
         self.context = context_length(self.model.config)
         self.batch_size = max(1, batch_size)
+        # The model's stop ids and the tokenizer's EOS: a chat fine-tune saves its end-of-turn token as the
+        # tokenizer's EOS (llmkit.finetune.keep_chat_format), and an adapter folder carries only the tokenizer.
         eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id] if i is not None}
 
-    def format(self, prompt: str, chat: bool) -> str:
-        if not chat:
-            return prompt
+    def format(self, prompt: Prompt, opts: SamplingOptions) -> str:
+        if not opts.chat:
+            return str(prompt)
         if not self.tokenizer.chat_template:
             raise UsageError("this model's tokenizer has no chat template; drop --chat")
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        return render_chat(self.tokenizer.chat_template, chat_messages(prompt, opts.system),
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
 
     def _encode(self, texts: list[str], chat: bool) -> dict[str, Any]:
         # A chat template already contains the special tokens it needs (BOS included).
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
-    def prompt_lengths(self, prompts: list[str], chat: bool) -> list[int]:
-        texts = [self.format(p, chat) for p in prompts]
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
+    def prompt_lengths(self, prompts: list[Prompt], opts: SamplingOptions) -> list[int]:
+        texts = [self.format(p, opts) for p in prompts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=not opts.chat)["input_ids"]]
 
     def _gen_kwargs(self, opts: SamplingOptions, n: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -208,17 +211,17 @@ class TransformersBackend:
             kwargs.update(stop_strings=list(opts.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def generate(self, prompts: list[str], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
+    def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
         import torch
         import transformers
 
-        check_context(self.prompt_lengths(prompts, opts.chat), opts, self.context)
+        check_context(self.prompt_lengths(prompts, opts), opts, self.context)
         if opts.seed is not None:
             transformers.set_seed(opts.seed)
         device = self.model.device
         if on_text is not None:  # streaming: one sequence at a time, so tokens can be shown as they come
             for prompt in prompts:
-                enc = self._encode([self.format(prompt, opts.chat)], opts.chat).to(device)
+                enc = self._encode([self.format(prompt, opts)], opts.chat).to(device)
                 for idx in range(opts.num_return_sequences):
                     streamer = _TokenStreamer(self.tokenizer, opts.stop, lambda t, i=idx: on_text(i, t))
                     start = time.perf_counter()
@@ -227,23 +230,26 @@ class TransformersBackend:
                     yield self._result(prompt, enc, out[0], idx, time.perf_counter() - start, opts)
             return
         # Batches of similar length waste less compute on padding; results come back in the input order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts = [self.format(p, opts) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(texts[i]))
         results: dict[int, list[Generation]] = {}
         for b in range(0, len(order), self.batch_size):
             batch = order[b:b + self.batch_size]
-            enc = self._encode([self.format(prompts[i], opts.chat) for i in batch], opts.chat).to(device)
+            enc = self._encode([texts[i] for i in batch], opts.chat).to(device)
             start = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(**enc, **self._gen_kwargs(opts, opts.num_return_sequences))
+                # greedy decoding gives every sample the same text, and transformers refuses greedy n > 1: decode once
+                per_prompt = 1 if opts.greedy else opts.num_return_sequences
+                out = self.model.generate(**enc, **self._gen_kwargs(opts, per_prompt))
             seconds = time.perf_counter() - start
             n = opts.num_return_sequences
             for j, i in enumerate(batch):
                 row_enc = {k: v[j:j + 1] for k, v in enc.items()}
-                results[i] = [self._result(prompts[i], row_enc, out[j * n + k], k, seconds, opts) for k in range(n)]
+                results[i] = [self._result(prompts[i], row_enc, out[j * per_prompt + k % per_prompt], k, seconds, opts) for k in range(n)]
         for i in range(len(prompts)):
             yield from results[i]
 
-    def _result(self, prompt: str, enc: Any, seq: Any, idx: int, seconds: float, opts: SamplingOptions) -> Generation:
+    def _result(self, prompt: Prompt, enc: Any, seq: Any, idx: int, seconds: float, opts: SamplingOptions) -> Generation:
         prompt_len = enc["input_ids"].shape[1]
         new = seq[prompt_len:].tolist()
         finish = "length"
@@ -360,24 +366,22 @@ class LlamaCppBackend:
         finally:
             llama_cpp.llama_cpp.llama_model_default_params = defaults
 
-    def format(self, prompt: str, chat: bool) -> str:
-        if not chat:
-            return prompt
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    def format(self, prompt: Prompt, opts: SamplingOptions) -> str:
+        if not opts.chat:
+            return str(prompt)
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise UsageError("this GGUF file has no chat template (tokenizer.chat_template); drop --chat")
         model = self.llm._model
-        formatter = Jinja2ChatFormatter(template, eos_token=model.token_get_text(self.llm.token_eos()),
-                                        bos_token=model.token_get_text(self.llm.token_bos()))
-        return formatter(messages=[{"role": "user", "content": prompt}]).prompt
+        return render_chat(template, chat_messages(prompt, opts.system), bos_token=model.token_get_text(self.llm.token_bos()),
+                           eos_token=model.token_get_text(self.llm.token_eos()))
 
-    def _tokens(self, prompt: str, chat: bool) -> list[int]:
-        return self.llm.tokenize(self.format(prompt, chat).encode("utf-8"), add_bos=not chat, special=True)
+    def tokens(self, prompt: Prompt, opts: SamplingOptions) -> list[int]:
+        """Prompt token ids; a chat template writes its own special tokens (BOS included), so none are added."""
+        return self.llm.tokenize(self.format(prompt, opts).encode("utf-8"), add_bos=not opts.chat, special=True)
 
-    def generate(self, prompts: list[str], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
-        encoded = [self._tokens(p, opts.chat) for p in prompts]
+    def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
+        encoded = [self.tokens(p, opts) for p in prompts]
         check_context([len(t) for t in encoded], opts, self.context)
         needed = max(len(t) for t in encoded) + opts.max_new_tokens
         if needed > self.llm.n_ctx():  # only when open_backend's estimate was capped: size it exactly
@@ -414,35 +418,82 @@ class LlamaCppBackend:
 # ------------------------------------------------------------------------------------------- choosing
 
 
-def choose_backend(ref: ModelRef, backend: str = "auto") -> str:
-    """`auto`: llama.cpp for GGUF when installed (fastest on CPU), transformers for everything else."""
+def choose_backend(ref: ModelRef, backend: str = "auto", *, device: str | None = None) -> str:
+    """`auto`: llama.cpp when llama-cpp-python is installed, for GGUF files and for HF folders / LoRA adapters
+    that llmkit can export to GGUF (llama and gpt2 causal LMs: `open_backend` converts them once, into a cache);
+    transformers for everything else, and for folders sent to a `device` other than the CPU.
+
+    `LLMKIT_GGUF_TYPE=off` keeps folders on transformers under `auto`.
+    """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
+    native = ref.is_gguf and ref.adapter is None
     if backend == "llama.cpp":
-        if ref.adapter is not None:
-            raise UsageError(f"{ref.name} is a LoRA adapter, which llama.cpp cannot apply here: use --backend transformers, "
-                             "or fine-tune with --merge for a full model")
-        if not ref.is_gguf:
-            raise UsageError(f"--backend llama.cpp runs .gguf models only; {ref.name} is not one: use --backend transformers")
+        if not native:
+            from llmkit.gguf import why_not_exportable
+
+            why = why_not_exportable(ref)
+            if why:
+                raise UsageError(f"--backend llama.cpp cannot run {ref.name}: {why}; use --backend transformers")
         if not llama_cpp_available():
             raise UsageError("--backend llama.cpp needs llama-cpp-python: pip install 'llmkit[edge]'")
         return "llama.cpp"
-    if backend == "auto" and ref.is_gguf and ref.adapter is None and llama_cpp_available():
+    if backend == "transformers" or not llama_cpp_available():
+        return "transformers"
+    if native:
         return "llama.cpp"
-    return "transformers"
+    from llmkit.gguf import cache_type, why_not_exportable
+
+    # llama.cpp here runs on the CPU: a model the user sent to a GPU stays on transformers
+    if device not in (None, "cpu") or cache_type() is None or why_not_exportable(ref) is not None:
+        return "transformers"
+    return "llama.cpp"
 
 
 def open_backend(ref: ModelRef, prompts: list[str], opts: SamplingOptions, backend: str = "auto", *,
                  device: str | None = None, dtype: str = "auto", batch_size: int = 8,
-                 threads: int | None = None, progress: bool = True) -> TransformersBackend | LlamaCppBackend:
-    """Load the model on the chosen backend, sized for these prompts and options."""
-    if choose_backend(ref, backend) == "llama.cpp":
+                 threads: int | None = None, progress: bool = True,
+                 gguf_type: str | None = None) -> TransformersBackend | LlamaCppBackend:
+    """Load the model on the chosen backend, sized for these prompts and options.
+
+    An HF folder or LoRA adapter that goes to llama.cpp is first exported to GGUF (`gguf_type`, else
+    $LLMKIT_GGUF_TYPE, else q8_0) into llmkit's cache, once: see `llmkit.gguf.cached_gguf`.
+    """
+    choice = choose_backend(ref, backend, device=device)
+    trained_ctx = None
+    if choice == "llama.cpp" and not (ref.is_gguf and ref.adapter is None):
+        from types import SimpleNamespace
+
+        from llmkit.gguf import GgufUnusable, cached_gguf
+        from llmkit.models import _read_json, context_length
+
+        try:
+            path = cached_gguf(ref, gguf_type, progress=progress)
+        except GgufUnusable as e:
+            if backend != "auto":
+                raise
+            if progress:
+                print(f"{e}; running it on transformers", file=sys.stderr, flush=True)
+            choice = "transformers"
+        else:
+            if not ref.is_gguf:
+                trained_ctx = context_length(SimpleNamespace(**_read_json(ref.path / "config.json")))
+            ref = ModelRef(ref.name, "gguf", path, ref.source)
+    if choice == "llama.cpp":
+        import io
+
         # Upper bound on prompt tokens without loading the tokenizer first: byte-level and SentencePiece
         # tokens cover at least one byte; a chat template adds its own text (bounded generously). Capped so
         # a huge prompt cannot allocate a huge KV cache before the context check refuses it.
-        longest = max(len(p.encode("utf-8")) for p in prompts) + (2048 if opts.chat else 16)
+        longest = max(len(str(p).encode("utf-8")) for p in prompts) + (2048 if opts.chat else 16)
         n_ctx = min(-(-(longest + opts.max_new_tokens) // 256) * 256, 16384)
-        return LlamaCppBackend(ref, n_ctx, threads=threads)
+        # never beyond what the model was trained for (tiny and old models: 64 to 1024 tokens); the context check
+        # refuses longer prompts, and llama.cpp would only warn
+        n_ctx = min(n_ctx, trained_ctx or n_ctx)
+        # llama.cpp pads small contexts to 256 and warns about it through llama-cpp-python's logger, which writes to
+        # sys.stderr: when that is not file descriptor 2 (captured, redirected) the fd-level silencing misses it
+        with contextlib.redirect_stderr(io.StringIO()):
+            return LlamaCppBackend(ref, n_ctx, threads=threads)
     if threads:
         import torch
 

@@ -187,7 +187,7 @@ def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_templ
     from llmkit.chat import ChatEncoder, encode_conversations, read_conversations, resolve_template
     from llmkit.data import Collator, ExampleSet
     from llmkit.errors import UsageError
-    from llmkit.generation import SamplingOptions, TransformersBackend, choose_backend, open_backend
+    from llmkit.generation import SamplingOptions, TransformersBackend, open_backend
     from llmkit.models import load_causal_lm, load_tokenizer
 
     if max_examples is not None and max_examples < 1:
@@ -225,7 +225,7 @@ def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_templ
         exact = [_norm(o) == _norm(r) for o, r in zip(outs, refs, strict=True)]
         contains = [_norm(r) in _norm(o) for o, r in zip(outs, refs, strict=True)]
         result.update(answered=len(outs), exact_match=sum(exact) / len(outs), contains_match=sum(contains) / len(outs),
-                      backend=choose_backend(ref), examples=[
+                      backend=backend.name, examples=[
                           {"prompt": p[-1]["content"], "reference": r, "answer": o, "exact": e}
                           for p, r, o, e in list(zip(prompts, refs, outs, exact, strict=True))[:3]])
     result["seconds"] = round(time.perf_counter() - start, 2)

@@ -340,7 +340,7 @@ def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "au
                          f"generation needs one, such as {DEFAULT_CAUSAL_LM}")
     device = pick_device(device)
     if _int8_folder(ref):
-        from llmkit.quantization import load_int8
+        from llmkit.int8 import load_int8  # not llmkit.quantization: loading needs none of the quantizers
 
         return load_int8(ref.path, AutoModelForCausalLM).to(device)
     model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=pick_dtype(dtype, device))
@@ -366,7 +366,7 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
     import torch
 
     if _int8_folder(ref) and not config:
-        from llmkit.quantization import load_int8
+        from llmkit.int8 import load_int8  # not llmkit.quantization: loading needs none of the quantizers
 
         return load_int8(ref.path, AutoModelForSequenceClassification).to(pick_device(device))
     model = from_pretrained_checked(AutoModelForSequenceClassification, ref, progress, dtype=torch.float32, **extra)

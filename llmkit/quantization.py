@@ -1,4 +1,4 @@
-"""8-bit models: llmkit int8 (CPU-fast, per-channel), bitsandbytes LLM.int8(), and GGUF Q8_0 export.
+"""Quantized models: llmkit int8 (CPU-fast, per-channel), bitsandbytes LLM.int8(), and GGUF export (f16 to 4-bit).
 
     >>> from llmkit.quantization import quantize
     >>> report = quantize("smollm2-135m", "runs/smollm2-int8", method="int8")
@@ -15,9 +15,13 @@ with the embedding and tied head left in fp32 (41% of the fp32 size for SmolLM2)
 than fp32. The folder stores int8 tensors and scales in safetensors; `load_int8(folder)` (or any llmkit
 command with `--model folder`) rebuilds the model.
 
-`gguf-q8_0` writes a GGUF file (llama.cpp's format; gpt2 and llama architectures) with Q8_0 tensors (blocks
-of 32 weights sharing one fp16 scale) and the tokenizer inside. It loads in llama.cpp / llama-cpp-python and in
-transformers (`from_pretrained(folder, gguf_file=name)`); `llmkit generate --model out.gguf` runs it.
+`gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format; gpt2 and
+llama architectures) with the tokenizer and chat template inside; see `llmkit.gguf` for what each type holds.
+It loads in llama.cpp / llama-cpp-python and in transformers (`from_pretrained(folder, gguf_file=name)`);
+`llmkit generate --model out.gguf` runs it. GGUF quality and speed are measured in llama.cpp itself.
+
+The int8 layers and `load_int8` live in `llmkit.int8` (what loading needs, without the quantizers); they are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -31,106 +35,29 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UsageError
+from llmkit.gguf import GGUF_ARCHS, LLAMA_CPP_TYPES, k_quant_fallbacks
+from llmkit.gguf import TYPES as GGUF_TYPES
+from llmkit.gguf import export as export_gguf
+from llmkit.int8 import (  # noqa: F401  (re-exported: `from llmkit.quantization import load_int8` is documented)
+    QUANT_METHOD,
+    Int8Embedding,
+    Int8Linear,
+    TiedInt8Head,
+    _set_module,
+    _torch,
+    int8_matmul,
+    load_int8,
+    quantized_method,
+)
 
-METHODS = ("int8", "bnb-int8", "gguf-q8_0")
-QUANT_METHOD = "llmkit-int8"  # quantization_config.quant_method in config.json
+GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type
+METHODS = ("int8", "bnb-int8", *GGUF_METHODS)
 REPORT = "quantize_report.json"
-GGUF_ARCHS = ("gpt2", "llama")
 # modules left in fp32: classifier heads (small, and their error goes straight into the prediction)
 KEEP_FP32 = ("score", "classifier", "qa_outputs")
 
 
-def _torch() -> Any:
-    import torch
-
-    return torch
-
-
 # --------------------------------------------------------------------------------------------- int8 modules
-
-
-def _int8_rows(weight: Any) -> tuple[Any, Any]:
-    """Symmetric per-row int8: (int8 weight, fp32 scale per row)."""
-    torch = _torch()
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
-
-
-class Int8Linear(_torch().nn.Module):
-    """y = x W^T + b with W stored as int8 [out, in] and one fp32 scale per output channel."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        torch = _torch()
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_float(cls, weight: Any, bias: Any) -> Int8Linear:
-        """`weight` in nn.Linear layout [out, in]."""
-        m = cls(weight.shape[1], weight.shape[0], bias is not None)
-        m.weight, m.scale = _int8_rows(weight)
-        if bias is not None:
-            m.bias.data = bias.detach().float().clone()
-        return m
-
-    def forward(self, x: Any) -> Any:
-        return int8_matmul(x, self.weight, self.scale, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
-
-
-def int8_matmul(x: Any, weight: Any, scale: Any, bias: Any = None) -> Any:
-    torch = _torch()
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.device.type == "cpu":
-        # The CPU kernel reads the int8 weights as they are, and is fast for bf16 inputs only (10x slower for
-        # fp32 than an fp32 matmul, 3x faster than one for bf16 here). The per-channel scales are applied after,
-        # in fp32, so they are not rounded to bf16; only the activations and the raw output are.
-        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, ones).float() * scale
-    else:
-        y = torch.nn.functional.linear(x2.float(), weight.float()) * scale
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
-
-
-class Int8Embedding(_torch().nn.Module):
-    """A token embedding stored as int8 rows with one fp32 scale per token."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
-        torch = _torch()
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(num_embeddings))
-
-    @classmethod
-    def from_float(cls, emb: Any) -> Int8Embedding:
-        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
-        m.weight, m.scale = _int8_rows(emb.weight)
-        return m
-
-    def forward(self, ids: Any) -> Any:
-        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
-
-
-class TiedInt8Head(_torch().nn.Module):
-    """An LM head tied to an Int8Embedding: the same int8 rows, so the tie survives (and costs nothing on disk)."""
-
-    def __init__(self, embedding: Int8Embedding) -> None:
-        super().__init__()
-        self.__dict__["embedding"] = embedding  # not a submodule: its buffers are saved once, under the embedding
-
-    def forward(self, x: Any) -> Any:
-        return int8_matmul(x, self.embedding.weight, self.embedding.scale)
 
 
 def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
@@ -166,11 +93,6 @@ def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
     return modules
 
 
-def _set_module(model: Any, name: str, new: Any) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
 
 def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
     from safetensors.torch import save_file
@@ -187,207 +109,6 @@ def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
                                   "load_with": "from llmkit.quantization import load_int8; model = load_int8(folder)"}
     cfg["model_type"] = QUANT_METHOD
     path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-
-
-def quantized_method(path: Path) -> str | None:
-    """The quant_method of a model folder's config.json, or None if it is not quantized."""
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return (cfg.get("quantization_config") or {}).get("quant_method")
-
-
-def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
-    """Load an llmkit int8 folder (`llmkit quantize --method int8`) as a ready model in eval mode.
-
-        >>> from llmkit.quantization import load_int8
-        >>> model = load_int8("runs/smollm2-int8")           # then model.generate(...) as usual
-    """
-    torch = _torch()
-    from safetensors.torch import load_file
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.initialization import no_init_weights
-
-    folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    quant = raw.pop("quantization_config")
-    modules = quant["modules"]
-    raw["model_type"] = quant["base_model_type"]
-    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
-    if auto_cls is None:
-        archs = raw.get("architectures") or []
-        auto_cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else AutoModelForCausalLM
-    with no_init_weights():  # every weight comes from the file: skip the random init
-        model = auto_cls.from_config(config, dtype=torch.float32)
-    emb = None
-    for name, kind in modules.items():
-        old = model.get_submodule(name)
-        if kind == "embedding":
-            emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
-            _set_module(model, name, emb)
-        elif kind == "conv1d":
-            _set_module(model, name, Int8Linear(old.weight.shape[0], old.weight.shape[1], old.bias is not None))
-        elif kind == "linear":
-            _set_module(model, name, Int8Linear(old.in_features, old.out_features, old.bias is not None))
-    for name, kind in modules.items():
-        if kind == "tied_head":
-            _set_module(model, name, TiedInt8Head(emb))
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith(("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias"))]
-    if missing or unexpected:
-        raise UsageError(f"{folder} does not match its int8 config ({(missing or unexpected)[0]}); re-run llmkit quantize")
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------------------ GGUF
-
-
-def export_gguf_q8_0(model: Any, tokenizer: Any, path: Path, source_gguf: Path | None = None) -> dict[str, int]:
-    """Write `model` (gpt2 or llama architecture) to a GGUF file with Q8_0 matrices; returns tensor-type counts."""
-    import gguf
-    import numpy as np
-
-    cfg = model.config
-    arch = cfg.model_type
-    if arch not in GGUF_ARCHS:
-        raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; this model is {arch} "
-                         "(use --method int8 or bnb-int8 for it)")
-    gg_arch = gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA
-    n_layer = cfg.num_hidden_layers
-    names = gguf.TensorNameMap(gg_arch, n_layer)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gg_arch])
-    writer.add_name(getattr(cfg, "_name_or_path", "") or path.stem)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    n_embd = cfg.hidden_size
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_head_count(cfg.num_attention_heads)
-    if arch == "gpt2":
-        writer.add_context_length(cfg.n_positions)
-        writer.add_feed_forward_length(cfg.n_inner or 4 * n_embd)
-        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    else:
-        head_dim = getattr(cfg, "head_dim", None) or n_embd // cfg.num_attention_heads
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(_rope_theta(cfg)))
-        writer.add_vocab_size(cfg.vocab_size)
-        if head_dim * cfg.num_attention_heads != n_embd:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-    _add_tokenizer(writer, tokenizer, arch, source_gguf)
-
-    state = {k: v for k, v in model.state_dict().items()}
-    tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    counts: dict[str, int] = {}
-    for hf_name, tensor in state.items():
-        if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
-            continue  # buffers rebuilt at load time, not weights
-        if hf_name == "lm_head.weight" and tied and arch == "llama":
-            continue  # llama.cpp reuses token_embd for a missing output tensor
-        data = tensor.detach().float()
-        if arch == "gpt2" and hf_name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-            data = data.t()  # Conv1D [in, out] -> [out, in] as llama.cpp and transformers' GGUF reader expect
-        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        new = "output.weight" if hf_name == "lm_head.weight" else names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise UsageError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this {arch} variant is not supported")
-        array = data.contiguous().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(new, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:  # norms and biases (and rows not divisible into 32-blocks) stay fp32: tiny, and they set the scale of everything
-            qtype = gguf.GGMLQuantizationType.F32
-            writer.add_tensor(new, array.astype(np.float32))
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        if arch == "gpt2" and new == "token_embd.weight" and "lm_head.weight" not in state:
-            writer.add_tensor("output.weight", gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return counts
-
-
-def _rope_theta(cfg: Any) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
-
-
-def _permute_rope(w: Any, n_head: int, n_head_kv: int) -> Any:
-    """HF's rotary layout (halves) -> llama.cpp's (interleaved pairs), as llama.cpp's convert_hf_to_gguf does."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | None) -> None:
-    """The tokenizer goes into the file: copied from the source GGUF when there is one, else from tokenizer.json."""
-    import gguf
-
-    if source_gguf is not None:
-        reader = gguf.GGUFReader(str(source_gguf))
-        for field in reader.fields.values():
-            if field.name.startswith("tokenizer."):
-                _copy_field(writer, field)
-        return
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise UsageError("GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3 style); "
-                         f"this one is {model.get('type')}")
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    for tok, i in vocab.items():
-        tokens[i] = tok
-    special = set(tokenizer.all_special_ids) | {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(size)]
-    for i, tok in enumerate(tokens):
-        if tok.startswith("[PAD") and tok not in vocab:
-            types[i] = gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2" if arch == "gpt2" else "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _copy_field(writer: Any, field: Any) -> None:
-    import gguf
-
-    kind = field.types[0]
-    if kind == gguf.GGUFValueType.ARRAY:
-        sub = field.types[1]
-        if sub == gguf.GGUFValueType.STRING:
-            values = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        else:
-            values = [field.parts[i].tolist()[0] for i in field.data]
-        writer.add_array(field.name, values)
-    elif kind == gguf.GGUFValueType.STRING:
-        writer.add_string(field.name, bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace"))
-    else:
-        writer.add_key_value(field.name, field.parts[field.data[0]].tolist()[0], kind)
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -421,8 +142,14 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     if max_ppl_increase < 0:
         raise UsageError(f"--max-ppl-increase must be >= 0, got {max_ppl_increase}")
     out = Path(out).expanduser()
-    if method == "gguf-q8_0" and out.suffix != ".gguf":
-        raise UsageError(f"--out {out}: for gguf-q8_0, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
+    gguf_type = GGUF_METHODS.get(method)
+    if gguf_type and out.suffix != ".gguf":
+        raise UsageError(f"--out {out}: for {method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
+    if gguf_type in LLAMA_CPP_TYPES:
+        from llmkit.generation import llama_cpp_available
+
+        if not llama_cpp_available():
+            raise UsageError(f"--method {method} uses llama.cpp's quantizer: pip install 'llmkit[edge]' (or pip install llama-cpp-python)")
     if out.exists():
         raise UsageError(f"--out {out} already exists; choose another path or delete it first")
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -435,7 +162,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             raise UsageError("--method bnb-int8 needs bitsandbytes: pip install 'llmkit[quant]' (or pip install bitsandbytes)") from None
     archs = architectures(ref)
     task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
-    if method == "gguf-q8_0" and task != "causal-lm":
+    if gguf_type and task != "causal-lm":
         raise UsageError("GGUF export is for causal LMs (llama.cpp runs text generation); use --method int8 for classifiers")
     if task == "seq-cls" and not eval_data:
         raise UsageError("a classifier's accuracy needs labelled data: pass --eval-data a .csv/.jsonl with text and label columns")
@@ -454,7 +181,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
 
     say(f"loading {ref.name} (fp32)")
     model = _load_fp32(ref, task, progress)
-    if method == "gguf-q8_0" and model.config.model_type not in GGUF_ARCHS:
+    if gguf_type and model.config.model_type not in GGUF_ARCHS:
         raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; {model_name} is {model.config.model_type} "
                          "(use --method int8 or bnb-int8)")
     torch.set_num_threads(_threads())
@@ -489,11 +216,14 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             del model
             tokenizer.save_pretrained(tmp)
         else:
-            details["tensor_types"] = export_gguf_q8_0(model, tokenizer, tmp, ref.path if ref.is_gguf else None)
+            # a LoRA adapter was merged into the fp32 model by _load_fp32, so every type starts from full precision
+            details["tensor_types"] = export_gguf(model, tokenizer, tmp, gguf_type, source_gguf=ref.path if ref.is_gguf else None)
+            if gguf_type in LLAMA_CPP_TYPES:
+                details["k_quant_fallbacks"] = k_quant_fallbacks(tmp)
             del model
             qmodel = None
         after["disk_bytes"] = _files_bytes(tmp)
-        say("measuring the 8-bit model")
+        say("measuring the quantized model")
         if qmodel is not None:
             torch.set_num_threads(_threads())
             after["memory_bytes"] = weight_bytes(qmodel)

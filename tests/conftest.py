@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
+# GGUF conversions of test models (generate's llama.cpp cache) go to a throwaway folder, not the user's cache
+os.environ.setdefault("LLMKIT_CACHE", tempfile.mkdtemp(prefix="llmkit-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path

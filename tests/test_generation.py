@@ -115,7 +115,6 @@ def test_prompts_file_and_stdin(cli, tiny_gpt2, tmp_path, monkeypatch):
     (["hi", "-n", "-3"], "--max-new-tokens must be at least 1"),
     (["hi", "--temperature", "-1"], "--temperature must be >= 0"),
     (["hi", "--backend", "vllm"], "--backend vllm is not one of"),
-    (["hi", "--backend", "llama.cpp"], "runs .gguf models only"),
     (["hi", "--stop", ""], "--stop must not be an empty string"),
     (["-f", "/no/such/prompts.txt"], "does not exist"),
     (["hi " * 40, "-n", "40"], "exceeds the model's context of 64 tokens"),  # tiny GPT-2: n_positions=64
@@ -143,13 +142,26 @@ def test_stop_scanner_holds_back_possible_stop_prefix():
     assert s.feed("a E") == "a " and s.feed("x") == "Ex" and s.flush() == ""
 
 
-def test_backend_choice(tiny_gpt2, tmp_path):
-    assert choose_backend(resolve(str(tiny_gpt2))) == "transformers"
+def test_backend_choice(tiny_gpt2, tiny_bert):
+    from llmkit.generation import llama_cpp_available
+
+    ref = resolve(str(tiny_gpt2))  # an HF folder of a GGUF-exportable architecture: llama.cpp through the GGUF cache
+    assert choose_backend(ref) == ("llama.cpp" if llama_cpp_available() else "transformers")
+    assert choose_backend(ref, "transformers") == "transformers"
     with pytest.raises(UsageError):
-        choose_backend(resolve(str(tiny_gpt2)), "llama.cpp")
+        choose_backend(resolve(str(tiny_bert)), "llama.cpp")
 
 
 def test_options_validation_names_every_flag():
     with pytest.raises(UsageError) as e:
         SamplingOptions(max_new_tokens=0, top_p=0, num_return_sequences=0).validate()
     assert "--max-new-tokens" in str(e.value) and "--top-p" in str(e.value) and "--num-return-sequences" in str(e.value)
+
+
+def test_greedy_with_several_sequences_repeats_the_one_greedy_text(tiny_gpt2):
+    """transformers refuses greedy num_return_sequences > 1; greedy gives one text, so every sample is that text."""
+    backend = TransformersBackend(resolve(str(tiny_gpt2)), device="cpu")
+    gens = list(backend.generate(PROMPTS[:2], _greedy(num_return_sequences=2)))
+    assert [g.index for g in gens] == [0, 1, 0, 1]
+    assert gens[0].text == gens[1].text and gens[2].text == gens[3].text
+    assert gens[0].text == next(iter(backend.generate(PROMPTS[:1], _greedy()))).text

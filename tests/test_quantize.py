@@ -1,4 +1,4 @@
-"""`llmkit quantize`: int8 / bnb-int8 / gguf-q8_0 round trips, GGUF contents, the quality gate, bad input."""
+"""`llmkit quantize`: int8 / bnb-int8 / gguf-q8_0 round trips (other GGUF types: test_gguf.py), GGUF contents, the quality gate, bad input."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_bnb_int8_round_trip(cli, tiny_llama, tmp_path):
 def test_quality_gate_refuses_and_force_keeps(cli, tiny_llama, tmp_path, monkeypatch):
     import torch
 
-    import llmkit.quantization as qz
+    import llmkit.int8 as qz
 
     def one_bit(weight):  # a deliberately terrible quantizer: only the sign survives, at a far too large scale
         w = weight.detach().float()

@@ -1,4 +1,4 @@
-"""`llmkit quantize`: an 8-bit model for small devices, with its quality and speed measured before and after."""
+"""`llmkit quantize`: an 8-bit (or GGUF f16 / 5-bit / 4-bit) model for small devices, with quality and speed measured before and after."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import typer
 
 def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-q8_0); must not exist."),
-    method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | gguf-q8_0 (llama.cpp)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist."),
+    method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
+                               "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
                                   "[default: a built-in public-domain sample].", show_default=False),
     max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
@@ -19,13 +20,15 @@ def quantize(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin/.pt) weights: they can run code."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run Python code shipped with the model."),
 ) -> None:
-    """Quantize a model to 8 bits; measures size, perplexity (or accuracy) and speed before and after.
+    """Quantize a model (8-bit, or GGUF f16 to 4-bit); measures size, perplexity (or accuracy) and speed before and after.
 
     Examples (offline, bundled model):
 
       llmkit quantize --model smollm2-135m --method int8 --out runs/smollm2-int8
 
       llmkit quantize --model smollm2-135m --method gguf-q8_0 --out runs/smollm2-q8_0.gguf
+
+      llmkit quantize --model smollm2-135m --method gguf-q4_k_m --out runs/smollm2-q4_k_m.gguf --max-ppl-increase 15
 
       llmkit generate --model runs/smollm2-q8_0.gguf "Once upon a time"
     """
