@@ -85,13 +85,31 @@ def run_guard(out: Path, *, resume: bool, main: bool) -> Iterator[None]:
             from llmkit.train import CHECKPOINTS, complete_checkpoints
 
             shutil.rmtree(out / ".tmp-model", ignore_errors=True)
-            if complete_checkpoints(out / CHECKPOINTS):
+            kept = complete_checkpoints(out / CHECKPOINTS)
+            if kept:
                 if not isinstance(e, Interrupted):  # its message already says how to continue
                     print(f"the checkpoints in {out} are kept: continue this run with the same command plus --resume",
                           file=sys.stderr)
+                _mark_stopped(out, e, kept[-1])
             elif not resume:
                 shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _mark_stopped(out: Path, error: BaseException, checkpoint: Path) -> None:
+    """llmkit.json tells the truth about a run that stopped: `interrupted` or `failed`, and where to resume from."""
+    from llmkit.errors import Interrupted
+
+    try:
+        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
+        message = (str(error).splitlines() or [type(error).__name__])[0]
+        run["llmkit"] = {**run.get("llmkit", {}), "status": "interrupted" if interrupted else "failed", "error": message,
+                         "checkpoint": checkpoint.name, "step": state.get("step")}
+        write_json(out / RUN_FILE, run)
+    except (OSError, ValueError):  # the disk that failed the run may fail this too: the checkpoints still say it all
+        pass
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

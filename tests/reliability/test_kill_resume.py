@@ -152,6 +152,8 @@ def _signal_scenario(tiny_gpt2, toy_data, out: Path, reference: Path, sig: signa
     ckpt = latest_checkpoint(out)
     assert ckpt == f"step-{stopped_at:08d}"  # the checkpoint is of the step it stopped after, not the older one
     assert f"stopped by {sig.name}" in err and "--resume" in err
+    state = json.loads((out / "llmkit.json").read_text())["llmkit"]  # not left saying "running"
+    assert state["status"] == "interrupted" and state["checkpoint"] == ckpt and state["step"] == stopped_at
     assert seconds < 10  # one step (0.1 s) plus a save of a tiny model: far below this on any machine
 
     done = run([*a, "--resume"])
