@@ -291,8 +291,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults < recipe file < explicit flags (`{"train.lr": 1e-4}`) < `--set key=value` overrides."""
     cfg = cls()
     if path:
+        problems = []  # every bad key of a recipe at once: fixing them one run at a time is a slow loop
         for key, value in _flatten(_read_yaml(Path(path))).items():
-            set_key(cfg, key, value, source=f"{path}: ")
+            try:
+                set_key(cfg, key, value)
+            except UsageError as e:
+                problems.append(str(e))
+        if problems:
+            raise UsageError(f"{path}: " + "; ".join(problems))
     for key, value in (flags or {}).items():
         if value is not None:
             set_key(cfg, key, value)
@@ -311,8 +317,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UsageError(f"recipe {path} does not exist; ready recipes are in recipes/")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:line {mark.line + 1}:column {mark.column + 1}" if mark else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"recipe {where}: not valid YAML ({what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"recipe {path} cannot be read: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -88,6 +88,14 @@ def test_unknown_recipe_key_and_bad_set_values(run, tmp_path, toy_data):
     assert_usage_error(run("--data", toy_data / "train.csv", "--recipe", tmp_path / "missing.yaml"), "does not exist")
 
 
+def test_recipe_errors_are_all_reported_with_their_place(run, tmp_path, toy_data):
+    three = write(tmp_path / "three.yaml", "task: seq-cls\ntrain:\n  learning_rate: 1e-4\n  batch_size: many\nlora:\n  rank: 8\n")
+    assert_usage_error(run("--data", toy_data / "train.csv", "--recipe", three),
+                       "train.learning_rate", "'train.batch_size' expects an integer", "lora.rank")
+    broken = write(tmp_path / "broken.yaml", "task: seq-cls\ntrain:\n  lr: [1e-4\n  epochs: 1\n")
+    assert_usage_error(run("--data", toy_data / "train.csv", "--recipe", broken), "broken.yaml:line 4:column", "not valid YAML")
+
+
 def test_validation_names_every_bad_flag_at_once(run, toy_data):
     code, _, err = run("--data", toy_data / "train.csv", "--lr", "-1", "--batch-size", "0", "--method", "qlora")
     assert code == 2
