@@ -5,6 +5,7 @@ No logic lives here, and nothing heavy is imported, so `llmkit --help` answers i
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     # Library deprecation notices are for llmkit's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes logs this on import on AVX512-BF16 CPUs when an optional kernel package is absent, in every
+    # command, 4-bit or not; its fallback works. Only that message is dropped, bitsandbytes' others still show.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
     args = sys.argv[1:] if argv is None else argv
     if not sys.stderr.isatty() or "--quiet" in args or "-q" in args:
         # library bars (downloads, "Writing model shards") follow llmkit's rule: none in logs or with --quiet

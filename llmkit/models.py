@@ -15,10 +15,13 @@ that ships its own Python (`auto_map` in its config) is refused unless `trust_re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -397,7 +400,8 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = auto_cls.from_pretrained(where, **kwargs, **extra)
+        with _gguf_bar(progress and ref.is_gguf):
+            model = auto_cls.from_pretrained(where, **kwargs, **extra)
     except ValueError as e:
         first = str(e).splitlines()[0]
         if "Unrecognized configuration class" in first or "not supported" in first.lower():
@@ -413,6 +417,20 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+@contextlib.contextmanager
+def _gguf_bar(show: bool) -> Iterator[None]:
+    """transformers' "Converting and de-quantizing GGUF tensors" bar ignores its own progress-bar switch: silence it here."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not show:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def apply_adapter(model: PreTrainedModel, ref: ModelRef, merge: bool) -> PreTrainedModel:

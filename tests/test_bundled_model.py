@@ -54,3 +54,15 @@ def test_llama_cpp_context_overflow_is_one_clean_line():
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # nothing from llama.cpp's C logging
     assert "exceeds the model's context of 8192 tokens" in res.stderr
+
+
+def test_quiet_output_has_no_library_noise(tmp_path):
+    """Without a TTY (a log file) loading the GGUF in transformers prints neither its de-quantizing bar nor
+    bitsandbytes' missing-kernel warning: stderr stays empty, stdout holds only the result."""
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20, encoding="utf-8")
+    res = subprocess.run([sys.executable, "-m", "llmkit", "evaluate", "--model", "smollm2-135m", "--data", str(text),
+                          "--block-size", "32", "--max-blocks", "2"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "", res.stderr
+    assert res.stdout.startswith("perplexity ") and len(res.stdout.splitlines()) == 1
