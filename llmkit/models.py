@@ -505,7 +505,10 @@ def _local_rows(base: Path, depth: int = 2) -> list[dict[str, Any]]:
             entries = sorted(folder.iterdir())
         except OSError:
             continue
-        if (folder / "config.json").exists() and any(e.suffix == ".safetensors" for e in entries):
+        run = _read_json_quiet(folder / "llmkit.json")
+        if run.get("llmkit"):  # an llmkit output (full, merged or LoRA adapter): say what it is and how good
+            rows.append(_run_row(folder, run))
+        elif (folder / "config.json").exists() and any(e.suffix == ".safetensors" for e in entries):
             arch = (_read_json_quiet(folder / "config.json").get("architectures") or [None])[0]
             rows.append({"name": str(folder), "source": "local", "task": arch, "available": True,
                          "path": str(folder.resolve()), "hub_id": None, "note": "model folder"})
@@ -516,6 +519,19 @@ def _local_rows(base: Path, depth: int = 2) -> list[dict[str, Any]]:
             elif e.is_dir() and level < depth and e.name not in skip and not e.name.startswith("."):
                 stack.append((e, level + 1))
     return rows
+
+
+def _run_row(folder: Path, run: dict[str, Any]) -> dict[str, Any]:
+    facts = run["llmkit"]
+    base = (run.get("model") or run.get("teacher") or {}).get("name")
+    what = run.get("method") or ("distilled" if "teacher" in run else "quantized")
+    metrics = facts.get("metrics") or {}
+    shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in metrics.items()
+                      if k.removeprefix("eval_") in ("perplexity", "accuracy", "f1") and isinstance(v, (int, float)))
+    status = facts.get("status", "?")
+    note = f"{what} of {base}" + (f", {shown}" if shown else "") + ("" if status == "done" else f" [{status}]")
+    return {"name": str(folder), "source": "run", "task": run.get("task"), "available": status == "done",
+            "path": str(folder.resolve()), "hub_id": None, "note": note}
 
 
 def _read_json_quiet(path: Path) -> dict[str, Any]:

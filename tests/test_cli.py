@@ -51,3 +51,21 @@ def test_models_lists_aliases_and_local_folders(cli, tiny_gpt2):
     assert {"smollm2-135m", "minilm-l6"} <= names
     local = [r for r in rows if r["source"] == "local"]
     assert any(r["path"] == str(tiny_gpt2.resolve()) and r["task"] == "GPT2LMHeadModel" for r in local)
+
+
+def test_models_lists_llmkit_runs_with_what_they_are(cli, tmp_path):
+    run = tmp_path / "runs" / "sentiment"
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    (run / "llmkit.json").write_text(json.dumps({"task": "seq-cls", "method": "lora", "model": {"name": "minilm-l6"},
+                                                 "llmkit": {"status": "done", "metrics": {"eval_accuracy": 0.77, "eval_loss": 0.5}}}))
+    stopped = tmp_path / "runs" / "stopped"
+    stopped.mkdir()
+    (stopped / "llmkit.json").write_text(json.dumps({"task": "causal-lm", "method": "full", "model": {"name": "smollm2-135m"},
+                                                     "llmkit": {"status": "interrupted"}}))
+    code, out, _ = cli("models", "--json", "--dir", tmp_path / "runs")
+    rows = {r["name"]: r for r in map(json.loads, out.splitlines()) if r["source"] == "run"}
+    assert code == 0 and rows[str(run)]["note"] == "lora of minilm-l6, accuracy 0.77" and rows[str(run)]["available"]
+    assert rows[str(stopped)]["note"] == "full of smollm2-135m [interrupted]" and not rows[str(stopped)]["available"]
+    code, out, _ = cli("models", "--dir", tmp_path / "runs")
+    assert "lora of minilm-l6, accuracy 0.77" in out

@@ -12,7 +12,7 @@ def models(
     dirs: list[Path] = typer.Option(None, "--dir", help="Also look for model folders and .gguf files here (repeatable) [default: .].", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per model, for scripts."),
 ) -> None:
-    """List bundled aliases, models in the Hugging Face cache, and model folders / .gguf files nearby.
+    """List bundled aliases, models in the Hugging Face cache, llmkit runs and model folders / .gguf files nearby.
 
     Examples:
 
@@ -30,6 +30,6 @@ def models(
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         mark = "ok " if r["available"] else "-- "
-        detail = r["path"] if r["available"] and r["source"] != "alias" else r["note"]
+        detail = r["note"] if r["source"] in ("alias", "run") or not r["available"] else r["path"]
         print(f"{mark}{r['name']:<{width}}  {r['source']:<9}  {r['task'] or '':<14} {detail}")
     typer.echo("\nUse any name above with --model; Hub ids (e.g. openai-community/gpt2) work wherever the Hub is reachable.", err=True)
