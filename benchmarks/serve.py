@@ -7,7 +7,10 @@ between the two servers so drift in machine load hits both alike. Printed per se
 completion tokens/s, p50 / p95 request latency, and whether both servers gave the same texts; then the
 ratios against the targets (llmkit >= 1.0x the peer at concurrency 1, >= 1.5x at 16).
 
-Usage: python benchmarks/serve.py [--requests 32] [--max-tokens 32] [--concurrency 1 4 16] [--threads N] [--budget 900]
+`--parallel N` (N > 1) runs llmkit with continuous batching on llama.cpp (`llmkit serve --parallel N`): up to N
+sequences decoded together in one context, the cached prompt prefix shared; 1 is serve's default path.
+
+Usage: python benchmarks/serve.py [--requests 32] [--max-tokens 32] [--concurrency 1 4 16] [--threads N] [--parallel N] [--budget 900]
 Needs: pip install -e '.[bench]'  (llama-cpp-python[server], the peer) and openai.
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import statistics
@@ -26,6 +28,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _common import cpu_line
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
@@ -49,17 +53,6 @@ main()
 """
 
 
-def cpu_line() -> str:
-    """The CPU model and the SIMD flags that decide llama.cpp's speed: machines differ from run to run."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags_line = re.search(r"flags\s*:\s*(.*)", info)
-    flags = set(flags_line.group(1).split()) if flags_line else set()
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
-    return (f"cpu: {name.group(1).strip() if name else 'unknown'} x{len(os.sched_getaffinity(0))} cores; "
-            f"flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,10 +60,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.url, self.log = name, f"http://127.0.0.1:{port}", log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         try:
             self._wait_ready()
         except BaseException:  # including the --budget alarm: never leave a server behind
@@ -128,6 +121,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama.cpp threads, the same for both [default: every core this process may use, llmkit's default]")
+    ap.add_argument("--parallel", type=int, default=1, help="llmkit: sequences decoded together on llama.cpp (1 = one request at a time)")
     ap.add_argument("--budget", type=int, default=900, help="seconds before the whole run gives up (servers are stopped)")
     args = ap.parse_args()
     print(cpu_line(), flush=True)
@@ -149,7 +143,8 @@ def main() -> None:
     try:
         port = free_port()
         servers["llmkit"] = Server("llmkit serve", [sys.executable, "-m", "llmkit", "serve", "--model", gguf, "--port", str(port),
-                                                    "--threads", threads, "--max-concurrency", "256", "--quiet"], port, logs / "llmkit.log")
+                                                    "--threads", threads, "--max-concurrency", "256", "--parallel", str(args.parallel),
+                                                    "--quiet"], port, logs / "llmkit.log")
         port = free_port()
         servers["peer"] = Server("llama_cpp.server", [sys.executable, "-c", PEER, "--model", gguf, "--port", str(port), "--n_ctx", "4096",
                                                       "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False",
@@ -168,7 +163,8 @@ def main() -> None:
         for srv in servers.values():
             srv.stop()
 
-    print(f"\n{args.requests} chat requests per level, max_tokens {args.max_tokens}, temperature 0, threads {threads}, same GGUF: {gguf}")
+    print(f"\n{args.requests} chat requests per level, max_tokens {args.max_tokens}, temperature 0, threads {threads}, "
+          f"llmkit --parallel {args.parallel}, same GGUF: {gguf}")
     targets = {1: 1.0, 16: 1.5}
     for c in args.concurrency:
         ours, peer = results["llmkit", c], results["peer", c]

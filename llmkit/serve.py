@@ -13,6 +13,14 @@ llama.cpp contexts and torch models are never used from two threads at once. On 
 the worker groups queued non-streaming requests whose sampling options agree into one batched
 `backend.generate([...])` call. Text goes back to the event loop as events on a per-request asyncio queue;
 a client that disconnects sets its request's cancel flag, which aborts the generation at the next token.
+
+With `parallel` > 1 on the llama.cpp backend the worker batches continuously instead (`llmkit.serving.llama_batch`):
+up to `parallel` sequences share one llama.cpp context, each decode step advances all of them, new requests join
+between steps and reuse the cached prompt prefix, and a finished or abandoned sequence frees its slot at once.
+Seeded sampling requests wait for the batch to drain and run alone on the one-at-a-time path, so a seed keeps
+giving the same text under load. Continuous batching is off by default (turn it on with $LLMKIT_SERVE_PARALLEL
+or Engine(parallel=...)): llama.cpp's batched attention rounds differently from one-at-a-time decoding, so under
+load greedy text can differ from `llmkit generate`'s after a near-tie (see llmkit.serving.llama_batch).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import asyncio
 import copy
 import hmac
 import logging
+import os
+import random
 import threading
 import time
 from collections import deque
@@ -39,6 +49,7 @@ from llmkit.chat import Prompt
 from llmkit.errors import UsageError
 from llmkit.generation import Generation, LlamaCppBackend, SamplingOptions, TransformersBackend, open_backend
 from llmkit.models import ModelRef, resolve
+from llmkit.serving.llama_batch import BatchedLlama, DecodeError, Sequence
 from llmkit.serving.protocol import APIError, ChatRequest, CompletionRequest, Output, validation_message
 
 log = logging.getLogger("llmkit.serve")
@@ -46,6 +57,9 @@ log = logging.getLogger("llmkit.serve")
 # large enough for long chats, small enough to stay ~100 MB on a 135M model.
 LLAMA_CPP_CTX = 4096
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# Continuous batching: KV cells shared by all sequences. Each admitted sequence reserves prompt + max_tokens
+# cells, so this bounds how many long requests run together (4 at the full window), not short ones.
+LLAMA_CPP_BATCH_CTX = 4 * LLAMA_CPP_CTX
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -78,7 +92,7 @@ class Engine:
     """The model, its worker thread, the request queue and the slot count; independent of HTTP."""
 
     def __init__(self, backend: TransformersBackend | LlamaCppBackend, ref: ModelRef, *, names: Iterable[str] = (),
-                 max_concurrency: int = 64, batch_size: int = 8) -> None:
+                 max_concurrency: int = 64, batch_size: int = 8, parallel: int = 1) -> None:
         self.backend, self.ref = backend, ref
         self.names = list(dict.fromkeys(n for n in [*names, ref.name] if n))  # the first is the one we report
         self.model_name = self.names[0]
@@ -99,14 +113,28 @@ class Engine:
         self._cond = threading.Condition()
         self._slots = 0
         self._stopping = False
-        self._worker = threading.Thread(target=self._work, name="llmkit-worker", daemon=True)
+        self.batched: BatchedLlama | None = None
+        if isinstance(backend, LlamaCppBackend) and parallel > 1:
+            from llmkit.generation import _native_stderr_silenced
+
+            with _native_stderr_silenced():  # llama.cpp warns from C that the pooled cells exceed the trained context
+                self.batched = BatchedLlama(backend, parallel, max(LLAMA_CPP_BATCH_CTX, 2 * (self.window or LLAMA_CPP_CTX)))
+        work = self._work if self.batched is None else self._work_batched
+        self._worker = threading.Thread(target=work, name="llmkit-worker", daemon=True)
         self._worker.start()
 
     @classmethod
     def open(cls, model: str, *, backend: str = "auto", device: str | None = None, dtype: str = "auto",
              batch_size: int = 8, threads: int | None = None, max_concurrency: int = 64, allow_pickle: bool = False,
-             trust_remote_code: bool = False, progress: bool = False) -> Engine:
-        """Resolve and load `model` for serving; bad references raise a one-line UsageError."""
+             trust_remote_code: bool = False, progress: bool = False, parallel: int | None = None) -> Engine:
+        """Resolve and load `model` for serving; bad references raise a one-line UsageError.
+
+        `parallel`: llama.cpp sequences decoded together (1 = one request at a time); default $LLMKIT_SERVE_PARALLEL or 1."""
+        if parallel is None:
+            value = os.environ.get("LLMKIT_SERVE_PARALLEL", "1")
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"LLMKIT_SERVE_PARALLEL must be a whole number of at least 1 (got {value!r})")
+            parallel = int(value)
         ref = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         # open_backend sizes llama.cpp's KV cache for the prompts and max_new_tokens it is shown: showing it an
         # empty prompt and LLAMA_CPP_CTX - 16 new tokens (16: its allowance for BOS and such) sizes it to LLAMA_CPP_CTX.
@@ -115,7 +143,7 @@ class Engine:
                               threads=threads, progress=progress)
         path = ref.adapter or ref.path
         names = [model, Path(model).name, path.name, path.stem if ref.is_gguf else ""]
-        return cls(engine, ref, names=names, max_concurrency=max_concurrency, batch_size=batch_size)
+        return cls(engine, ref, names=names, max_concurrency=max_concurrency, batch_size=batch_size, parallel=parallel)
 
     # -- admission, on the event loop
 
@@ -238,6 +266,101 @@ class Engine:
         for job in group:
             job.post(*last)
 
+    # -- the worker thread, continuous batching on llama.cpp
+
+    def _work_batched(self) -> None:
+        assert self.batched is not None
+        batched = self.batched
+        # Sequences to start, in arrival order; a Job among them is a seeded sampling request, which waits for
+        # the batch to drain and runs alone on the one-at-a-time path: batched logits depend in their last bits
+        # on what else runs, and the same seed must give the same text whatever else is being served.
+        waiting: deque[Sequence | Job] = deque()
+        left: dict[int, int] = {}  # id(job) -> its sequences not finished yet
+        jobs: dict[int, Job] = {}
+
+        def end(job: Job, last: tuple[Any, ...]) -> None:
+            nonlocal waiting
+            for seq in [s for s in batched.active if s.owner is job]:
+                batched.remove(seq)
+            waiting = deque(s for s in waiting if s is not job and getattr(s, "owner", None) is not job)
+            left.pop(id(job))
+            del jobs[id(job)]
+            # the slot first, then the last event: a client that got its answer and asks again finds its slot free
+            self.release()
+            job.post(*last)
+
+        while True:
+            with self._cond:
+                while not self._jobs and not waiting and batched.idle() and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs and not waiting and batched.idle():
+                    return
+                incoming = list(self._jobs)
+                self._jobs.clear()
+            try:
+                for job in incoming:
+                    seqs: list[Sequence | Job] = [job] if job.opts.seed is not None and not job.opts.greedy else [*self._sequences(job)]
+                    jobs[id(job)], left[id(job)] = job, len(seqs)
+                    waiting.extend(seqs)
+                for job in [job for job in jobs.values() if job.cancelled.is_set()]:  # gone: stop now, free the slot
+                    end(job, ("end",))
+                while waiting:
+                    head = waiting[0]
+                    if isinstance(head, Job):
+                        if not batched.idle():
+                            break
+                        waiting.popleft()
+                        left.pop(id(head))
+                        del jobs[id(head)]
+                        self._run([head])  # releases its slot and posts its last event
+                        continue
+                    if not batched.fits(head):
+                        if not batched.idle():
+                            break
+                        batched.drop_cache()  # the cached prompt's cells are all that keeps it out
+                        if not batched.fits(head):  # more cells than the whole context: _prepare's window check prevents it
+                            end(head.owner, ("error", APIError(400, "the request does not fit the KV cache")))
+                            continue
+                    batched.add(waiting.popleft())
+                for seq in batched.step():
+                    job, gen = seq.owner, seq.result
+                    assert gen is not None
+                    out, copies = seq.tag
+                    for c in range(copies):
+                        job.post("gen", out + c, replace(gen, index=gen.index + c))
+                    left[id(job)] -= 1
+                    if not left[id(job)]:
+                        end(job, ("end",))
+            except Exception as e:  # a bug or a failed decode: fail what is in the context, keep serving the rest
+                if isinstance(e, DecodeError):
+                    log.error("%s", e)
+                else:
+                    log.exception("continuous batching failed")
+                failed = {id(s.owner) for s in batched.active} or set(jobs)
+                for key in failed:
+                    end(jobs[key], ("error", APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                batched.reset()
+
+    def _sequences(self, job: Job) -> list[Sequence]:
+        """A job's continuations: one per prompt and sample; greedy samples are identical, so one per prompt, copied."""
+        assert self.batched is not None
+        opts, n = job.opts, job.opts.num_return_sequences
+        copies = n if opts.greedy else 1
+        base_seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**31)
+        seqs = []
+        for i, prompt in enumerate(job.prompts):
+            tokens = self.batched.backend.tokens(prompt, opts)
+            for k in range(0, n, copies):
+                out = i * n + k
+
+                def on_text(text: str, out: int = out) -> None:
+                    for c in range(copies):
+                        job.post("text", out + c, text)
+
+                seqs.append(Sequence(prompt, tokens, opts, k, base_seed + k, on_text if job.stream else (lambda text: None),
+                                     owner=job, tag=(out, copies)))
+        return seqs
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker. Called once uvicorn has drained the live requests, so whatever is still queued
         belongs to clients that are gone: it is dropped, and a generation still running gets `timeout` s."""
@@ -248,6 +371,8 @@ class Engine:
             self._cond.notify_all()
         self._worker.join(timeout)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        if self.batched is not None and not self._worker.is_alive():
+            self.batched.close()
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
