@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize clean
+.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize bench-chat clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ bench-distill: setup
 # ~10 min: every 8-bit method against fp32 on SmolLM2-135M and a small GPT-2
 bench-quantize: setup
 	$(BIN)/python benchmarks/quantize.py
+
+# ~15 min: sentiment-as-chat LoRA on SmolLM2, llmkit (unpacked and --packing) vs TRL's SFTTrainer (the bench extra + trl)
+bench-chat: setup
+	$(BIN)/python -m pip install -q -e ".[bench]" trl
+	$(BIN)/python benchmarks/finetune_chat.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
