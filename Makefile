@@ -48,9 +48,9 @@ bench-distill: setup
 bench-quantize: setup
 	$(BIN)/python benchmarks/quantize.py
 
-# ~15 min: sentiment-as-chat LoRA on SmolLM2, llmkit (unpacked and --packing) vs TRL's SFTTrainer (the bench extra + trl)
+# sentiment-as-chat LoRA on SmolLM2, llmkit (unpacked and --packing) vs TRL SFTTrainer (peers: the bench extra)
 bench-chat: setup
-	$(BIN)/python -m pip install -q -e ".[bench]" trl
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/finetune_chat.py
 
 clean:
