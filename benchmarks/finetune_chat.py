@@ -18,8 +18,9 @@ llmkit exact-match >= TRL's - 1 point and >= 0.80; llmkit samples/s >= 1.5x TRL'
 llmkit at equal loss.
 
 Usage: python benchmarks/finetune_chat.py [--train-rows 768] [--eval-rows 300] [--lr 5e-4] [--skip-peer]
-The default run takes about 13 minutes on 2 quiet cores (Xeon with AVX512-BF16, no AMX: fp32);
-`--train-rows 32 --eval-rows 16` checks the plumbing in about 4.
+The default run takes about 25-30 minutes on 2 quiet cores (Xeon with AVX512-BF16, no AMX: fp32; estimated from
+its parts: TRL ~6 min, each llmkit fine-tune ~5, each of the four evaluations ~2), over 40 on a shared machine;
+`--train-rows 32 --eval-rows 16` checks the plumbing in about 5.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from llmkit.chat import ChatEncoder, add_template_tokens, detect_format, encode_
 from llmkit.config import DistillConfig, FinetuneConfig
 from llmkit.data import Collator, ExampleSet, Labels, encode_prompt_response, encode_seq_cls, load_table, pack_causal_lm, texts_of
 from llmkit.errors import UsageError
+from llmkit.losses import sparse_causal_lm_loss
 from llmkit.models import ALIASES, ModelRef, resolve
 
 # LoRA targets per architecture (model_type). GPT-2's are Conv1D layers; peft adapts them with fan_in_fan_out.
@@ -194,6 +195,14 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def keeps_logits(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; a custom one may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
 def keep_chat_format(chat: ChatEncoder, tokenizer: Any, model: Any) -> None:
     """The saved folder chats exactly as it was trained: same template, and generation stops at the end-of-turn token.
 
@@ -258,9 +267,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
         print(f"fine-tuning {ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {what}, "
               f"{accelerator.num_processes} process(es), {_precision(accelerator)}", file=sys.stderr)
 
+    # prompt/response and chat rows learn a few tokens each: run the LM head only where a label is
+    sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
     job = TrainJob(model, data.train, data.eval, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
                    cfg.train, out, num_labels=len(data.labels.names) if data.labels else 2, quiet=cfg.quiet or not main,
-                   resume=cfg.resume)
+                   resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse and keeps_logits(model) else None)
     with run_guard(out, resume=cfg.resume, main=main):
         result = fit(job, accelerator)
         if main:

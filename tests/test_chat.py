@@ -317,3 +317,37 @@ def test_truncation_never_leaves_an_all_masked_row(tiny_llama, tmp_path, cli):
     only_long = _write_jsonl(tmp_path / "only-long.jsonl", rows[1::2])
     code, _, err = cli("finetune", "--model", tiny_llama, "--data", only_long, "--out", tmp_path / "b", "--max-steps", "1", "--block-size", "24")
     assert code == 2 and "no response token is left" in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparse_loss_equals_the_models_own_loss_and_gradients(arch, packed, tiny_llama, tiny_gpt2):
+    """The LM head run only at learned positions gives the model's own loss and the same gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.finetune import keeps_logits
+    from llmkit.losses import sparse_causal_lm_loss
+
+    folder = tiny_llama if arch == "llama" else tiny_gpt2
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = SIMPLE if arch == "llama" else "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
+    convs = [Conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}], f"row {i}") for i, (q, a) in enumerate(QA)]
+    ids, labels, _ = encode_conversations(ChatEncoder(tok, template), convs, 64)
+    items = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels, strict=True)]
+    if packed:
+        p_ids, p_labels, p_pos = pack(ids, labels, 40)
+        items = [{"input_ids": i, "labels": lab, "position_ids": p} for i, lab, p in zip(p_ids, p_labels, p_pos, strict=True)]
+    batch = Collator(tok.eos_token_id, causal=True)(items)
+    batch.pop("num_tokens", None), batch.pop("num_examples", None)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+    model.config.use_cache = False
+    assert keeps_logits(model)
+    grads = []
+    for loss_fn in (lambda m, b: m(**b).loss, sparse_causal_lm_loss):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        grads.append((float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
