@@ -1,6 +1,6 @@
 """Check 12: output atomicity. Every command that writes a folder (finetune, distill, quantize) builds it under
 a temporary name and installs it at the end. A failure at any point leaves no half-written output: before the
-first checkpoint, no folder at all; after it, a resumable run (status "running", checkpoints) with no model files
+first checkpoint, no folder at all; after it, a resumable run (status "failed" with the error and checkpoint) with no model files
 in it. An existing folder is never touched without --overwrite.
 """
 
@@ -50,7 +50,9 @@ def assert_nothing_half_written(out, *, checkpoints: bool) -> None:
     names = {p.name for p in out.iterdir()}
     assert not names & set(MODEL_FILES), names
     assert not any(n.startswith(".tmp") for n in names), names
-    assert json.loads((out / "llmkit.json").read_text())["llmkit"]["status"] == "running"
+    state = json.loads((out / "llmkit.json").read_text())["llmkit"]
+    # resumable, and it says what happened: not "running" (nothing runs) and not "done"
+    assert state["status"] == "failed" and state["error"] and state["checkpoint"].startswith("step-"), state
 
 
 def finetune_argv(model, data, out, *extra):
