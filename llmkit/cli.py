@@ -28,6 +28,7 @@ app = typer.Typer(
     help="Generate, fine-tune, distill, quantize and evaluate Hugging Face language models.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help text: "[default: 8]" in a help string is text, not a Rich style tag
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

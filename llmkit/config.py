@@ -70,6 +70,11 @@ class DataConfig:
     packing: bool = False
     """--packing: chat / prompt-response data: several conversations per --block-size row, kept apart by position ids
     (no attention across them, positions restart): less padding, same loss."""
+    max_train_samples: int = 0
+    """--max-train-samples: use only the first N training examples (text: N blocks; --packing: N packed rows), for a
+    quick trial of a recipe; 0 = all (as HF's run_clm.py --max_train_samples)."""
+    max_eval_samples: int = 0
+    """--max-eval-samples: evaluate on only the first N held-out examples; 0 = all."""
 
 
 @dataclass
@@ -267,6 +272,8 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
     need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
     need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")
+    need(d.max_train_samples >= 0, f"--max-train-samples must be >= 0, got {d.max_train_samples}")
+    need(d.max_eval_samples >= 0, f"--max-eval-samples must be >= 0, got {d.max_eval_samples}")
     need(bool(d.text_column), "--text-column must not be empty")
     need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
          "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")

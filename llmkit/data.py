@@ -411,6 +411,13 @@ class ExampleSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def head(self, n: int) -> ExampleSet:
+        """The first n examples (all of them when n is 0): --max-train-samples / --max-eval-samples."""
+        if not n or n >= len(self):
+            return self
+        return ExampleSet(self.input_ids[:n], None if self.labels is None else self.labels[:n], self.dropped,
+                          None if self.position_ids is None else self.position_ids[:n])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"input_ids": self.input_ids[i]}
         if self.labels is not None:

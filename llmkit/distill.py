@@ -32,6 +32,7 @@ from typing import Any
 from llmkit.config import DistillConfig, KDConfig
 from llmkit.errors import UsageError
 from llmkit.models import ModelRef, resolve
+from llmkit.progress import bar as progress_bar
 
 # Where each supported architecture keeps its stack of layers (the name of the ModuleList ends with it).
 LAYER_STACKS: dict[str, str] = {
@@ -287,11 +288,7 @@ def _teacher_logits(teacher: Any, examples: Any, collate: Any, task: str, k: int
     from torch.utils.data import DataLoader
 
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc="caching teacher logits", unit="batch", dynamic_ncols=True)
+    bar = progress_bar(len(loader), "caching teacher logits", "batch", enabled=progress)
     values, indices = [], []
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
@@ -316,8 +313,9 @@ def _teacher_logits(teacher: Any, examples: Any, collate: Any, task: str, k: int
 def cache_dir(cfg: KDConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    root = os.environ.get("LLMKIT_CACHE") or Path.home() / ".cache" / "llmkit"
-    return Path(root) / "teacher-logits"
+    from llmkit.models import cache_root
+
+    return cache_root() / "teacher-logits"
 
 
 class IndexedExamples:
@@ -415,7 +413,7 @@ def distill(cfg: DistillConfig) -> Path:
     set_threads(cfg.train.threads)
     accelerator = make_accelerator(cfg.train)
     main = accelerator.is_main_process
-    progress = not cfg.quiet and main and sys.stderr.isatty()
+    progress = not cfg.quiet and main
     say = (lambda msg: print(msg, file=sys.stderr)) if not cfg.quiet and main else (lambda msg: None)
     tokenizer = load_tokenizer(ref)
 
@@ -538,7 +536,7 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
     intro = (f"Distilled from `{base_model_id(ref)}` with llmkit {__version__} ({cfg.task}, T={cfg.distill.temperature}, "
              f"alpha={cfg.distill.alpha}), {result.state.step} optimizer steps on `{cfg.data.train}`.")
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method="distill", merged=False, metrics=metrics,
-                      steps=result.state.step, command=command_line(), data=cfg.data.train, intro=intro,
+                      steps=result.state.step, command=command_line(), data=cfg.data.train, intro=intro, out=cfg.out,
                       extra=f"## Teacher and student\n\n{table}\n\n" + ("![loss curves](loss.png)\n" if plotted else ""))
     (tmp / "README.md").write_text(card, encoding="utf-8")
     write_json(tmp / RUN_FILE, run)

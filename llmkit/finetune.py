@@ -92,7 +92,8 @@ def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: La
         if d.packing:
             raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
         train, evals = _split(train, d.eval_split, cfg.train.seed)
-    return Prepared(train, evals, labels, chat, added)
+    return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None,
+                    labels, chat, added)
 
 
 def _kept(table: Any, ids: list[list[int]], labels: list[list[int]], where: list[str], kept: list[int], packing: bool,
@@ -170,6 +171,8 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # new rows start at the mean embedding
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if cfg.method == "lora":
+        if ref.is_gguf or ref.adapter is not None:
+            keep_base(ref, model, tokenizer)  # so that plain peft can load the adapter (peft_base)
         model = add_lora(model, cfg)
     return model
 
@@ -241,7 +244,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     set_threads(cfg.train.threads)
     accelerator = make_accelerator(cfg.train)
     main = accelerator.is_main_process
-    progress = not cfg.quiet and main and sys.stderr.isatty()
+    progress = not cfg.quiet and main
     tokenizer = load_tokenizer(ref)
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer)
@@ -322,12 +325,55 @@ def check_resume_matches(out: Path, cfg: Any, keys: tuple[str, ...]) -> None:
 
 
 def base_model_id(ref: ModelRef) -> str:
-    """What `base_model_name_or_path` should say so plain peft can find the base: a Hub id or an absolute path."""
+    """The base as the Hub knows it (model card metadata): a Hub id, else an absolute path."""
     if ref.source == "alias":
         return ALIASES[ref.name.lower()].hub_id
     if ref.source == "hub":
         return ref.name
     return str(ref.path.parent if ref.is_gguf else ref.path)
+
+
+def peft_base(ref: ModelRef) -> str:
+    """What the adapter's `base_model_name_or_path` says: a base that plain peft loads on this machine, offline.
+
+    transformers cannot open a GGUF file from a folder name, and a base that was itself a LoRA run exists only
+    merged in memory, so those bases are kept once as an HF folder in llmkit's cache (`base_folder`). A Hub
+    base stays a Hub id; a bundled or local folder is its absolute path.
+    """
+    if ref.is_gguf or ref.adapter is not None:
+        return str(base_folder(ref))
+    return ref.name if ref.source == "hub" else str(ref.path.resolve())
+
+
+def base_folder(ref: ModelRef) -> Path:
+    """`$LLMKIT_CACHE/bases/NAME-KEY`: keyed by the files it comes from, so a changed file gets a new folder."""
+    import hashlib
+
+    from llmkit.models import cache_root
+
+    sources = [ref.path] + ([ref.adapter / "adapter_model.safetensors"] if ref.adapter is not None else [])
+    facts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources]
+    key = hashlib.sha1("|".join(facts).encode()).hexdigest()[:12]
+    name = (ref.adapter.name if ref.adapter is not None else ref.path.stem).split(".")[0]
+    return cache_root() / "bases" / f"{name}-{key}"
+
+
+def keep_base(ref: ModelRef, model: Any, tokenizer: Any) -> None:
+    """Write the base a LoRA adapter is trained on to `base_folder(ref)` (once; fp32, exactly the trained-on weights)."""
+    import shutil
+
+    folder = base_folder(ref)
+    if (folder / "config.json").exists():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")  # torchrun: every process may get here first
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process installed it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
@@ -354,7 +400,7 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
     shutil.rmtree(tmp, ignore_errors=True)
     merged = cfg.method == "lora" and cfg.lora.merge
     if cfg.method == "lora":
-        model.peft_config["default"].base_model_name_or_path = base_model_id(ref)
+        model.peft_config["default"].base_model_name_or_path = peft_base(ref)
         if merged:
             model = model.merge_and_unload()  # fp32 weights: merged in full precision
     if cfg.method == "lora" and not merged:
@@ -372,7 +418,9 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
     plotted = plot_losses(out / "metrics.jsonl", tmp / "loss.png", f"{ref.name} - {cfg.task} {cfg.method}")
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method=cfg.method, merged=merged,
                       metrics=metrics, steps=result.state.step, command=command_line(), data=cfg.data.train,
-                      extra="![loss curves](loss.png)\n" if plotted else "")
+                      extra="![loss curves](loss.png)\n" if plotted else "", out=cfg.out,
+                      peft_base=peft_base(ref) if cfg.method == "lora" else None,
+                      num_labels=len(model.config.id2label) if cfg.task == "seq-cls" else None)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     write_json(tmp / RUN_FILE, run)
     for stale in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json"):

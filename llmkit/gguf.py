@@ -353,8 +353,9 @@ class GgufUnusable(UsageError):
 
 def cache_dir() -> Path:
     """`$LLMKIT_CACHE/gguf`, or `~/.cache/llmkit/gguf`."""
-    root = os.environ.get("LLMKIT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "llmkit") / "gguf"
+    from llmkit.models import cache_root
+
+    return cache_root() / "gguf"
 
 
 def cache_type(requested: str | None = None) -> str | None:

@@ -15,6 +15,8 @@ import math
 import time
 from typing import Any
 
+from llmkit.progress import bar as progress_bar
+
 
 def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
     """Accuracy, and F1 (binary F1 of class 1 for two classes, macro F1 otherwise)."""
@@ -88,7 +90,7 @@ BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True)
 
 def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_size: int | None = None,
                   max_blocks: int | None = None, batch_size: int = 8, text_column: str = "text",
-                  text_pair_column: str | None = None, label_column: str = "label", max_length: int = 512,
+                  text_pair_column: str | None = None, label_column: str = "label", max_length: int | None = None,
                   device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                   progress: bool = False, data_format: str = "auto", chat_template: str | None = None,
                   answers: bool = False, max_new_tokens: int = 64, max_examples: int | None = None) -> dict[str, Any]:
@@ -148,18 +150,14 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
         if text_pair_column:
             col = table.column(text_pair_column, "--text-pair-column")
             pairs = ["" if col[i] is None else str(col[i]) for i in rows]
-        ids = encode_seq_cls(tokenizer, texts, pairs, max_length)
+        ids = encode_seq_cls(tokenizer, texts, pairs, max_length or _trained_max_length(ref.path))
         ys = labels.ids(table, label_column, rows)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
         loader = DataLoader(ExampleSet([ids[i] for i in order], [ys[i] for i in order]), batch_size=batch_size,
                             collate_fn=Collator(tokenizer.pad_token_id, causal=False))
     dev = next(model.parameters()).device
     batches = ({k: v.to(dev) for k, v in b.items()} for b in loader)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc="evaluating", unit="batch", dynamic_ncols=True)
+    bar = progress_bar(len(loader), "evaluating", "batch", enabled=progress)
     with torch.inference_mode():
         result = evaluate_model(model, batches, task, num_labels=len(labels.names) if task == "seq-cls" else 2, progress=bar)
     if bar is not None:
@@ -169,6 +167,22 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
         result.update(blocks=len(blocks), block_size=block)
     result.update(task=task, model=model_name, data=data, seconds=round(time.perf_counter() - start, 2))
     return result
+
+
+def _trained_max_length(folder: Any) -> int:
+    """seq-cls truncation: what the run was trained with (llmkit.json), so evaluation sees the same inputs.
+
+    A model from elsewhere gets 512, the longest input BERT-style encoders read: nothing is cut that the model
+    could have used.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        run = json.loads((Path(folder) / "llmkit.json").read_text(encoding="utf-8"))
+        return int(run["data"]["max_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
 
 
 def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_template: str | None = None, block_size: int = 1024,

@@ -90,6 +90,12 @@ class ModelRef:
         return self.kind == "gguf"
 
 
+def cache_root() -> Path:
+    """llmkit's cache: `$LLMKIT_CACHE`, or `~/.cache/llmkit` (GGUF exports, kept bases, teacher logits)."""
+    root = os.environ.get("LLMKIT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "llmkit"
+
+
 def alias_path(name: str) -> Path | None:
     """Where an alias's files are installed, or None if its package is not installed.
 
@@ -396,11 +402,14 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
     from transformers.utils import logging as hf_logging
 
     where, kwargs = _source_kwargs(ref)
+    from llmkit.progress import tty_bars
+
     hf_logging.set_verbosity_error()  # GGUF loading logs a line per tensor; new heads log a load report
-    if not progress:
+    bars = tty_bars(progress)
+    if not bars:
         hf_logging.disable_progress_bar()
     try:
-        with _gguf_bar(progress and ref.is_gguf):
+        with _gguf_bar(bars and ref.is_gguf):
             model = auto_cls.from_pretrained(where, **kwargs, **extra)
     except ValueError as e:
         first = str(e).splitlines()[0]

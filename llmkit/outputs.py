@@ -165,21 +165,30 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> bool:
 
 
 def model_card(*, title: str, base: str, task: str, method: str, merged: bool, metrics: dict[str, float],
-               steps: int, command: str, data: str, extra: str = "", intro: str | None = None) -> str:
+               steps: int, command: str, data: str, extra: str = "", intro: str | None = None, out: str = "OUT",
+               peft_base: str | None = None, num_labels: int | None = None) -> str:
+    """README.md of an output folder; its Python snippets name the real folder, base and label count, so they run as shown."""
     library = "peft" if method == "lora" and not merged else "transformers"
     pipeline = "text-generation" if task == "causal-lm" else "text-classification"
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    causal = task == "causal-lm"
+    labels = "" if causal else f", num_labels={num_labels}"
     if library == "peft":
-        auto = "AutoPeftModelForCausalLM" if task == "causal-lm" else "AutoPeftModelForSequenceClassification"
-        load = f"from peft import {auto}\nmodel = {auto}.from_pretrained(\"OUT\")"
-        if task == "seq-cls":  # the base config knows neither the labels nor (GPT-2, Llama) the pad token
-            load = (f"from peft import {auto}\nfrom transformers import AutoTokenizer\ntok = AutoTokenizer.from_pretrained(\"OUT\")\n"
-                    f"model = {auto}.from_pretrained(\"OUT\", num_labels=N_LABELS)  # labels: see llmkit.json\n"
-                    "model.config.pad_token_id = tok.pad_token_id")
+        auto = "AutoPeftModelForCausalLM" if causal else "AutoPeftModelForSequenceClassification"
+        load = f"from peft import {auto}\nmodel = {auto}.from_pretrained({out!r}{labels})"
+        if peft_base:
+            load += f"  # base: {peft_base}"
+        if not causal:  # the base config does not know (GPT-2, Llama) the pad token
+            load += f"\nfrom transformers import AutoTokenizer\nmodel.config.pad_token_id = AutoTokenizer.from_pretrained({out!r}).pad_token_id"
+        if peft_base and peft_base != base:
+            hf = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+            load += (f"\n\n# where that base folder is missing (another machine), take the base from the Hub:\n"
+                     f"from peft import PeftModel\nfrom transformers import {hf}\n"
+                     f"model = PeftModel.from_pretrained({hf}.from_pretrained({base!r}{labels}), {out!r})")
     else:
-        auto = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
-        load = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"OUT\")"
-    use = "llmkit generate --model OUT \"Once upon a time\"" if task == "causal-lm" else "llmkit evaluate --model OUT --data test.csv"
+        auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+        load = f"from transformers import {auto}\nmodel = {auto}.from_pretrained({out!r})"
+    use = f"llmkit generate --model {out} \"Once upon a time\"" if causal else f"llmkit evaluate --model {out} --data test.csv"
     return f"""---
 library_name: {library}
 base_model: {base}

@@ -26,11 +26,14 @@ re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +126,18 @@ def _files_bytes(path: Path) -> int:
 def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | None = None, max_ppl_increase: float = 2.0,
              force: bool = False, keep: tuple[str, ...] = (), block_size: int = 256, max_blocks: int = 16,
              allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False,
-             say: Any = None) -> dict[str, Any]:
+             say: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Quantize `model_name` into `out`, measure before / after, and return the report (also written to disk)."""
     import torch
 
     from llmkit.models import architectures, load_tokenizer, resolve
 
     say = say or (lambda msg: None)
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes says it on every fp32 matmul
-    if not progress:
+    from llmkit.progress import tty_bars
+
+    if not tty_bars(progress):
         hf_logging.disable_progress_bar()  # "Writing model shards" bars
     if method not in METHODS:
         raise UsageError(f"--method {method!r} is not one of {', '.join(METHODS)}")
@@ -150,8 +152,8 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
 
         if not llama_cpp_available():
             raise UsageError(f"--method {method} uses llama.cpp's quantizer: pip install 'llmkit[edge]' (or pip install llama-cpp-python)")
-    if out.exists():
-        raise UsageError(f"--out {out} already exists; choose another path or delete it first")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} already exists; choose another path, or pass --overwrite to replace it")
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if not ref.is_gguf and quantized_method(ref.path):  # a GGUF source is de-quantized to fp32: a fine start
         raise UsageError(f"{model_name} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
@@ -227,9 +229,10 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
         if qmodel is not None:
             torch.set_num_threads(_threads())
             after["memory_bytes"] = weight_bytes(qmodel)
-            after.update(_quality(qmodel, blocks, task, eval_data, tokenizer))
-            if task == "causal-lm":
-                after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
+            with _no_bnb_cast_log():
+                after.update(_quality(qmodel, blocks, task, eval_data, tokenizer))
+                if task == "causal-lm":
+                    after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
         else:
             after["memory_bytes"] = after["disk_bytes"]  # llama.cpp maps the file: weights in memory = the file
             after.update(_gguf_quality_and_speed(tmp, blocks, prompt))
@@ -240,12 +243,40 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         else:
             _report_path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        _install(tmp, out)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
     return report
+
+
+@contextlib.contextmanager
+def _no_bnb_cast_log() -> Iterator[None]:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from float32 to float16" on every fp32 matmul (15,120
+    lines while measuring SmolLM2); that one message is dropped while llmkit measures, and nothing else."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "MatMul8bitLt: inputs will be cast" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished output into place; with --overwrite, the old output is removed only after that."""
+    old = None
+    if out.is_dir():  # os.replace cannot put a folder over a non-empty folder: move the old one aside first
+        old = out.with_name(f".old-{out.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class QualityGateError(UsageError):

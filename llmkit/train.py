@@ -370,11 +370,9 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _progress(job: TrainJob, total: int, initial: int, main: bool) -> Any:
-    if job.quiet or not main or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
+    from llmkit.progress import bar
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+    return bar(total, "training", "step", enabled=not job.quiet and main, initial=initial)
 
 
 class _StopSignal:

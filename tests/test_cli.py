@@ -18,6 +18,60 @@ def test_help(cli, command):
     assert "Usage" in out
     if command:
         assert "Examples" in out  # every command documents a runnable example
+        assert f"llmkit {command}" in out
+    if command not in (None, "models"):
+        assert "[default: " in out  # defaults are shown (Rich markup once swallowed "[default: ...]" as a style tag)
+
+
+def test_short_flags_mean_one_thing_across_commands():
+    """`-t` was temperature in generate and teacher in distill: a short flag names the same long flag everywhere."""
+    import click
+    import typer.main
+
+    from llmkit.cli import app
+
+    seen: dict[str, set[str]] = {}
+    group = typer.main.get_command(app)
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                longs = [o for o in param.opts if o.startswith("--")]
+                for short in (o for o in param.opts if not o.startswith("--")):
+                    seen.setdefault(short, set()).update(longs)
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
+def test_progress_without_a_tty_is_periodic_log_lines(capsys):
+    from llmkit.progress import LogBar, bar
+
+    assert bar(10, "x", "step", enabled=False) is None  # --quiet
+    assert isinstance(bar(10, "x", "step"), LogBar)  # pytest's stderr is not a terminal
+    log = LogBar(4, "training", "step", every=0)
+    for _ in range(4):
+        log.update(1)
+    log.set_postfix_str("loss=1.5")
+    log.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 and "\r" not in "".join(lines)
+    assert lines[0].startswith("training: 1/4 steps (25%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("training: 4/4 steps (100%)") and "took" in lines[-1] and lines[-1].endswith("loss=1.5")
+    quiet = LogBar(4, "short", "step", every=3600)  # a phase shorter than the interval prints nothing
+    quiet.update(4)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_training_log_shows_life_when_piped(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKIT_PROGRESS_EVERY", "0")
+    code, _, err = cli("finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--block-size", "16", "--max-steps", "3",
+                       "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if x.startswith("training: ")]
+    assert [x.split(",")[0] for x in lines[:3]] == ["training: 1/3 steps (33%)", "training: 2/3 steps (67%)", "training: 3/3 steps (100%)"]
+    assert "\r" not in err
+    code, _, err = cli("finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--block-size", "16", "--max-steps", "3",
+                       "--out", tmp_path / "quiet", "--quiet")
+    assert code == 0 and err == ""
 
 
 def test_cli_import_is_light():

@@ -12,7 +12,8 @@ FLAG_KEYS = {
     "student_layers": "student.layers", "student_config": "student.config", "temperature": "distill.temperature",
     "alpha": "distill.alpha", "hidden_weight": "distill.hidden_weight", "cache_top_k": "distill.cache_top_k",
     "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
-    "lr": "train.lr", "max_length": "data.max_length", "block_size": "data.block_size", "text_column": "data.text_column",
+    "lr": "train.lr", "max_length": "data.max_length", "block_size": "data.block_size", "max_train_samples": "data.max_train_samples",
+    "max_eval_samples": "data.max_eval_samples", "text_column": "data.text_column",
     "label_column": "data.label_column", "seed": "train.seed", "mixed_precision": "train.mixed_precision",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "threads": "train.threads", "resume": "resume",
     "overwrite": "overwrite", "quiet": "quiet", "allow_pickle": "teacher.allow_pickle", "trust_remote_code": "teacher.trust_remote_code",
@@ -20,7 +21,7 @@ FLAG_KEYS = {
 
 
 def distill(
-    teacher: str = typer.Option(None, "--teacher", "-t", help="Teacher: alias, folder (a finetune output, LoRA or merged), .gguf, Hub id.", show_default=False),
+    teacher: str = typer.Option(None, "--teacher", help="Teacher: alias, folder (a finetune output, LoRA or merged), .gguf, Hub id.", show_default=False),
     task: str = typer.Option(None, "--task", help="causal-lm | seq-cls [default: causal-lm].", show_default=False),
     data: str = typer.Option(None, "--data", "-d", help="Training data: .txt/.csv/.jsonl/.parquet, a folder, or a Hub dataset id.", show_default=False),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data: teacher and student are both measured on it.", show_default=False),
@@ -38,6 +39,10 @@ def distill(
     lr: float = typer.Option(None, "--lr", help="Peak learning rate [default: 5e-5].", show_default=False),
     max_length: int = typer.Option(None, "--max-length", help="seq-cls: truncate inputs to this many tokens [default: 128].", show_default=False),
     block_size: int = typer.Option(None, "--block-size", help="causal-lm: tokens per packed block [default: 256].", show_default=False),
+    max_train_samples: int = typer.Option(None, "--max-train-samples", help="Only the first N training examples, for a quick "
+                                         "trial [default: 0 = all].", show_default=False),
+    max_eval_samples: int = typer.Option(None, "--max-eval-samples", help="Only the first N held-out examples [default: 0 = all].",
+                                        show_default=False),
     text_column: str = typer.Option(None, "--text-column", help="Text column of CSV/JSONL data [default: text].", show_default=False),
     label_column: str = typer.Option(None, "--label-column", help="Label column for seq-cls [default: label].", show_default=False),
     seed: int = typer.Option(None, "--seed", help="Seed for init, dropout and data order [default: 0].", show_default=False),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import typer
 
@@ -18,7 +17,8 @@ def evaluate(
     text_column: str = typer.Option("text", "--text-column", help="Text column of CSV/JSONL data."),
     text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column (pair tasks).", show_default=False),
     label_column: str = typer.Option("label", "--label-column", help="Label column (seq-cls)."),
-    max_length: int = typer.Option(512, "--max-length", help="seq-cls: truncate inputs to this many tokens."),
+    max_length: int = typer.Option(None, "--max-length", help="seq-cls: truncate inputs to this many tokens [default: the run's "
+                                   "training --max-length, else 512].", show_default=False),
     data_format: str = typer.Option("auto", "--format", help="Chat data: auto | messages | sharegpt | prompt-completion (auto: from the columns)."),
     chat_template: str = typer.Option(None, "--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].", show_default=False),
     generate_answers: bool = typer.Option(False, "--generate-answers", help="Chat data: answer each last user turn greedily; report exact / contains match."),
@@ -45,7 +45,7 @@ def evaluate(
     result = evaluate_data(model, data, task=task, block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
                            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                            max_length=max_length, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           progress=not quiet and sys.stderr.isatty(), data_format=data_format, chat_template=chat_template,
+                           progress=not quiet, data_format=data_format, chat_template=chat_template,
                            answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples)
     if as_json:
         typer.echo(json.dumps(result))

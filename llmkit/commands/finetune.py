@@ -11,6 +11,7 @@ FLAG_KEYS = {
     "model": "model.name", "task": "task", "method": "method", "data": "data.train", "eval_data": "data.eval",
     "out": "out", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum", "lr": "train.lr", "max_length": "data.max_length", "block_size": "data.block_size",
+    "max_train_samples": "data.max_train_samples", "max_eval_samples": "data.max_eval_samples",
     "text_column": "data.text_column", "text_pair_column": "data.text_pair_column",
     "prompt_column": "data.prompt_column", "label_column": "data.label_column",
     "seed": "train.seed", "mixed_precision": "train.mixed_precision", "eval_every": "train.eval_every",
@@ -36,6 +37,10 @@ def finetune(
     lr: float = typer.Option(None, "--lr", help="Peak learning rate [default: 5e-5].", show_default=False),
     max_length: int = typer.Option(None, "--max-length", help="seq-cls: truncate inputs to this many tokens [default: 128].", show_default=False),
     block_size: int = typer.Option(None, "--block-size", help="causal-lm: tokens per packed block [default: 256].", show_default=False),
+    max_train_samples: int = typer.Option(None, "--max-train-samples", help="Only the first N training examples, for a quick "
+                                         "trial [default: 0 = all].", show_default=False),
+    max_eval_samples: int = typer.Option(None, "--max-eval-samples", help="Only the first N held-out examples [default: 0 = all].",
+                                        show_default=False),
     text_column: str = typer.Option(None, "--text-column", help="Text column of CSV/JSONL data [default: text].", show_default=False),
     text_pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column for pair tasks (seq-cls).", show_default=False),
     prompt_column: str = typer.Option(None, "--prompt-column", help="causal-lm: prompt column; only the response is learned.", show_default=False),

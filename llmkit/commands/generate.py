@@ -95,8 +95,8 @@ def generate(
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     texts = read_prompts(prompts or [], prompts_file)
     ref = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    show_progress = not quiet and sys.stderr.isatty()
-    if not show_progress:  # read by huggingface_hub (Hub downloads) when it is imported
+    show_progress = not quiet
+    if not sys.stderr.isatty() or quiet:  # read by huggingface_hub (Hub downloads) when it is imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     streaming = (sys.stdout.isatty() if stream is None else stream) and not as_json
 
@@ -120,11 +120,9 @@ def generate(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    bar = None
-    if show_progress and not streaming and len(queue) > 1:
-        from tqdm import tqdm
+    from llmkit.progress import bar as progress_bar
 
-        bar = tqdm(total=len(queue), unit="text", desc="generating", file=sys.stderr)
+    bar = progress_bar(len(queue), "generating", "text", enabled=show_progress and not streaming and len(queue) > 1)
     started = time.perf_counter()
     for gen in engine.generate(texts, opts, on_text if streaming else None):
         if as_json:
@@ -142,7 +140,7 @@ def generate(
             bar.update(1)
     if bar is not None:
         bar.close()
-    if not quiet and not as_json:
+    if not quiet:  # on stderr, so it never mixes into --json output
         tokens = sum(g.new_tokens for g in done)
         seconds = time.perf_counter() - started  # wall time: batched texts share their seconds
         print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s, {engine.name}, {ref.name}]",

@@ -7,12 +7,13 @@ import typer
 
 def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist unless --overwrite."),
     method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
                                "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
                                   "[default: a built-in public-domain sample].", show_default=False),
     max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only once the new one is complete and passed the gate)."),
     force: bool = typer.Option(False, "--force", help="Keep the model even when it fails the quality gate."),
     keep_fp32: str = typer.Option(None, "--keep-fp32", help="int8: module names to leave in fp32, comma-separated (e.g. lm_head).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -42,7 +43,8 @@ def quantize(
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
     try:
         report = run(model, out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase, force=force, keep=keep,
-                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet and sys.stderr.isatty(), say=say)
+                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet, say=say,
+                     overwrite=overwrite)
     except QualityGateError as e:
         print_report(e.report, sys.stderr)
         raise
