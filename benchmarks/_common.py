@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -14,28 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 LLMKIT = [sys.executable, "-m", "llmkit"]
-# The CPU features that decide which precision and kernels are fast (GUIDE §3: bf16 only pays with AMX).
-CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni")
-
-
-def cpu_line() -> str:
-    """`cpu: Intel(R) Xeon(R) ... (2 cores) amx_bf16=no amx_int8=no avx512_bf16=yes avx512_vnni=yes`.
-
-    Machines differ from session to session by up to 2x, so every benchmark prints what it ran on first.
-    """
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features"):  # x86 / ARM
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux: the name alone
-        pass
-    return f"cpu: {name} ({os.cpu_count()} cores) " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+from llmkit.machine import cpu_line  # noqa: E402,F401  (every benchmark's first line)
 
 
 def run(cmd: list[str], label: str) -> tuple[str, float]:

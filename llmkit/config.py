@@ -130,7 +130,8 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] | None = None
-    """--lora-targets: module names to adapt, or ["all-linear"]; None = chosen for the architecture."""
+    """--lora-targets: module names to adapt, or ["all-linear"]; None = all-linear for causal LMs, the attention
+    projections for classifiers (query/value, q/k/v/o_proj, c_attn/c_proj)."""
     merge: bool = False
     """--merge: save a merged full model instead of the adapter (merged in full precision)."""
 

@@ -399,6 +399,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     from llmkit.data import Collator, Labels
     from llmkit.finetune import check_resume_matches, prepare_data, run_record, set_threads
+    from llmkit.machine import summary as machine_summary
     from llmkit.models import load_tokenizer
     from llmkit.outputs import check_out_dir, run_guard
     from llmkit.train import TrainJob, fit, full_precision, make_accelerator
@@ -440,7 +441,7 @@ def distill(cfg: DistillConfig) -> Path:
         student.config.pad_token_id = tokenizer.pad_token_id
     student.to(accelerator.device)
 
-    record = run_record(cfg, ref, data)
+    record = run_record(cfg, ref, data, accelerator)
     record["student"]["kept_layers"] = kept
     if main:
         from llmkit.outputs import start_run
@@ -480,7 +481,8 @@ def distill(cfg: DistillConfig) -> Path:
         loss = DistillLoss(cfg.task, cfg.distill, accelerator, teacher=teacher, cache=cache, align=align)
         say(f"distilling {ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
             f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
-            + (f", layers {kept}" if kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}")
+            + (f", layers {kept}" if kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}, "
+            + machine_summary(record["machine"]))
         job = TrainJob(student, train_set, data.eval, collate, cfg.task, cfg.train, out, num_labels=num_labels,
                        loss_fn=loss, log_extra=loss.log_extra, quiet=cfg.quiet or not main, resume=cfg.resume)
         result = fit(job, accelerator)  # trains `student` in place

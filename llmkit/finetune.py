@@ -181,7 +181,10 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
     mtype = model.config.model_type
-    targets: Any = cfg.lora.target_modules or LORA_TARGETS.get(mtype) or "all-linear"
+    # Causal LMs: every linear layer of attention and MLP, as the QLoRA paper found necessary to match full
+    # fine-tuning (TRL, axolotl, unsloth recipes do the same); on SmolLM2 / Shakespeare attention-only ended 2.3
+    # perplexity points worse at equal steps. Classifiers keep the attention projections (the head is trained too).
+    targets: Any = cfg.lora.target_modules or ("all-linear" if cfg.task == "causal-lm" else LORA_TARGETS.get(mtype)) or "all-linear"
     if targets == ["all-linear"]:
         targets = "all-linear"
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -238,6 +241,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
     from accelerate.utils import set_seed
 
+    from llmkit.machine import summary as machine_summary
     from llmkit.models import load_tokenizer
     from llmkit.train import TrainJob, fit, make_accelerator
 
@@ -254,7 +258,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     set_seed(cfg.train.seed)  # the new head and the LoRA matrices start the same on every process and every run
     model = build_model(cfg, ref, tokenizer, data.labels, progress, grow_vocab=bool(data.added_tokens))
 
-    record = run_record(cfg, ref, data)
+    record = run_record(cfg, ref, data, accelerator)
     if main:
         from llmkit.outputs import start_run
 
@@ -268,7 +272,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if cfg.data.packing:
             what += f", packed into {len(data.train)} rows of up to {cfg.data.block_size} tokens"
         print(f"fine-tuning {ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {what}, "
-              f"{accelerator.num_processes} process(es), {_precision(accelerator)}", file=sys.stderr)
+              f"{machine_summary(record['machine'])}", file=sys.stderr)
 
     # prompt/response and chat rows learn a few tokens each: run the LM head only where a label is
     sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
@@ -284,12 +288,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def _precision(accelerator: Any) -> str:
-    return "fp32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} mixed precision"
+def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepared, accelerator: Any) -> dict[str, Any]:
+    """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move, and the
+    machine it ran on (CPU and flags, threads, the precision `auto` resolved to)."""
+    from llmkit.machine import facts
 
-
-def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepared) -> dict[str, Any]:
-    """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move."""
     record = cfg.to_dict()
     if ref.source == "local":
         record["model" if "model" in record else "teacher"]["name"] = str(ref.adapter or ref.path)
@@ -302,6 +305,7 @@ def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepare
         record["examples"]["train_conversations"] = data.train.conversations
     if data.train.dropped or (data.eval and data.eval.dropped):
         record["examples"]["dropped"] = {"train": data.train.dropped, "eval": data.eval.dropped if data.eval else 0}
+    record["machine"] = facts(accelerator.device.type, accelerator.mixed_precision, accelerator.num_processes)
     return record
 
 

@@ -318,14 +318,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return " amx_int8" in f.read(65536)
-    except OSError:
-        return False
-
-
 class LlamaCppBackend:
     """GGUF models through llama-cpp-python, computing in the file's quantized format.
 
@@ -344,11 +336,13 @@ class LlamaCppBackend:
         self.context = self.llm._model.n_ctx_train() or None
 
     def _load(self, n_ctx: int) -> None:
+        from llmkit.machine import cpu_info
+
         llama_cpp = self._llama_cpp
         # llama.cpp's AMX kernels (picked through its "extra buffer types") segfault in batched prompt evaluation
         # on the AMX CPUs we run on (llama-cpp-python 0.3.36); the plain AVX-512 path is safe and gave the same
         # ~100 tokens/s on SmolLM2-135M. LLMKIT_LLAMA_EXTRA_BUFTS=1 turns them back on.
-        extra_bufts = os.environ.get("LLMKIT_LLAMA_EXTRA_BUFTS", "0" if _cpu_has_amx() else "1") == "1"
+        extra_bufts = os.environ.get("LLMKIT_LLAMA_EXTRA_BUFTS", "0" if "amx_int8" in cpu_info()[1] else "1") == "1"
         defaults = llama_cpp.llama_cpp.llama_model_default_params
 
         def params() -> Any:

@@ -102,21 +102,9 @@ def resolve_precision(name: str) -> str:
         return name
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from llmkit.machine import cpu_has_amx
+
     return "bf16" if cpu_has_amx() else "no"
-
-
-def cpu_has_amx() -> bool:
-    """CPUs with bf16 matrix tiles (Intel AMX), where bf16 autocast pays off.
-
-    AVX512-BF16 alone is not enough: measured on such a Xeon (MiniLM-L6 seq-cls, 60 steps x 32), bf16 autocast
-    ran at 0.71x the samples/s of fp32, because the casts cost more than the bf16 dot products save.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:

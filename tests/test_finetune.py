@@ -49,10 +49,22 @@ def test_causal_lm_trains_and_reloads_with_plain_transformers(cli, request, toy_
     if method == "lora":
         from safetensors.torch import load_file
 
+        # the default for causal LMs is every linear layer, MLP included (not the LM head)
+        targets = {t.rsplit(".", 1)[-1] for t in json.loads((out / "adapter_config.json").read_text())["target_modules"]}
+        assert targets == ({"c_attn", "c_proj", "c_fc"} if arch == "gpt2" else
+                           {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}), targets
+
         lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means trained
     run = json.loads((out / "llmkit.json").read_text())
     assert run["llmkit"]["status"] == "done" and run["task"] == "causal-lm"
+    # what `auto` resolved to on this machine, and the machine, so any number can be traced to its hardware
+    machine = run["machine"]
+    assert machine["precision"] in ("fp32", "bf16") and run["train"]["mixed_precision"] == "auto"
+    assert machine["cpu"] and machine["threads"] >= 1 and machine["processes"] == 1 and machine["device"] == "cpu"
+    from llmkit.machine import cpu_has_amx
+
+    assert machine["precision"] == ("bf16" if cpu_has_amx() else "fp32")
 
     # The saved folder, loaded by plain transformers / peft, is the model that was evaluated in training.
     if method == "lora":

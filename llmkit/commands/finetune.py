@@ -58,7 +58,8 @@ def finetune(
     threads: int = typer.Option(None, "--threads", help="CPU threads [default: physical cores / processes].", show_default=False),
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank [default: 8].", show_default=False),
     lora_alpha: int = typer.Option(None, "--lora-alpha", help="LoRA alpha [default: 16].", show_default=False),
-    lora_targets: str = typer.Option(None, "--lora-targets", help="Module names, comma-separated, or all-linear.", show_default=False),
+    lora_targets: str = typer.Option(None, "--lora-targets", help="Module names, comma-separated, or all-linear "
+                                      "[default: all-linear for causal LMs, attention for classifiers].", show_default=False),
     merge: bool = typer.Option(None, "--merge", help="LoRA: save a merged full model instead of the adapter.", show_default=False),
     resume: bool = typer.Option(None, "--resume", help="Continue the run in --out from its newest complete checkpoint.", show_default=False),
     overwrite: bool = typer.Option(None, "--overwrite", help="Replace an existing --out folder.", show_default=False),

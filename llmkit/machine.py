@@ -1,0 +1,70 @@
+"""What machine a run used: CPU model and the flags that decide fast kernels, threads, precision.
+
+Machines differ between sessions and users (a Xeon with AMX trains bf16 2x faster; one with only AVX512-BF16 is
+slower in bf16 than fp32), so every run records these facts in llmkit.json and every benchmark prints them first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Any
+
+# The CPU features that decide which precision and kernels are fast (GUIDE §3: bf16 autocast only pays with AMX).
+CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni")
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(CPU model name, its feature flags), from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features"):  # x86 / ARM
+                    flags = frozenset(value.split())
+                    break
+    except OSError:  # not Linux: the name alone
+        pass
+    return name, flags
+
+
+def cpu_has_amx() -> bool:
+    """CPUs with bf16 matrix tiles (Intel AMX), where bf16 autocast pays off.
+
+    AVX512-BF16 alone is not enough: measured on such a Xeon (MiniLM-L6 seq-cls, 60 steps x 32), bf16 autocast
+    ran at 0.71x the samples/s of fp32, because the casts cost more than the bf16 dot products save.
+    """
+    return "amx_bf16" in cpu_info()[1]
+
+
+def cpu_line() -> str:
+    """`cpu: Intel(R) Xeon(R) ... (2 cores) amx_bf16=no amx_int8=no avx512_bf16=yes avx512_vnni=yes`."""
+    name, flags = cpu_info()
+    return f"cpu: {name} ({os.cpu_count()} cores) " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+
+
+def facts(device: str = "cpu", precision: str | None = None, processes: int = 1) -> dict[str, Any]:
+    """llmkit.json's "machine" section: enough to trace any number back to the hardware and settings behind it."""
+    import torch
+
+    name, flags = cpu_info()
+    out: dict[str, Any] = {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+                           "processes": processes}
+    if precision is not None:
+        out["precision"] = "fp32" if precision == "no" else precision
+    if device == "cuda" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def summary(m: dict[str, Any]) -> str:
+    """`1 process, fp32, 2 threads on Intel(R) Xeon(R) Platinum 8480+ (amx_bf16 avx512_bf16)`."""
+    where = m.get("gpu") or f"{m['threads']} threads on {m['cpu']} ({' '.join(m['cpu_flags']) or 'no amx/avx512'})"
+    precision = m["precision"] if m["precision"] == "fp32" else f"{m['precision']} mixed precision"
+    return f"{m['processes']} process{'es' if m['processes'] > 1 else ''}, {precision}, {where}"
