@@ -189,10 +189,18 @@ class FinetuneConfig(RunConfig):
             raise UsageError("; ".join(problems))
 
 
+LAYER_SELECTIONS = ("importance", "even")
+
+
 @dataclass
 class StudentConfig:
     layers: int | None = None
-    """--student-layers: keep this many of the teacher's layers, evenly spaced, first and last kept; None = half."""
+    """--student-layers: keep this many of the teacher's layers; None = half."""
+    layer_selection: str = "importance"
+    """--layer-selection: which layers to keep: importance (those that change the hidden states most on a sample of
+    the training data, ShortGPT's block influence) or even (evenly spaced, first and last kept: DistilBERT's choice)."""
+    selection_samples: int = 32
+    """Training examples the importance of each layer is measured on."""
     config: str | None = None
     """--student-config: a config.json or model folder for the student instead (same tokenizer as the teacher)."""
 
@@ -239,6 +247,8 @@ class DistillConfig(RunConfig):
         need(0 <= k.alpha <= 1, f"--alpha must be in [0, 1], got {k.alpha}")
         need(k.hidden_weight >= 0, f"--hidden-weight must be >= 0, got {k.hidden_weight}")
         need(k.cache_top_k >= 0, f"distill.cache_top_k must be >= 0, got {k.cache_top_k}")
+        need(s.layer_selection in LAYER_SELECTIONS, f"--layer-selection {s.layer_selection!r} is not one of {', '.join(LAYER_SELECTIONS)}")
+        need(s.selection_samples >= 1, f"student.selection_samples must be >= 1, got {s.selection_samples}")
         need(not (k.cache_top_k and k.hidden_weight), "--hidden-weight needs the live teacher's hidden states; set distill.cache_top_k=0")
         need(not (k.cache_top_k and k.alpha == 0), "distill.cache_top_k is pointless with --alpha 0 (no KD term); set it to 0")
         if problems:

@@ -73,13 +73,66 @@ def layer_stack(model: Any) -> tuple[str, Any]:
                      f"is a {mtype}; pass --student-config with a smaller config of the same tokenizer instead")
 
 
-def student_from_layers(teacher: Any, n: int) -> tuple[Any, list[int]]:
-    """A copy of `teacher` keeping `n` of its layers; every weight is copied, none is random."""
+def layer_importance(teacher: Any, batches: Any) -> list[float]:
+    """Block influence of each layer: the mean angular change 1 - cos(input, output) it makes to the hidden states
+    of real tokens (ShortGPT, Men et al. 2024). Layers that barely turn the hidden state can go with least harm."""
+    import torch
+
+    _, layers = layer_stack(teacher)
+    sums = [0.0] * len(layers)
+    count = 0
+    inputs: dict[int, Any] = {}
+    mask: list[Any] = [None]
+
+    def before(i: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def after(i: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
+            sums[i] += float(((1 - cos) * mask[0]).sum())
+        return hook
+
+    handles = [h for i, layer in enumerate(layers) for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
+                                                             layer.register_forward_hook(after(i), with_kwargs=True))]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask[0] = batch["attention_mask"].float()
+                count += int(mask[0].sum())
+                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return [v / max(count, 1) for v in sums]
+
+
+def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: int, device: Any) -> list[int]:
+    """`--layer-selection importance`: score every layer on the first `samples` training examples, keep the top n."""
+    from torch.utils.data import DataLoader, Subset
+
+    layer_stack(teacher)  # a clear error for architectures without a known layer stack, before any forward pass
+    subset = Subset(examples, range(min(samples, len(examples))))
+    batches = ({k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
+               for b in DataLoader(subset, batch_size=4, collate_fn=collate))
+    return important_layers(layer_importance(teacher, batches), n)
+
+
+def important_layers(scores: list[float], n: int) -> list[int]:
+    """The `n` layers that change the hidden states most, in order."""
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
+
+
+def student_from_layers(teacher: Any, n: int, kept: list[int] | None = None) -> tuple[Any, list[int]]:
+    """A copy of `teacher` keeping `n` of its layers (`kept`, else evenly spaced); every weight is copied, none is random."""
     stack, layers = layer_stack(teacher)
     total = len(layers)
     if not 1 <= n < total:
         raise UsageError(f"--student-layers must be between 1 and {total - 1} (the teacher has {total} layers), got {n}")
-    kept = kept_layers(total, n)
+    kept = kept or kept_layers(total, n)
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = n  # GPT-2 maps this onto n_layer
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == total:
@@ -409,7 +462,7 @@ def distill(cfg: DistillConfig) -> Path:
     check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     ref = resolve(cfg.teacher.name, allow_pickle=cfg.teacher.allow_pickle, trust_remote_code=cfg.teacher.trust_remote_code)
     if cfg.resume:
-        check_resume_matches(out, cfg, ("task", "student.layers", "student.config", "data.block_size", "data.max_length",
+        check_resume_matches(out, cfg, ("task", "student.layers", "student.layer_selection", "student.config", "data.block_size", "data.max_length",
                                         "train.batch_size", "train.grad_accum", "train.seed"))
     set_threads(cfg.train.threads)
     accelerator = make_accelerator(cfg.train)
@@ -430,7 +483,12 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.student.config:
         student = student_from_config(cfg.student.config, teacher, cfg.task, tokenizer, progress)
     else:
-        student, kept = student_from_layers(teacher, cfg.student.layers or max(1, count_layers(teacher) // 2))
+        n = cfg.student.layers or max(1, count_layers(teacher) // 2)
+        chosen = None
+        if cfg.student.layer_selection == "importance":
+            chosen = choose_layers(teacher, data.train, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), n,
+                                   cfg.student.selection_samples, accelerator.device)
+        student, kept = student_from_layers(teacher, n, chosen)
     check_vocab(teacher, student, tokenizer)
     align = aligned_layers(kept, count_layers(student), count_layers(teacher))
     if cfg.distill.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:

@@ -317,6 +317,13 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     if bar is not None:
         bar.close()
     result = TrainResult(state, total)
+    if state.train_seconds:
+        import torch
+
+        precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+        _say(job, f"trained {state.step} steps in {state.train_seconds:.1f} s: {state.tokens / state.train_seconds:,.0f} tokens/s, "
+                  f"{state.samples / state.train_seconds:.2f} samples/s ({precision}, {torch.get_num_threads()} threads, "
+                  f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
     if eval_loader is not None:
         if state.last_eval_step != state.step:
             result.eval_metrics = run_eval()

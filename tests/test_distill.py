@@ -103,6 +103,31 @@ def test_layer_extraction_copies_exactly_the_kept_layers(teachers, arch):
         assert not torch.allclose(teacher(ids).logits, student(ids).logits)
 
 
+def test_importance_drops_the_layer_that_changes_nothing(teachers):
+    """A layer whose attention and MLP outputs are zeroed passes its input through: block influence 0, dropped first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.distill import important_layers, layer_importance
+
+    teacher = AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()
+    with torch.no_grad():
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    ids = torch.randint(5, 100, (2, 12))
+    scores = layer_importance(teacher, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert len(scores) == 4 and scores[2] < 1e-6 and min(scores[i] for i in (0, 1, 3)) > 1e-4
+    assert important_layers(scores, 3) == [0, 1, 3]
+    # the hooks see what output_hidden_states reports (GPT-2: hidden_states[i] -> [i + 1], before the final norm)
+    gpt2 = AutoModelForCausalLM.from_pretrained(teachers["gpt2"]).eval()
+    got = layer_importance(gpt2, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    with torch.no_grad():
+        hs = gpt2(ids, output_hidden_states=True).hidden_states
+    for i in range(3):
+        expect = float((1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)).mean())
+        assert got[i] == pytest.approx(expect, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ loss
 
 
@@ -149,7 +174,8 @@ def test_distill_causal_lm_end_to_end(cli, teachers, toy_data, tmp_path):
 
     out = tmp_path / "student"
     code, _, err = cli(*_flags(teachers["gpt2"], out, toy_data / "train.txt", eval_data=toy_data / "eval.txt", student_layers="2",
-                               alpha="1.0", temperature="2.0", max_steps="24", lr="3e-3", batch_size="4", block_size="16"),
+                               alpha="1.0", temperature="2.0", max_steps="24", lr="3e-3", batch_size="4", block_size="16",
+                               layer_selection="even"),
                        "--set", "train.log_every=4")
     assert code == 0, err
     kl = [r["kd_loss"] for r in _metrics(out) if "kd_loss" in r]

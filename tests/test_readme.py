@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def quick_trial(cmd: str) -> str:
 
 
 def outputs(cmd: str) -> list[str]:
+    if cmd.lstrip().startswith("#"):
+        return []
     code = cmd.split(" #")[0]
     return re.findall(r"--out[ =](\S+)", code) + re.findall(r"(?<![0-9&])>\s*([\w./-]+)", code)
 
@@ -87,6 +90,7 @@ def test_quick_trial_and_outputs_parse():
     assert quick_trial("llmkit generate hi") == "llmkit generate hi"
     assert outputs("llmkit generate --json > out.jsonl 2>/dev/null") == ["out.jsonl"]
     assert outputs("curl -s x > /dev/null") == ["/dev/null"]
+    assert outputs("# SmolLM2 (30 layers) -> 15 layers") == []
     assert commands("a \\\n  b\nc") == ["a    b", "c"]
 
 
@@ -115,6 +119,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             script = "set -euo pipefail\n" + "\n".join(cmds) + "\n"
             argv = ["bash", "-s"]
             expected = [o for c in cmds for o in outputs(c)]
+        started = time.monotonic()
         try:
             res = subprocess.run(argv, input=script, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
         except subprocess.TimeoutExpired:
@@ -124,5 +129,6 @@ def test_every_readme_command_runs_as_written(tmp_path):
         missing = [o for o in expected if not (work / o).exists() and not Path(o).exists()]
         assert not missing, f"README.md line {block.line}: {missing} not written by\n{script}"
         ran.append(block.line)
+        print(f"README.md line {block.line}: {block.lang} block ran in {time.monotonic() - started:.0f} s", flush=True)
     assert len(ran) >= 8  # the README's runnable blocks (a parse that finds none must not pass)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # GGUF exports and kept bases: hundreds of MB

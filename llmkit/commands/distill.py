@@ -9,7 +9,7 @@ import typer
 # Every flag is a recipe key (and every recipe key can be set with --set key=value).
 FLAG_KEYS = {
     "teacher": "teacher.name", "task": "task", "data": "data.train", "eval_data": "data.eval", "out": "out",
-    "student_layers": "student.layers", "student_config": "student.config", "temperature": "distill.temperature",
+    "student_layers": "student.layers", "layer_selection": "student.layer_selection", "student_config": "student.config", "temperature": "distill.temperature",
     "alpha": "distill.alpha", "hidden_weight": "distill.hidden_weight", "cache_top_k": "distill.cache_top_k",
     "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
     "lr": "train.lr", "max_length": "data.max_length", "block_size": "data.block_size", "max_train_samples": "data.max_train_samples",
@@ -26,7 +26,9 @@ def distill(
     data: str = typer.Option(None, "--data", "-d", help="Training data: .txt/.csv/.jsonl/.parquet, a folder, or a Hub dataset id.", show_default=False),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data: teacher and student are both measured on it.", show_default=False),
     out: str = typer.Option(None, "--out", "-o", help="Output folder for the student (a Hugging Face model folder).", show_default=False),
-    student_layers: int = typer.Option(None, "--student-layers", help="Keep N of the teacher's layers, evenly spaced [default: half].", show_default=False),
+    student_layers: int = typer.Option(None, "--student-layers", help="Keep N of the teacher's layers [default: half].", show_default=False),
+    layer_selection: str = typer.Option(None, "--layer-selection", help="importance (the layers that change the hidden states most) "
+                                        "| even (evenly spaced) [default: importance].", show_default=False),
     student_config: str = typer.Option(None, "--student-config", help="Student from a config.json or model folder (same tokenizer).", show_default=False),
     temperature: float = typer.Option(None, "--temperature", help="Softmax temperature T [default: 2.0].", show_default=False),
     alpha: float = typer.Option(None, "--alpha", help="Weight of the KD term; 1 - alpha goes to the label loss [default: 0.5].", show_default=False),

@@ -1,0 +1,108 @@
+"""Which layers should a student keep? Evenly spaced vs importance (block influence), SmolLM2-135M, one run.
+
+The teacher is the bundled SmolLM2-135M (30 layers); students keep 20 and 15 of its layers, chosen either evenly
+spaced (first and last kept, DistilBERT's rule) or by importance (`--layer-selection importance`: the layers whose
+output turns the hidden state most on 32 training blocks, ShortGPT's block influence). For each: held-out
+perplexity right after the cut ("before healing") and after --steps distillation steps of 8 x 256 tokens of Tiny
+Shakespeare (T=2, alpha=0.5, teacher top-32 logits cached once and shared by all four students, same seed).
+Perplexity on the first 16 blocks of validation.txt. Targets (issue 18): importance beats even spacing at equal
+steps; the 20-layer student within 1.5x the teacher's perplexity.
+
+Usage: python benchmarks/distill_layers.py [--steps 60] [--layers 20,15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from _common import LLMKIT, SHARED, cpu_line, run
+
+
+def before_healing(layers: list[int], threads: int) -> dict[tuple[int, str], float]:
+    """Perplexity of each cut student with no training, and the teacher's, on the same 16 held-out blocks."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from llmkit.data import Collator, ExampleSet, load_table, pack_causal_lm, texts_of
+    from llmkit.distill import important_layers, layer_importance, student_from_layers
+    from llmkit.metrics import evaluate_model
+    from llmkit.models import load_causal_lm, load_tokenizer, resolve
+
+    torch.set_num_threads(threads)
+    ref = resolve("smollm2-135m")
+    tok = load_tokenizer(ref)
+    teacher = load_causal_lm(ref, device="cpu", dtype="float32", progress=False).eval()
+
+    def first_blocks(name: str, n: int) -> list[list[int]]:  # llmkit's own reading and packing of the file
+        texts, _ = texts_of(load_table(str(SHARED / "data" / "tinyshakespeare" / name), task="causal-lm", what=name), "text")
+        return pack_causal_lm(texts, tok, 256, name)[:n]
+
+    blocks = first_blocks("validation.txt", 16)  # what the distill runs evaluate (--max-eval-samples 16)
+    sample = first_blocks("train.txt", 32)  # what --layer-selection importance measures on
+    collate = Collator(tok.pad_token_id, causal=True)
+
+    def ppl(model: object) -> float:
+        loader = DataLoader(ExampleSet(blocks), batch_size=4, collate_fn=collate)
+        with torch.no_grad():
+            return evaluate_model(model, loader, "causal-lm")["perplexity"]
+
+    scores = layer_importance(teacher, ({k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+                                        for b in DataLoader(ExampleSet(sample), batch_size=4, collate_fn=collate)))
+    print("block influence per layer: " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)), flush=True)
+    out = {(0, "teacher"): ppl(teacher)}
+    for n in layers:
+        for how in ("even", "importance"):
+            student, kept = student_from_layers(teacher, n, important_layers(scores, n) if how == "importance" else None)
+            out[(n, how)] = ppl(student.eval())
+            print(f"cut {n} layers {how:10s} kept={kept} ppl_before_healing={out[(n, how)]:.2f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--layers", default="20,15")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = llmkit's default)")
+    args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    print(cpu_line(), f"threads={args.threads or 'default'} precision=auto", flush=True)
+    import os
+
+    before = before_healing(layers, args.threads or os.cpu_count() or 1)
+    teacher_ppl = before[(0, "teacher")]
+    print(f"teacher (30 layers) ppl={teacher_ppl:.2f}", flush=True)
+    data = SHARED / "data" / "tinyshakespeare"
+    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-layers-"))
+    after = {}
+    try:
+        for n in layers:
+            for how in ("even", "importance"):
+                out = work / f"s{n}-{how}"
+                cmd = [*LLMKIT, "distill", "--teacher", "smollm2-135m", "--data", data / "train.txt", "--eval-data",
+                       data / "validation.txt", "--student-layers", n, "--layer-selection", how, "--max-steps", args.steps,
+                       "--batch-size", 8, "--lr", "2e-4", "--block-size", 256, "--max-train-samples", 8 * args.steps,
+                       "--max-eval-samples", 16, "--out", out, "--quiet", "--set", "distill.cache_top_k=32",
+                       "--set", f"distill.cache_dir={work / 'cache'}", "--set", "train.warmup_ratio=0.05"]
+                if args.threads:
+                    cmd += ["--threads", args.threads]
+                _, wall = run(cmd, f"distill {n} {how}")
+                report = json.loads((out / "distill_report.json").read_text())
+                after[(n, how)] = report["student"]["metrics"]["perplexity"]
+                print(f"healed {n} layers {how:10s} kept={report['student']['kept_layers']} steps={args.steps} "
+                      f"ppl={after[(n, how)]:.2f} ({after[(n, how)] / teacher_ppl:.2f}x teacher) wall_s={wall:.0f}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for n in layers:
+        e, i = after[(n, "even")], after[(n, "importance")]
+        print(f"ratio {n} layers: importance/even ppl before healing = {before[(n, 'importance')] / before[(n, 'even')]:.3f}, "
+              f"after {args.steps} steps = {i / e:.3f} (< 1: importance wins); best/teacher = {min(e, i) / teacher_ppl:.2f}x "
+              f"(target for 20 layers <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
