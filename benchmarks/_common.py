@@ -12,7 +12,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 LLMKIT = [sys.executable, "-m", "llmkit"]
-from llmkit.machine import cpu_line  # noqa: E402,F401  (every benchmark's first line)
+from llmkit.machine import cpu_line  # noqa: E402  (every benchmark's first line)
+
+
+def first_line() -> str:
+    """What every benchmark prints first: CPU model and flags, torch threads, and what `--mixed-precision auto` picks here."""
+    import torch
+
+    from llmkit.generation import physical_cores
+    from llmkit.train import resolve_precision
+
+    auto = resolve_precision("auto")
+    return (f"{cpu_line()} torch={torch.__version__} threads={physical_cores()} "
+            f"precision_auto={'fp32' if auto == 'no' else auto}")
 
 
 def run(cmd: list[str], label: str) -> tuple[str, float]:

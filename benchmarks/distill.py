@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, run, run_facts
+from _common import LLMKIT, SHARED, first_line, run, run_facts
 
 
 def report(out: Path) -> dict:
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--clm-lr", type=float, default=3e-4)
     p.add_argument("--rows", type=int, default=0, help="seq-cls: use only the first N training rows (quick check)")
     a = p.parse_args()
+    print(first_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-distill-"))
     try:
         for task in a.tasks.split(","):

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, cpu_line, run
+from _common import LLMKIT, SHARED, first_line, run
 
 
 def before_healing(layers: list[int], threads: int) -> dict[tuple[int, str], float]:
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = llmkit's default)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
-    print(cpu_line(), f"threads={args.threads or 'default'} precision=auto", flush=True)
+    print(first_line(), f"(--threads {args.threads or 'default'})", flush=True)
     import os
 
     before = before_healing(layers, args.threads or os.cpu_count() or 1)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import HERE, LLMKIT, SHARED, cpu_line, fields, run_facts
+from _common import HERE, LLMKIT, SHARED, fields, first_line, run_facts
 
 # recipes/data/sentiment_chat.py is a script, not a package; importing it keeps the data exactly the recipe's own
 sys.path.insert(0, str(HERE.parent / "recipes" / "data"))
@@ -169,7 +169,7 @@ def main() -> None:
     n_train = write_data(src / "train.csv", a.train_rows, train_msgs, None if a.skip_peer else train_pc)
     n_eval = write_data(src / "validation.csv", a.eval_rows, eval_msgs, None)
 
-    print(cpu_line(), flush=True)
+    print(first_line(), flush=True)
     print(f"SmolLM2-135M-Instruct LoRA (r=16, alpha 32, dropout 0.05, all-linear) on sentiment-as-chat: {n_train} train / "
           f"{n_eval} eval conversations, 1 epoch, batch 8, lr {a.lr:g} linear no warmup, max length 256, "
           f"precision {'bf16 autocast' if precision == 'bf16' else 'fp32'}"

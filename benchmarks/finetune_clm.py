@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, run, run_facts
+from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--skip-peer", action="store_true", help="llmkit only (quick check)")
     a = p.parse_args()
+    print(first_line(), flush=True)
 
     from llmkit.models import alias_path
 
@@ -37,8 +38,8 @@ def main() -> None:
     out = work / "run"
     cmd = [*LLMKIT, "finetune", "--model", "smollm2-135m", "--method", "lora", "--data", data / "train.txt",
            "--eval-data", data / "validation.txt", "--out", out, "--max-steps", a.steps, "--batch-size", 8,
-           "--block-size", 256, "--lr", 3e-4, "--mixed-precision", a.mixed_precision, "--quiet",
-           "--set", "lora.target_modules=all-linear", "--set", "lora.dropout=0.05", "--set", "train.warmup_ratio=0"]
+           "--block-size", 256, "--lr", 3e-4, "--mixed-precision", a.mixed_precision, "--quiet"]
+    # everything else is llmkit's default: LoRA r=8, alpha 16, dropout 0.05 on all linear layers, no warmup, linear decay
     _, wall = run(cmd, "llmkit")
     facts = run_facts(out)
     ours = {"tokens_per_s": facts["train_tokens_per_s"], "train_s": facts["train_seconds"], "ppl": facts["metrics"]["eval_perplexity"]}

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, run, run_facts
+from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--rows", type=int, default=0, help="use only the first N training rows (quick check)")
     a = p.parse_args()
+    print(first_line(), flush=True)
 
     from llmkit.models import alias_path
 

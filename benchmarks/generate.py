@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import first_line
+
 HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_generate.py"
 
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt", default="Once upon a time")
     args = ap.parse_args()
+    print(first_line(), flush=True)
 
     from llmkit.models import alias_path
 

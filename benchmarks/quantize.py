@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, run
+from _common import LLMKIT, SHARED, first_line, run
 
 
 def tiny_gpt2(folder: Path) -> Path:
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--models", default="smollm2,gpt2-tiny")
     p.add_argument("--methods", default="int8,bnb-int8,gguf-q8_0")
     a = p.parse_args()
+    print(first_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-quant-"))
     val = SHARED / "data" / "tinyshakespeare" / "validation.txt"
     try:

@@ -29,7 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import cpu_line
+from _common import first_line
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="llmkit: sequences decoded together on llama.cpp (1 = one request at a time)")
     ap.add_argument("--budget", type=int, default=900, help="seconds before the whole run gives up (servers are stopped)")
     args = ap.parse_args()
-    print(cpu_line(), flush=True)
+    print(first_line(), flush=True)
 
     def give_up(signum: int, frame: object) -> None:  # SystemExit unwinds through `finally`, which stops both servers
         raise SystemExit(f"benchmark stopped: {'--budget of ' + str(args.budget) + ' s exceeded' if signum == signal.SIGALRM else 'terminated'}"

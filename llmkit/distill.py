@@ -4,9 +4,9 @@
     >>> from llmkit.distill import distill
     >>> distill(load_recipe("recipes/distill-smollm2-135m-shakespeare.yaml", ["out=runs/student"], cls=DistillConfig))
 
-The student is the teacher with some layers dropped (`--student-layers N`: evenly spaced, first and last kept,
-embeddings / norms / heads copied: the DistilBERT and DistilGPT2 initialisation) or any model built from
-`--student-config` that shares the teacher's tokenizer. Training is `train.fit` with `DistillLoss` as the loss:
+The student is the teacher with some layers dropped (`--student-layers N`; by default the N layers that change
+the hidden states most, `--layer-selection even` for evenly spaced ones as DistilBERT / DistilGPT2; embeddings,
+norms and heads copied) or any model built from `--student-config` that shares the teacher's tokenizer. Training is `train.fit` with `DistillLoss` as the loss:
 the teacher runs in eval mode under no_grad, or not at all when its top-k logits are cached on disk.
 
 Teacher logit cache (`distill.cache_top_k=K`): the teacher runs once over the training set and its K largest

@@ -149,9 +149,10 @@ def test_adapter_on_a_gguf_base_loads_in_plain_peft_offline(cli, toy_data, tmp_p
     perplexity llmkit measured in training, so the kept base is exactly the one the adapter was trained on.
     """
     import torch
-    from conftest import make_tokenizer
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import make_tokenizer
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     # transformers' GGUF tokenizer reader adds <|endoftext|> when a BPE vocabulary lacks it, and AutoPeft then grows the

@@ -55,10 +55,11 @@ def test_num_return_sequences_differ_and_keep_order(cli, tiny_llama):
 
 
 def test_json_fields(cli, tiny_gpt2):
-    code, out, _ = cli("generate", *PROMPTS[:2], "--model", tiny_gpt2, "-n", "5", "--temperature", "0", "--json")
+    code, out, err = cli("generate", *PROMPTS[:2], "--model", tiny_gpt2, "-n", "5", "--temperature", "0", "--json")
     assert code == 0
     rows = _jsonl(out)
     assert len(rows) == 2
+    assert "tokens/s" in err.splitlines()[-1]  # the speed summary stays, on stderr, out of the JSON
     for row, prompt in zip(rows, PROMPTS[:2], strict=True):
         assert row["prompt"] == prompt
         assert {"text", "new_tokens", "seconds", "tokens_per_s"} <= set(row)

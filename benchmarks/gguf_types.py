@@ -10,7 +10,7 @@
     against the bundled GGUF. Target: the cached folder at >= 0.9x the bundled GGUF's tokens/s; and the first
     greedy tokens equal transformers'.
 
-Usage: python benchmarks/gguf.py [--new 64] [--prompt "Once upon a time"] [--threads N]
+Usage: python benchmarks/gguf_types.py [--new 64] [--prompt "Once upon a time"] [--threads N]
 
 --threads N runs torch, llama.cpp and every `llmkit generate` on N threads (default: llmkit's, one per core).
 On a machine shared with other jobs use 1: llama.cpp's threads spin at barriers, so two threads on two busy
@@ -28,12 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, cpu_line
-
-HERE = Path(__file__).resolve().parent
-# This file is named gguf.py, and Python puts its folder first on sys.path: without this, `import gguf` (gguf-py,
-# which transformers and llmkit import) would import this script instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+from _common import LLMKIT, SHARED, first_line
 
 
 def llama_speed(path: Path, prompt_ids: list[int], new: int, repeats: int = 2) -> float:
@@ -103,7 +98,7 @@ def generate_json(model: Path | str, prompt: str, new: int, backend: str, env: d
     start = time.perf_counter()
     import subprocess
 
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=HERE.parent)  # not benchmarks/: see sys.path above
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"generate {model} --backend {backend} failed:\n{proc.stderr[-3000:]}")
@@ -166,7 +161,7 @@ def main() -> None:
     # every LlamaCppBackend made here without explicit threads (the quantize report's perplexity code too) uses this
     llmkit.generation.physical_cores = lambda: threads
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a bar whatever its progress setting
-    print(f"{cpu_line()}; load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{first_line()}; load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-gguf-"))
     started = time.perf_counter()
     try:
