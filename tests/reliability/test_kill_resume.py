@@ -54,6 +54,13 @@ def assert_same_run(out: Path, reference: Path, clean_until: int, note: str = ""
     diff = max_weight_diff(out, reference)
     if first is not None and first[0] <= clean_until:
         raise DriftBeforeAnyInterruption((diff, "first differing step", first, note))
+    if first is not None and diff <= 1e-5:
+        # The same few-ULP kernel drift can start in the resumed process (seen once in ~20 CI runs: 1.8e-6 after
+        # step 10). A resume bug (data position, lr, RNG) changes the step, the lr or the loss in its leading
+        # digits and the weights far beyond 1e-5, so a run this close is retried once instead of failing.
+        want_row = dict((w[0], w) for w in want)[first[0]]
+        if first[1] == want_row[1] and abs(first[2] - want_row[2]) <= 1e-5 * abs(want_row[2]):
+            raise DriftBeforeAnyInterruption((diff, "ULP-level drift after resume, first at step", first, note))
     assert diff <= 1e-6 and first is None, (diff, "first differing step", first, note)
     assert json.loads((out / "llmkit.json").read_text())["llmkit"]["status"] == "done"
     return diff
@@ -68,7 +75,7 @@ def kill_when(proc, out: Path, step: int) -> None:
 
 
 def once_more_on_drift(scenario, tmp_path: Path):
-    """Run `scenario(folder)`; if the fresh run drifted before any interruption, run it once more."""
+    """Run `scenario(folder)`; if it drifted by a few ULPs (CPU-kernel nondeterminism, see assert_same_run), once more."""
     try:
         return scenario(tmp_path / "run")
     except DriftBeforeAnyInterruption:
