@@ -114,7 +114,6 @@ def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: in
     """`--layer-selection importance`: score every layer on the first `samples` training examples, keep the top n."""
     from torch.utils.data import DataLoader, Subset
 
-    layer_stack(teacher)  # a clear error for architectures without a known layer stack, before any forward pass
     subset = Subset(examples, range(min(samples, len(examples))))
     batches = ({k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
                for b in DataLoader(subset, batch_size=4, collate_fn=collate))

@@ -175,13 +175,13 @@ def _trained_max_length(folder: Any) -> int:
     A model from elsewhere gets 512, the longest input BERT-style encoders read: nothing is cut that the model
     could have used.
     """
-    import json
     from pathlib import Path
 
+    from llmkit.outputs import read_run
+
     try:
-        run = json.loads((Path(folder) / "llmkit.json").read_text(encoding="utf-8"))
-        return int(run["data"]["max_length"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int((read_run(Path(folder)) or {})["data"]["max_length"])
+    except (KeyError, TypeError, ValueError):
         return 512
 
 
