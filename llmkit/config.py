@@ -23,7 +23,7 @@ from typing import Any
 from llmkit.errors import UsageError
 
 TASKS = ("causal-lm", "seq-cls")
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion")  # llmkit.chat.FORMATS
@@ -119,6 +119,12 @@ class TrainConfig:
     """Write a metrics.jsonl line every N optimizer steps."""
     threads: int = 0
     """--threads: CPU threads for torch; 0 = the physical cores of this process's share of the machine."""
+    fsdp: bool = False
+    """--fsdp: shard parameters, gradients and optimizer state across the processes (FSDP2, one unit per block)
+    instead of copying the whole model to each; for models whose training state does not fit one device."""
+    gradient_checkpointing: bool = False
+    """--gradient-checkpointing: keep only each block's input and recompute the rest in backward: far less
+    activation memory (long sequences, big batches) for about a third more compute."""
 
 
 @dataclass
@@ -158,7 +164,7 @@ class RunConfig:
 @dataclass
 class FinetuneConfig(RunConfig):
     method: str = "full"
-    """--method: full (every weight) or lora (small adapters, base frozen)."""
+    """--method: full (every weight), lora (small adapters, base frozen) or qlora (lora on a 4-bit NF4 base)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,13 +184,16 @@ class FinetuneConfig(RunConfig):
         need(bool(self.model.name), "--model is required")
         problems.extend(run_problems(self.out, d, t))
         problems.extend(chat_problems(self.task, d))
-        if self.method == "lora":
+        if self.method in ("lora", "qlora"):
             need(lo.r >= 1, f"--lora-r must be >= 1, got {lo.r}")
             need(lo.alpha > 0, f"--lora-alpha must be > 0, got {lo.alpha}")
             need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
             need(lo.target_modules is None or len(lo.target_modules) > 0, "--lora-targets must name at least one module")
         else:
-            need(not lo.merge, "--merge only applies to --method lora")
+            need(not lo.merge, "--merge only applies to --method lora or qlora")
+        need(self.method != "qlora" or self.task == "causal-lm", "--method qlora is for --task causal-lm; use --method lora for seq-cls")
+        need(self.method != "qlora" or not t.fsdp, "--method qlora cannot be combined with --fsdp (4-bit weights do not shard); "
+             "use --method lora with --fsdp, or qlora on one process per GPU")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -241,6 +250,8 @@ class DistillConfig(RunConfig):
         problems.extend(run_problems(self.out, self.data, self.train))
         problems.extend(chat_problems(self.task, self.data))
         need(not self.data.packing, "--packing is for finetune; distill runs the teacher on unpacked rows (set data.packing=false)")
+        need(not self.train.fsdp, "--fsdp is for llmkit finetune: a student is small enough to train whole on each process "
+             "(keep the teacher out of memory with distill.cache_top_k instead)")
         need(s.layers is None or s.layers >= 1, f"--student-layers must be >= 1, got {s.layers}")
         need(s.layers is None or not s.config, "--student-layers and --student-config exclude each other; pass one")
         need(k.temperature > 0, f"--temperature must be > 0, got {k.temperature}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,17 +164,40 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
 
         from llmkit.models import apply_adapter, from_pretrained_checked
 
-        model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
-        if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
-            model = apply_adapter(model, ref, merge=True)
+        if cfg.method == "qlora":
+            model = qlora_base(cfg, ref, tokenizer, progress)
+        else:
+            model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
+            if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
+                model = apply_adapter(model, ref, merge=True)
     if grow_vocab and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # new rows start at the mean embedding
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    if cfg.method == "lora":
-        if ref.is_gguf or ref.adapter is not None:
+    if cfg.method in ("lora", "qlora"):
+        if cfg.method == "lora" and (ref.is_gguf or ref.adapter is not None):
             keep_base(ref, model, tokenizer)  # so that plain peft can load the adapter (peft_base)
         model = add_lora(model, cfg)
     return model
+
+
+def qlora_base(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, progress: bool) -> Any:
+    """The base in 4-bit NF4. bitsandbytes quantizes while loading an HF folder, so a GGUF base (or a LoRA run's
+    merged base) is de-quantized into the kept fp32 base folder first (`keep_base`), and loaded from there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.models import apply_adapter, from_pretrained_checked
+    from llmkit.qlora import load_4bit
+
+    kwargs: dict[str, Any] = {}
+    if ref.is_gguf or ref.adapter is not None:
+        if not (base_folder(ref) / "config.json").exists():
+            fp32 = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
+            keep_base(ref, apply_adapter(fp32, ref, merge=True) if ref.adapter is not None else fp32, tokenizer)
+            del fp32
+    elif ref.source != "hub":
+        kwargs = {"use_safetensors": not ref.allow_pickle, "trust_remote_code": ref.trust_remote_code}
+    return load_4bit(peft_base(ref), progress, cfg.train.gradient_checkpointing, **kwargs)
 
 
 def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
@@ -252,7 +275,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     tokenizer = load_tokenizer(ref)
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer)
-    if data.added_tokens and cfg.method == "lora":
+    if data.added_tokens and cfg.method in ("lora", "qlora"):
         raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {ref.name}'s tokenizer lacks; new token "
                          "embeddings must be trained, so use --method full, or a template made of the model's own tokens")
     set_seed(cfg.train.seed)  # the new head and the LoRA matrices start the same on every process and every run
@@ -278,11 +301,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
     sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
     job = TrainJob(model, data.train, data.eval, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
                    cfg.train, out, num_labels=len(data.labels.names) if data.labels else 2, quiet=cfg.quiet or not main,
-                   resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse and keeps_logits(model) else None)
+                   resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse and keeps_logits(model) else None,
+                   rebuild=lambda: build_model(cfg, ref, tokenizer, data.labels, False, grow_vocab=bool(data.added_tokens)))
     with run_guard(out, resume=cfg.resume, main=main):
         result = fit(job, accelerator)
         if main:
-            save_outputs(cfg, ref, accelerator.unwrap_model(model), tokenizer, out, record, result, data.chat)
+            save_outputs(cfg, ref, result.model, tokenizer, out, record, result, data.chat)
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -387,7 +411,7 @@ def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
             "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
             "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
-            "metrics": metrics}
+            "peak_memory_gb": result.peak_memory_gb, "metrics": metrics}
 
 
 def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
@@ -402,12 +426,17 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
 
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged = cfg.method == "lora" and cfg.lora.merge
-    if cfg.method == "lora":
+    adapters = cfg.method in ("lora", "qlora")
+    merged = adapters and cfg.lora.merge
+    if adapters:
         model.peft_config["default"].base_model_name_or_path = peft_base(ref)
-        if merged:
+        if merged and cfg.method == "qlora":  # into the fp32 base, loaded afresh, never into the 4-bit weights
+            from llmkit.qlora import merge_into_full_precision
+
+            model = merge_into_full_precision(model, build_model(replace(cfg, method="lora"), ref, tokenizer, None, False))
+        elif merged:
             model = model.merge_and_unload()  # fp32 weights: merged in full precision
-    if cfg.method == "lora" and not merged:
+    if adapters and not merged:
         # embeddings are never resized here; "auto" would look the base model up on the Hub to check
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
     else:
@@ -423,7 +452,7 @@ def save_outputs(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any,
     card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method=cfg.method, merged=merged,
                       metrics=metrics, steps=result.state.step, command=command_line(), data=cfg.data.train,
                       extra="![loss curves](loss.png)\n" if plotted else "", out=cfg.out,
-                      peft_base=peft_base(ref) if cfg.method == "lora" else None,
+                      peft_base=peft_base(ref) if adapters else None,
                       num_labels=len(model.config.id2label) if cfg.task == "seq-cls" else None)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     write_json(tmp / RUN_FILE, run)

@@ -168,7 +168,7 @@ def model_card(*, title: str, base: str, task: str, method: str, merged: bool, m
                steps: int, command: str, data: str, extra: str = "", intro: str | None = None, out: str = "OUT",
                peft_base: str | None = None, num_labels: int | None = None) -> str:
     """README.md of an output folder; its Python snippets name the real folder, base and label count, so they run as shown."""
-    library = "peft" if method == "lora" and not merged else "transformers"
+    library = "peft" if method in ("lora", "qlora") and not merged else "transformers"
     pipeline = "text-generation" if task == "causal-lm" else "text-classification"
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     causal = task == "causal-lm"
@@ -180,6 +180,11 @@ def model_card(*, title: str, base: str, task: str, method: str, merged: bool, m
             load += f"  # base: {peft_base}"
         if not causal:  # the base config does not know (GPT-2, Llama) the pad token
             load += f"\nfrom transformers import AutoTokenizer\nmodel.config.pad_token_id = AutoTokenizer.from_pretrained({out!r}).pad_token_id"
+        if method == "qlora":  # the adapter was trained on the NF4-quantized base: the same quantization reproduces it
+            load += (f"\n\n# exactly as trained, on the base in 4-bit NF4 (bitsandbytes):\nimport torch\n"
+                     f"from transformers import BitsAndBytesConfig\nmodel = {auto}.from_pretrained({out!r}, quantization_config="
+                     f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+                     f"bnb_4bit_compute_dtype=torch.float32))")
         if peft_base and peft_base != base:
             hf = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
             load += (f"\n\n# where that base folder is missing (another machine), take the base from the Hub:\n"

@@ -80,6 +80,7 @@ class TrainJob:
     log_extra: Callable[[], dict[str, Any]] | None = None  # more values to log (e.g. distillation's loss parts)
     quiet: bool = False
     resume: bool = False
+    rebuild: Callable[[], Any] | None = None  # a fresh unsharded model of the same kind, to receive --fsdp's gathered weights
 
 
 @dataclass
@@ -87,6 +88,8 @@ class TrainResult:
     state: TrainState
     total_steps: int
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of the model that was kept
+    model: Any = None  # the trained model, whole and unwrapped, on the main process (None on the others)
+    peak_memory_gb: float | None = None  # the largest process's peak: GPU memory on GPUs, resident memory (RSS) on CPU
 
 
 def resolve_precision(name: str) -> str:
@@ -152,10 +155,20 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     if job.eval_set is not None:
         eval_loader = DataLoader(job.eval_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                                  collate_fn=job.collate)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(job.model)
+    if cfg.fsdp:  # before the optimizer exists: it must hold the shards, not the whole parameters
+        from llmkit.sharding import shard
+
+        shard(job.model, accelerator.device.type, accelerator.mixed_precision)
     # fused AdamW: one kernel for all parameters instead of a dozen ops each (a 3x faster step on CPU here)
     fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(_param_groups(job.model, cfg.weight_decay), lr=cfg.lr, fused=fused)
-    model, optimizer, train_loader = accelerator.prepare(job.model, optimizer, train_loader)
+    if cfg.fsdp:  # FSDP already averages gradients and places the shards: Accelerate must not wrap it in DDP too
+        model = job.model
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(job.model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -170,13 +183,13 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     ckpt_root = job.out / CHECKPOINTS
     if job.resume:
         latest = latest_checkpoint(ckpt_root)
-        if main:
-            for partial in partial_checkpoints(ckpt_root):
-                _warn(f"ignoring the incomplete checkpoint {partial} (its save was interrupted); "
-                      f"resuming from {latest.name if latest else 'nothing'}")
-                shutil.rmtree(partial, ignore_errors=True)
         if latest is None:
             raise UsageError(f"--resume: no complete checkpoint in {ckpt_root}; run without --resume (and --overwrite) to start over")
+        _check_same_world(latest, accelerator.num_processes)  # refused before anything in the folder changes
+        if main:
+            for partial in partial_checkpoints(ckpt_root):
+                _warn(f"ignoring the incomplete checkpoint {partial} (its save was interrupted); resuming from {latest.name}")
+                shutil.rmtree(partial, ignore_errors=True)
         state = load_checkpoint(latest, accelerator, model, optimizer, scheduler)
         if main:
             _truncate_metrics(job.out / METRICS, state.step)
@@ -222,7 +235,10 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     done = state.step >= total
     with stop.installed():
         while not done:
-            sampler.set_epoch(state.epoch)
+            # Through Accelerate's loader: it re-sets the sampler's epoch to its own pass counter at every iter(),
+            # and that counter does not advance when the loop leaves a pass at its last batch (as this one does),
+            # so setting only the sampler gave every epoch epoch 0's order.
+            train_loader.set_epoch(state.epoch)
             loader = train_loader
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
@@ -238,6 +254,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                         # The norm is computed (not clipped) even with clipping off: a non-finite norm is how a bad
                         # step is seen on every process alike, since gradients are already averaged across them.
                         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
                         bad, stopping = _agree(accelerator, not _finite(step_losses, None if scaler else norm), stop.signum)
                         # fp16's scaler skips overflowing steps itself (and must see them to lower its scale)
                         if not bad or scaler is not None:
@@ -321,21 +338,58 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
         import torch
 
         precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+        result.peak_memory_gb = round(_max_over_processes(accelerator, [peak_memory_gb(accelerator.device)])[0], 3)
         _say(job, f"trained {state.step} steps in {state.train_seconds:.1f} s: {state.tokens / state.train_seconds:,.0f} tokens/s, "
-                  f"{state.samples / state.train_seconds:.2f} samples/s ({precision}, {torch.get_num_threads()} threads, "
-                  f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})")
+                  f"{state.samples / state.train_seconds:.2f} samples/s, peak memory {result.peak_memory_gb:.2f} GB per process "
+                  f"({precision}, {torch.get_num_threads()} threads, {accelerator.num_processes} "
+                  f"process{'es' if accelerator.num_processes > 1 else ''}{', sharded' if cfg.fsdp else ''})")
     if eval_loader is not None:
         if state.last_eval_step != state.step:
             result.eval_metrics = run_eval()
         best_dir = best_folder(ckpt_root, state.best_step) if state.best_step is not None else None
         if best_dir is not None and state.best_step != state.step:
-            best = load_trainable(best_dir, accelerator.unwrap_model(model))
+            best = load_trainable(best_dir, accelerator.unwrap_model(model))  # on every process (sharded: a collective)
             result.eval_metrics = {k: v for k, v in best.items() if k != "step"}
             _say(job, f"kept the best model: step {state.best_step} ({metric_name} {state.best:.4g})")
         elif not result.eval_metrics and best_dir is not None:
             result.eval_metrics = {k: v for k, v in _read_json(best_dir / "state.json").items() if k != "step"}
+    result.model = whole_model(job, accelerator, model)
     accelerator.wait_for_everyone()
     return result
+
+
+def whole_model(job: TrainJob, accelerator: Any, model: Any) -> Any:
+    """The trained model on the main process, ready for save_pretrained: sharded weights are gathered into a
+    fresh copy of the model (`job.rebuild`), so what is saved is exactly what an unsharded run saves."""
+    from llmkit.sharding import full_state, is_sharded
+
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    tensors = full_state(model)  # every process takes part; the main one gets the tensors
+    if not accelerator.is_main_process:
+        return None
+    whole = job.rebuild()
+    whole.load_state_dict(tensors)
+    return whole
+
+
+def peak_memory_gb(device: Any) -> float:
+    """This process's peak so far: allocated GPU memory on CUDA, else the resident set size (what the OS charges)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """transformers' own activation checkpointing, non-reentrant (works with frozen bases, LoRA and FSDP, and
+    keeps dropout's random numbers, so the loss and gradients equal those of a run without it)."""
+    if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(model, "gradient_checkpointing_enable"):
+        raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it; run without it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @contextmanager
@@ -458,13 +512,33 @@ def trainable_tensors(model: Any) -> dict[str, Any]:
 
     named_parameters() lists tied weights once (GPT-2's embedding / LM head), which safetensors requires.
     """
-    import torch
 
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    _check_finite(tensors)
+    return tensors
+
+
+def _check_finite(tensors: dict[str, Any]) -> None:
+    import torch
+
     bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:  # never write a checkpoint or model that would poison whatever loads it
         raise Diverged(f"weight {bad} is NaN/inf; nothing was saved. Lower --lr or use --mixed-precision no")
-    return tensors
+
+
+def gather_trainable(accelerator: Any, model: Any) -> dict[str, Any]:
+    """trainable_tensors on the main process ({} on the others); sharded weights are gathered first (a collective)."""
+    from llmkit.sharding import full_state, is_sharded
+
+    inner = accelerator.unwrap_model(model)
+    if is_sharded(inner):
+        names = {n for n, p in inner.named_parameters() if p.requires_grad}
+        whole = full_state(inner, names)
+        if not accelerator.is_main_process:
+            return {}
+        _check_finite(whole)
+        return whole
+    return trainable_tensors(inner) if accelerator.is_main_process else {}
 
 
 def save_trainable(accelerator: Any, model: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
@@ -473,8 +547,8 @@ def save_trainable(accelerator: Any, model: Any, folder: Path, extra: dict[str, 
 
     tmp = folder.with_name(".tmp-" + folder.name)
     error = None
+    tensors = gather_trainable(accelerator, model)
     if accelerator.is_main_process:
-        tensors = trainable_tensors(accelerator.unwrap_model(model))
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
@@ -520,6 +594,11 @@ def load_trainable(folder: Path, model: Any) -> dict[str, Any]:
         raise UsageError(f"checkpoint {folder} does not match the model (unknown weight {missing[0]}); was it made by another run?")
     import torch
 
+    from llmkit.sharding import is_sharded, load_full
+
+    if is_sharded(model):
+        load_full(model, tensors)
+        return _read_json(folder / "state.json")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -551,13 +630,19 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    from llmkit.sharding import SHARDED_DIR, is_sharded, save_sharded
+
+    sharded = is_sharded(accelerator.unwrap_model(model))
     try:
         _save_torch(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if sharded:  # every process writes its own shard of weights and optimizer state
+            save_sharded(tmp / SHARDED_DIR, model, optimizer)
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-            _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded:
+                save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+                _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
                 _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -583,6 +668,9 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any,
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -633,15 +721,28 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_same_world(folder: Path, processes: int) -> None:
+    """Each process's place in the data (and, with --fsdp, its shard) is saved per process: the count must match."""
+    world = _read_json(folder / "state.json").get("world_size", processes)
+    if world != processes:
+        raise UsageError(f"--resume: {folder.name} was written by {world} processes and this run has {processes}; "
+                         "resume with the same number of processes")
+
+
 def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
 
     saved = _read_json(folder / "state.json")
-    world = saved.pop("world_size", accelerator.num_processes)
-    if world != accelerator.num_processes:
-        raise UsageError(f"--resume: {folder.name} was written by {world} processes and this run has "
-                         f"{accelerator.num_processes}; resume with the same number of processes")
-    load_trainable(folder, accelerator.unwrap_model(model))
-    optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    saved.pop("world_size", None)
+    from llmkit.sharding import SHARDED_DIR, is_sharded, load_sharded
+
+    if is_sharded(accelerator.unwrap_model(model)) != (folder / SHARDED_DIR).is_dir():
+        raise UsageError(f"--resume: {folder.name} was written {'with' if (folder / SHARDED_DIR).is_dir() else 'without'} --fsdp; "
+                         "resume with the same setting")
+    if (folder / SHARDED_DIR).is_dir():
+        load_sharded(folder / SHARDED_DIR, accelerator.unwrap_model(model), optimizer)
+    else:
+        load_trainable(folder, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
     scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
     if accelerator.scaler is not None and (folder / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(_load_torch(folder / "scaler.pt"))

@@ -93,7 +93,7 @@ def test_seq_cls_trains_and_reloads(cli, request, toy_data, tmp_path, arch, meth
     lora = method == "lora"  # adapters on a random tiny base need more steps and a higher rate
     code, _, err = cli(*base_args(model_dir, toy_data / "train.csv", out, "--task", "seq-cls", "--method", method,
                                   "--eval-data", str(toy_data / "eval.csv"), "--epochs", "20" if lora else "10",
-                                  "--lr", "3e-2" if lora else "3e-3", "--batch-size", "8", "--mixed-precision", "no"))
+                                  "--lr", "1e-2" if lora else "3e-3", "--batch-size", "8", "--mixed-precision", "no"))
     assert code == 0, err
     run = json.loads((out / "llmkit.json").read_text())
     assert run["labels"] == ["neg", "pos"]
@@ -279,3 +279,21 @@ def test_evaluate_perplexity_matches_the_reference_computation(cli, tiny_gpt2, t
     assert res["perplexity"] == pytest.approx(ref, rel=1e-4)
     code, out, _ = cli("evaluate", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--block-size", "16")
     assert code == 0 and out.startswith("perplexity ")
+
+
+def test_every_epoch_gets_its_own_data_order(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
+    """Accelerate's loader re-sets the sampler's epoch at every pass; once, every epoch silently reused epoch 0's order."""
+    from llmkit import data
+
+    seen: list[int] = []
+    original = data.EpochSampler.__iter__
+
+    def recording(self):
+        seen.append(self.epoch)
+        return original(self)
+
+    monkeypatch.setattr(data.EpochSampler, "__iter__", recording)
+    code, _, err = cli(*base_args(tiny_gpt2, toy_data / "train.txt", tmp_path / "out", "--block-size", "16", "--epochs", "3",
+                                  "--batch-size", "16"))
+    assert code == 0, err
+    assert seen == [0, 1, 2]

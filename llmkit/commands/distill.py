@@ -16,7 +16,8 @@ FLAG_KEYS = {
     "max_eval_samples": "data.max_eval_samples", "text_column": "data.text_column",
     "label_column": "data.label_column", "seed": "train.seed", "mixed_precision": "train.mixed_precision",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "threads": "train.threads", "resume": "resume",
-    "overwrite": "overwrite", "quiet": "quiet", "allow_pickle": "teacher.allow_pickle", "trust_remote_code": "teacher.trust_remote_code",
+    "gradient_checkpointing": "train.gradient_checkpointing", "overwrite": "overwrite", "quiet": "quiet",
+    "allow_pickle": "teacher.allow_pickle", "trust_remote_code": "teacher.trust_remote_code",
 }
 
 
@@ -52,6 +53,8 @@ def distill(
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [default: each epoch].", show_default=False),
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: each epoch].", show_default=False),
     threads: int = typer.Option(None, "--threads", help="CPU threads [default: physical cores / processes].", show_default=False),
+    gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing", help="Recompute the student's activations in "
+                                                "backward: far less memory, ~1/3 more compute.", show_default=False),
     resume: bool = typer.Option(None, "--resume", help="Continue the run in --out from its newest complete checkpoint.", show_default=False),
     overwrite: bool = typer.Option(None, "--overwrite", help="Replace an existing --out folder.", show_default=False),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe (recipes/distill-*.yaml); flags and --set override it.", show_default=False),

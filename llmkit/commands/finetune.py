@@ -19,14 +19,14 @@ FLAG_KEYS = {
     "lora_targets": "lora.target_modules", "merge": "lora.merge", "resume": "resume", "overwrite": "overwrite",
     "quiet": "quiet", "allow_pickle": "model.allow_pickle", "trust_remote_code": "model.trust_remote_code",
     "data_format": "data.format", "chat_template": "data.chat_template", "train_on_prompt": "data.train_on_prompt",
-    "packing": "data.packing",
+    "packing": "data.packing", "fsdp": "train.fsdp", "gradient_checkpointing": "train.gradient_checkpointing",
 }
 
 
 def finetune(
     model: str = typer.Option(None, "--model", "-m", help="Base model: alias, folder, .gguf file or Hub id [default: smollm2-135m].", show_default=False),
     task: str = typer.Option(None, "--task", help="causal-lm | seq-cls [default: causal-lm].", show_default=False),
-    method: str = typer.Option(None, "--method", help="full | lora [default: full].", show_default=False),
+    method: str = typer.Option(None, "--method", help="full | lora | qlora (LoRA on a 4-bit base) [default: full].", show_default=False),
     data: str = typer.Option(None, "--data", "-d", help="Training data: .txt/.csv/.jsonl/.parquet, a folder, or a Hub dataset id.", show_default=False),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data, same format (or set data.eval_split).", show_default=False),
     out: str = typer.Option(None, "--out", "-o", help="Output folder (becomes a Hugging Face model folder).", show_default=False),
@@ -61,6 +61,12 @@ def finetune(
     lora_targets: str = typer.Option(None, "--lora-targets", help="Module names, comma-separated, or all-linear "
                                       "[default: all-linear for causal LMs, attention for classifiers].", show_default=False),
     merge: bool = typer.Option(None, "--merge", help="LoRA: save a merged full model instead of the adapter.", show_default=False),
+    fsdp: bool = typer.Option(None, "--fsdp", help="Shard weights, gradients and optimizer state across processes (torchrun).",
+                              show_default=False),
+    gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing", help="Recompute activations in backward: "
+                                                "far less memory, ~1/3 more compute.", show_default=False),
+    estimate_memory: bool = typer.Option(False, "--estimate-memory", help="Print the memory this run needs per process, and "
+                                         "what would make it fit, then exit."),
     resume: bool = typer.Option(None, "--resume", help="Continue the run in --out from its newest complete checkpoint.", show_default=False),
     overwrite: bool = typer.Option(None, "--overwrite", help="Replace an existing --out folder.", show_default=False),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/); flags and --set override it.", show_default=False),
@@ -80,6 +86,10 @@ def finetune(
       llmkit finetune --model smollm2-135m --method lora --data chat.jsonl --packing --out runs/chat   # {"messages": [...]} rows
 
       torchrun --nproc_per_node 2 -m llmkit finetune --recipe recipes/minilm-l6-sentiment-full.yaml --out runs/ddp
+
+      torchrun --nproc_per_node 2 -m llmkit finetune --model smollm2-135m --data train.txt --fsdp --out runs/fsdp
+
+      llmkit finetune --model smollm2-135m --method qlora --data train.txt --estimate-memory
     """
     from llmkit.config import load_recipe
     from llmkit.finetune import finetune as run
@@ -89,6 +99,11 @@ def finetune(
     if lora_targets is not None:
         flags["lora.target_modules"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
     cfg = load_recipe(recipe, set_ or [], flags)
+    if estimate_memory:
+        from llmkit.memory import estimate_run
+
+        typer.echo(estimate_run(cfg))
+        return
     out_dir = run(cfg)
     if not cfg.quiet:
         typer.echo(f"saved to {out_dir}")

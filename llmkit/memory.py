@@ -1,0 +1,174 @@
+"""`llmkit finetune ... --estimate-memory`: the memory a run needs per process, and what would make it fit.
+
+Like `accelerate estimate-memory`, but for the whole training run rather than the weights alone:
+
+    weights        parameters x bytes (fp32: 4; QLoRA's NF4 base: ~0.53 per quantized weight)
+    gradients      trainable parameters x 4
+    optimizer      AdamW's two moments: trainable parameters x 8
+    activations    what backward needs, per token and block (below), plus the logits over the vocabulary
+    runtime        the Python / torch / CUDA process itself
+
+FSDP divides weights, gradients and optimizer state by the number of processes, plus the two blocks it holds
+whole while computing. The model is built on PyTorch's "meta" device, so nothing is loaded or allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from llmkit.config import FinetuneConfig
+
+GB = 1e9
+RUNTIME_GB = {"cpu": 0.45, "cuda": 0.6}  # measured: a tiny-model run's peak RSS here; a CUDA context and kernels
+NF4_BYTES = 0.5 + 4 / 64 / 4 + 1 / 64  # 4-bit codes + double-quantized absmax per 64 weights (QLoRA paper: ~0.127 bit)
+
+
+@dataclass
+class Shape:
+    """What the estimate needs to know about the model, read from its config and a meta-device copy."""
+
+    params: int  # all parameters (tied weights once)
+    quantizable: int  # those in the blocks' linear layers (what QLoRA stores in 4 bits)
+    lora_params: int  # adapter parameters the run's LoRA settings would add (and train)
+    head_params: int  # a new classification head (trained with LoRA too)
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_hidden: int
+    vocab: int
+    largest_block: int  # parameters of one block: FSDP gathers it whole for its forward and backward
+
+
+@dataclass
+class Estimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+
+def model_shape(cfg: FinetuneConfig) -> Shape:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from llmkit.finetune import add_lora
+    from llmkit.models import resolve
+    from llmkit.sharding import blocks
+
+    ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
+    where = str(ref.path.parent if ref.is_gguf else ref.path)
+    kwargs = {"gguf_file": ref.path.name} if ref.is_gguf else {"trust_remote_code": ref.trust_remote_code}
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=ref.trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    units = blocks(model)
+    quantizable = sum(m.weight.numel() for u in units for m in u.modules() if isinstance(m, torch.nn.Linear))
+    lora_params = head = 0
+    if cfg.method in ("lora", "qlora"):
+        with torch.device("meta"):
+            peft_model = add_lora(model, cfg)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        head = trainable - lora_params
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return Shape(params=params, quantizable=quantizable, lora_params=lora_params, head_params=head, layers=len(units),
+                 hidden=hidden, intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+                 kv_hidden=hidden * kv_heads // heads, vocab=getattr(config, "vocab_size", 0),
+                 largest_block=max((sum(p.numel() for p in u.parameters()) for u in units), default=0))
+
+
+def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> Estimate:
+    t = cfg.train
+    seq = cfg.data.block_size if cfg.task == "causal-lm" else cfg.data.max_length
+    tokens = t.batch_size * seq
+    act_bytes = 2 if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device == "cuda") else 4
+    # Per token and block, the tensors autograd keeps (a Llama-style block; GPT-2's is about the same): the block
+    # input and two norm outputs, q / k / v and their rotated copies, the attention output and the o_proj input,
+    # and four MLP-wide tensors (gate, up, activation, product). Attention itself runs fused (SDPA): no s x s scores.
+    per_token_block = (8 * shape.hidden + 4 * shape.kv_hidden + 4 * shape.intermediate) * act_bytes
+    if t.gradient_checkpointing:  # only each block's input is kept; one block is recomputed at a time
+        blocks_bytes = tokens * (shape.layers * shape.hidden * act_bytes + per_token_block)
+    else:
+        blocks_bytes = tokens * shape.layers * per_token_block
+    # causal LM: fp32 logits, their log-softmax and its gradient over the whole vocabulary; a classifier's are tiny
+    logits = 3 * tokens * shape.vocab * 4 if cfg.task == "causal-lm" else 0
+    if cfg.method == "full":
+        trainable, weights = shape.params, shape.params * 4
+    else:
+        trainable = shape.lora_params + shape.head_params
+        base = (shape.params - shape.quantizable) * 4 + shape.quantizable * (NF4_BYTES if cfg.method == "qlora" else 4)
+        weights = base + trainable * 4
+    grads, optim = trainable * 4, trainable * 8
+    if t.fsdp and processes > 1:
+        gathered = 2 * shape.largest_block * 4  # the block being computed and the next one, prefetched
+        weights = weights / processes + gathered
+        grads, optim = grads / processes + gathered, optim / processes
+    return Estimate(weights / GB, grads / GB, optim / GB, (blocks_bytes + logits) / GB, RUNTIME_GB.get(device, 0.45))
+
+
+def available_gb(device: str, processes_here: int) -> tuple[float, str]:
+    """Memory one process may use: its GPU's, or this machine's RAM shared by the processes on it."""
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return props.total_memory / GB, f"{props.name} has {props.total_memory / GB:.1f} GB"
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+    share = f", shared by {processes_here} processes" if processes_here > 1 else ""
+    return total / processes_here, f"this machine has {total:.1f} GB of RAM{share}"
+
+
+def estimate_run(cfg: FinetuneConfig) -> str:
+    """The report `--estimate-memory` prints: the parts, the total against what is there, and options that fit."""
+    from llmkit.models import pick_device
+
+    cfg.validate()
+    device = pick_device()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", str(processes)))
+    shape = model_shape(cfg)
+    est = estimate(shape, cfg, processes, device)
+    have, where = available_gb(device, here)
+    seq = cfg.data.block_size if cfg.task == "causal-lm" else cfg.data.max_length
+    what = (f"{cfg.method}{', fsdp' if cfg.train.fsdp else ''}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}, "
+            f"{processes} process{'es' if processes > 1 else ''}, batch {cfg.train.batch_size} x {seq} tokens")
+    trainable = shape.params if cfg.method == "full" else shape.lora_params + shape.head_params
+    lines = [f"memory estimate per process for {cfg.model.name} ({what}) on {device}:",
+             f"  weights          {est.weights:8.2f} GB   {shape.params / 1e6:,.1f}M parameters"
+             + (" (blocks' linear layers in 4-bit NF4)" if cfg.method == "qlora" else ""),
+             f"  gradients        {est.gradients:8.2f} GB   {trainable / 1e6:,.2f}M trainable parameters x 4 bytes",
+             f"  optimizer state  {est.optimizer:8.2f} GB   AdamW: 2 x 4 bytes per trainable parameter",
+             f"  activations      {est.activations:8.2f} GB   {shape.layers} blocks"
+             + (" (checkpointed)" if cfg.train.gradient_checkpointing else "") + (" + logits over the vocabulary" if cfg.task == "causal-lm" else ""),
+             f"  runtime          {est.runtime:8.2f} GB   Python, torch, kernels",
+             f"  total            {est.total:8.2f} GB   ({where})"]
+    if est.total <= 0.9 * have:
+        lines.append("fits.")
+        return "\n".join(lines)
+    lines.append("does not fit; options, each on its own:")
+    options = [("--gradient-checkpointing", replace(cfg.train, gradient_checkpointing=True), cfg.method, processes),
+               ("--method lora", cfg.train, "lora", processes), ("--method qlora", cfg.train, "qlora", processes),
+               (f"--batch-size {max(1, cfg.train.batch_size // 4)} --grad-accum {4 * cfg.train.grad_accum}",
+                replace(cfg.train, batch_size=max(1, cfg.train.batch_size // 4), grad_accum=4 * cfg.train.grad_accum), cfg.method, processes)]
+    options += [(f"--fsdp on {n} processes", replace(cfg.train, fsdp=True), cfg.method, n) for n in (2, 4, 8) if cfg.method != "qlora"]
+    for flag, train, method, n in options:
+        alt = replace(cfg, train=train, method=method)
+        if method != cfg.method and not shape.lora_params:
+            alt_shape = model_shape(alt)
+        else:
+            alt_shape = shape
+        total = estimate(alt_shape, alt, n, device).total
+        # more CPU processes on this machine share its RAM; more GPUs each bring their own memory
+        room = have if n == processes else available_gb(device, n if device == "cpu" else 1)[0]
+        lines.append(f"  {flag:<40} {total:8.2f} GB per process {'(fits)' if total <= 0.9 * room else ''}".rstrip())
+    return "\n".join(lines)
