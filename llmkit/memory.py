@@ -21,7 +21,7 @@ from llmkit.config import FinetuneConfig
 
 GB = 1e9
 RUNTIME_GB = {"cpu": 0.45, "cuda": 0.6}  # measured: a tiny-model run's peak RSS here; a CUDA context and kernels
-NF4_BYTES = 0.5 + 4 / 64 / 4 + 1 / 64  # 4-bit codes + double-quantized absmax per 64 weights (QLoRA paper: ~0.127 bit)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64 weights, an fp32 one per 256 blocks
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Shape:
 
     params: int  # all parameters (tied weights once)
     quantizable: int  # those in the blocks' linear layers (what QLoRA stores in 4 bits)
-    lora_params: int  # adapter parameters the run's LoRA settings would add (and train)
+    lora_params: int  # adapter parameters the LoRA settings would add (and train), whatever the method
     head_params: int  # a new classification head (trained with LoRA too)
     layers: int
     hidden: int
@@ -57,13 +57,15 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from llmkit.finetune import add_lora
+    from llmkit.finetune import add_lora, base_folder
     from llmkit.models import resolve
     from llmkit.sharding import blocks
 
     ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
     where = str(ref.path.parent if ref.is_gguf else ref.path)
     kwargs = {"gguf_file": ref.path.name} if ref.is_gguf else {"trust_remote_code": ref.trust_remote_code}
+    if ref.is_gguf and (base_folder(ref) / "config.json").exists():  # its config without parsing the whole GGUF (seconds)
+        where, kwargs = str(base_folder(ref)), {}
     config = AutoConfig.from_pretrained(where, **kwargs)
     auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
@@ -71,13 +73,11 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
     params = sum(p.numel() for p in model.parameters())
     units = blocks(model)
     quantizable = sum(m.weight.numel() for u in units for m in u.modules() if isinstance(m, torch.nn.Linear))
-    lora_params = head = 0
-    if cfg.method in ("lora", "qlora"):
-        with torch.device("meta"):
-            peft_model = add_lora(model, cfg)
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-        head = trainable - lora_params
+    with torch.device("meta"):  # what the adapters would add, also for a full run (the options below compare)
+        peft_model = add_lora(model, replace(cfg, method="lora"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    head = trainable - lora_params
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -163,11 +163,7 @@ def estimate_run(cfg: FinetuneConfig) -> str:
     options += [(f"--fsdp on {n} processes", replace(cfg.train, fsdp=True), cfg.method, n) for n in (2, 4, 8) if cfg.method != "qlora"]
     for flag, train, method, n in options:
         alt = replace(cfg, train=train, method=method)
-        if method != cfg.method and not shape.lora_params:
-            alt_shape = model_shape(alt)
-        else:
-            alt_shape = shape
-        total = estimate(alt_shape, alt, n, device).total
+        total = estimate(shape, alt, n, device).total
         # more CPU processes on this machine share its RAM; more GPUs each bring their own memory
         room = have if n == processes else available_gb(device, n if device == "cpu" else 1)[0]
         lines.append(f"  {flag:<40} {total:8.2f} GB per process {'(fits)' if total <= 0.9 * room else ''}".rstrip())

