@@ -132,6 +132,8 @@ def estimate_run(cfg: FinetuneConfig) -> str:
     """The report `--estimate-memory` prints: the parts, the total against what is there, and options that fit."""
     from llmkit.models import pick_device
 
+    # nothing is read or written: an estimate needs no --data or --out
+    cfg = replace(cfg, out=cfg.out or "(estimate)", data=replace(cfg.data, train=cfg.data.train or "(estimate)"))
     cfg.validate()
     device = pick_device()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,11 +157,14 @@ def estimate_run(cfg: FinetuneConfig) -> str:
     if est.total <= 0.9 * have:
         lines.append("fits.")
         return "\n".join(lines)
-    lines.append("does not fit; options, each on its own:")
+    lines.append("does not fit; options (the same global batch and result, except LoRA / QLoRA):")
     options = [("--gradient-checkpointing", replace(cfg.train, gradient_checkpointing=True), cfg.method, processes),
                ("--method lora", cfg.train, "lora", processes), ("--method qlora", cfg.train, "qlora", processes),
                (f"--batch-size {max(1, cfg.train.batch_size // 4)} --grad-accum {4 * cfg.train.grad_accum}",
                 replace(cfg.train, batch_size=max(1, cfg.train.batch_size // 4), grad_accum=4 * cfg.train.grad_accum), cfg.method, processes)]
+    smaller = replace(cfg.train, batch_size=max(1, cfg.train.batch_size // 4), grad_accum=4 * cfg.train.grad_accum)
+    options.append((f"--gradient-checkpointing --batch-size {smaller.batch_size} --grad-accum {smaller.grad_accum}",
+                    replace(smaller, gradient_checkpointing=True), cfg.method, processes))
     options += [(f"--fsdp on {n} processes", replace(cfg.train, fsdp=True), cfg.method, n) for n in (2, 4, 8) if cfg.method != "qlora"]
     for flag, train, method, n in options:
         alt = replace(cfg, train=train, method=method)

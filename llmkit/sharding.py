@@ -113,7 +113,7 @@ def load_sharded(folder: Path, model: Any, optimizer: Any) -> None:
 
     inner = _inner(optimizer)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, inner)}
-    dcp.load(state, storage_reader=_SafeReader(str(folder)))
+    dcp.load(state, storage_reader=safe_reader(str(folder)))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, inner, state["optim"])
 
@@ -180,5 +180,6 @@ def _safe_reader_class() -> type:
     return SafeReader
 
 
-def _SafeReader(path: str) -> Any:
+def safe_reader(path: str) -> Any:
+    """A DCP FileSystemReader whose index is read with `_SafeUnpickler` (a function: torch is imported lazily)."""
     return _safe_reader_class()(path)

@@ -89,7 +89,7 @@ def finetune(
 
       torchrun --nproc_per_node 2 -m llmkit finetune --model smollm2-135m --data train.txt --fsdp --out runs/fsdp
 
-      llmkit finetune --model smollm2-135m --method qlora --data train.txt --estimate-memory
+      llmkit finetune --model smollm2-135m --method qlora --batch-size 32 --estimate-memory
     """
     from llmkit.config import load_recipe
     from llmkit.finetune import finetune as run
