@@ -79,7 +79,7 @@ def finetune(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("arch,method", [("gpt2", "full"), ("llama", "full"), ("gpt2", "lora"), ("llama", "lora")])
 def test_two_sharded_processes_match_one_process(models, toy_data, tmp_path, arch, method):
-    common = ("--method", method, "--max-steps", "6")
+    common = ("--method", method, "--max-steps", "6", "--eval-data", str(toy_data / "eval.txt"), "--eval-every", "3")
     one = subprocess.run([sys.executable, str(CHILD), *map(str, finetune(models[arch], toy_data, tmp_path / "one", *common, "--batch-size", "8"))],
                          env=env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -88,6 +88,8 @@ def test_two_sharded_processes_match_one_process(models, toy_data, tmp_path, arc
     assert len(losses(tmp_path / "two")) == 6
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert max_diff(tmp_path / "one", tmp_path / "two") < 1e-4
+    evals = [json.loads((tmp_path / d / "llmkit.json").read_text())["llmkit"]["metrics"]["eval_loss"] for d in ("one", "two")]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-4)  # evaluation (and the best-model copy) on the sharded model
     # the saved folder is the same kind as an unsharded run's: plain transformers / peft load it
     saved = json.loads((tmp_path / "two" / ("config.json" if method == "full" else "adapter_config.json")).read_text())
     if method == "full":

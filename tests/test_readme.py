@@ -2,7 +2,8 @@
 
 What a new user types is what runs. The only additions are the caps the README itself documents for a quick
 trial of a training command (`--max-steps`, `--max-train-samples`, `--max-eval-samples`), added to `llmkit
-finetune` / `llmkit distill` lines that do not set them, so the whole README takes minutes, not hours. Blocks
+finetune` / `llmkit distill` lines that do not set them (larger values a line sets are lowered to them, and
+`--max-examples` of answer generation to 16), so the whole README takes minutes, not hours. Blocks
 after a `<!-- readme-test: skip (why) -->` comment are not run (set-up, benchmarks); lines marked `# needs the
 Hub` are skipped because tests never use the network. After each block, every `--out PATH` and `> FILE` it
 names must exist.
@@ -27,6 +28,9 @@ SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((.+?)\)\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
 QUICK_TRIAL = {"--max-steps": "2", "--max-train-samples": "64", "--max-eval-samples": "16"}
 TRAINING = re.compile(r"\bllmkit (finetune|distill)\b")
+# larger values a README line sets itself are lowered to the quick trial's (and answers generated to 16)
+LOWER = [(re.compile(r"(--max-steps[ =]|train\.max_steps=)(\d+)"), 2), (re.compile(r"(--max-train-samples[ =])(\d+)"), 64),
+         (re.compile(r"(--max-examples[ =])(\d+)"), 16)]
 
 
 @dataclass
@@ -67,7 +71,10 @@ def commands(code: str) -> list[str]:
 
 
 def quick_trial(cmd: str) -> str:
-    """Add the documented quick-trial caps a training command does not set itself."""
+    """Add the documented quick-trial caps a training command does not set itself, and lower larger ones it sets."""
+    if "llmkit " in cmd:
+        for pattern, cap in LOWER:
+            cmd = pattern.sub(lambda m, cap=cap: m.group(1) + str(min(int(m.group(2)), cap)), cmd)
     m = TRAINING.search(cmd)
     if not m:
         return cmd
@@ -86,7 +93,10 @@ def outputs(cmd: str) -> list[str]:
 def test_quick_trial_and_outputs_parse():
     cmd = "llmkit finetune --recipe r.yaml --set train.max_steps=10 --out runs/x   # a comment"
     assert quick_trial(cmd) == ("llmkit finetune --max-train-samples 64 --max-eval-samples 16 --recipe r.yaml "
-                                "--set train.max_steps=10 --out runs/x   # a comment")
+                                "--set train.max_steps=2 --out runs/x   # a comment")
+    assert quick_trial("llmkit distill --max-steps 1 --max-train-samples 200 --out s") == (
+        "llmkit distill --max-eval-samples 16 --max-steps 1 --max-train-samples 64 --out s")
+    assert quick_trial("llmkit evaluate --model m --max-examples 200") == "llmkit evaluate --model m --max-examples 16"
     assert quick_trial("llmkit generate hi") == "llmkit generate hi"
     assert outputs("llmkit generate --json > out.jsonl 2>/dev/null") == ["out.jsonl"]
     assert outputs("curl -s x > /dev/null") == ["/dev/null"]
