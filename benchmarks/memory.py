@@ -1,9 +1,10 @@
 """Memory per process of every way to train SmolLM2-135M, and its speed; plain HF Trainer runs as the peer.
 
 Same work for every row: 8 optimizer steps x 4 blocks x 256 tokens of Tiny Shakespeare (per process: the 2-process
-rows split the global batch, 2 x 2), lr 1e-4, fp32. Peak memory is the resident set size (RSS) of the largest
-process (llmkit.json's `peak_memory_gb`; the peer's from the OS). Activation memory is measured, not assumed:
-(peak at batch 4 - peak at batch 1) x 4/3. `--estimate-memory`'s prediction is printed beside each row.
+rows split the global batch, 2 x 2), lr 1e-4, fp32. Per process: the training peak of the resident set size (RSS;
+llmkit.json's `peak_memory_gb`, measured from the first step), `--estimate-memory`'s prediction of it, and the
+whole run's peak with model loading (from the OS, for the peer too). Activation memory is measured, not assumed:
+(training peak at batch 4 - at batch 1) x 4/3.
 
 Targets (issue 17): FSDP 2-process peak per process <= 0.65x DDP's; checkpointing activations <= 0.5x at <= 1.4x
 the time; QLoRA base weights <= 0.3x LoRA's.
@@ -44,7 +45,7 @@ def main() -> None:
         out = work / name
         cmd = [*launcher, "finetune", "--model", "smollm2-135m", "--data", data / "train.txt", "--out", out, "--max-steps", a.steps,
                "--block-size", 256, "--lr", 1e-4, "--mixed-precision", "no", "--quiet", "--batch-size", batch, *extra]
-        run(cmd, name)
+        _, whole = peak_rss(cmd, name)
         facts = run_facts(out)
         estimate = subprocess.run([*LLMKIT, "finetune", "--model", "smollm2-135m", "--data", data / "train.txt", "--out", out,
                                    "--block-size", "256", "--batch-size", str(batch), "--mixed-precision", "no", "--estimate-memory",
@@ -52,7 +53,9 @@ def main() -> None:
                                   env=_env(2 if launcher is TORCHRUN else 1)).stdout
         total = next((float(line.split()[1]) for line in estimate.splitlines() if line.strip().startswith("total")), float("nan"))
         shutil.rmtree(out, ignore_errors=True)
-        return {"peak": facts["peak_memory_gb"], "tps": facts["train_tokens_per_s"], "est": total}
+        print(f"  {name}: training peak {facts['peak_memory_gb']:.2f} GB, whole run {whole:.2f} GB, {facts['train_tokens_per_s']} tokens/s",
+              flush=True)
+        return {"peak": facts["peak_memory_gb"], "whole": whole, "tps": facts["train_tokens_per_s"], "est": total}
 
     rows = {
         "full, 1 process": llmkit("full"),
@@ -70,25 +73,26 @@ def main() -> None:
         small_eval = work / "eval.txt"
         small_eval.write_text("\n".join((data / "validation.txt").read_text().splitlines()[:40]))
         for name, extra in (("peer HF Trainer, full", []), ("peer HF Trainer, LoRA", ["--lora"])):
-            text, peak = peak_rss([sys.executable, SHARED / "bench" / "peer_clm_trainer.py", gguf.parent, data / "train.txt", small_eval,
-                                   "--gguf", gguf.name, "--max-steps", a.steps, "--block", 256, "--bs", 4, "--lr", 1e-4, *extra])
-            rows[name] = {"peak": peak, "tps": fields(text, "peer_clm")["tokens_per_s"], "est": float("nan")}
+            text, whole = peak_rss([sys.executable, SHARED / "bench" / "peer_clm_trainer.py", gguf.parent, data / "train.txt", small_eval,
+                                    "--gguf", gguf.name, "--max-steps", a.steps, "--block", 256, "--bs", 4, "--lr", 1e-4, *extra], name)
+            rows[name] = {"peak": float("nan"), "whole": whole, "tps": fields(text, "peer_clm")["tokens_per_s"], "est": float("nan")}
 
-    print(f"{'run':<34} {'peak GB/process':>15} {'estimate GB':>12} {'tokens/s':>9}")
+    print(f"{'run':<32} {'training peak GB':>16} {'estimate GB':>11} {'whole-run peak GB':>17} {'tokens/s':>9}   (per process)")
     for name, r in rows.items():
-        print(f"{name:<34} {r['peak']:15.2f} {r['est']:12.2f} {r['tps']:9.1f}", flush=True)
+        print(f"{name:<32} {r['peak']:16.2f} {r['est']:11.2f} {r['whole']:17.2f} {r['tps']:9.1f}", flush=True)
 
     base_ratio, layers_ratio = qlora_base_ratio()
     full, ddp, fsdp, ckpt = (rows[k] for k in ("full, 1 process", "full, DDP 2 processes", "full, FSDP 2 processes",
                                                "full + gradient checkpointing"))
-    print(f"ratio FSDP/DDP peak per process = {fsdp['peak'] / ddp['peak']:.2f} (target <= 0.65)")
+    print(f"ratio FSDP/DDP training peak per process = {fsdp['peak'] / ddp['peak']:.2f} (target <= 0.65); whole run "
+          f"(each process loads the whole model before sharding it) = {fsdp['whole'] / ddp['whole']:.2f}")
     print(f"ratio activations checkpointing/plain = {act['ckpt'] / act['full']:.2f} ({act['ckpt']:.2f} vs {act['full']:.2f} GB; "
           f"target <= 0.5) at time x{full['tps'] / ckpt['tps']:.2f} (target <= 1.4)")
     print(f"ratio QLoRA/LoRA base weight bytes = {base_ratio:.2f} (target <= 0.3); of the blocks' linear layers alone "
           f"(what NF4 stores; SmolLM2's tied 28M-parameter embedding stays fp32) = {layers_ratio:.2f}")
     if not a.skip_peer:
-        print(f"ratio peak llmkit/peer: full {full['peak'] / rows['peer HF Trainer, full']['peak']:.2f}, "
-              f"LoRA {rows['LoRA']['peak'] / rows['peer HF Trainer, LoRA']['peak']:.2f}; tokens/s llmkit/peer: "
+        print(f"ratio whole-run peak llmkit/peer: full {full['whole'] / rows['peer HF Trainer, full']['whole']:.2f}, "
+              f"LoRA {rows['LoRA']['whole'] / rows['peer HF Trainer, LoRA']['whole']:.2f}; tokens/s llmkit/peer: "
               f"full {full['tps'] / rows['peer HF Trainer, full']['tps']:.2f}, LoRA {rows['LoRA']['tps'] / rows['peer HF Trainer, LoRA']['tps']:.2f}")
     shutil.rmtree(work, ignore_errors=True)
 
@@ -99,12 +103,13 @@ def _env(processes: int) -> dict[str, str]:
     return {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
 
 
-def peak_rss(cmd: list[object]) -> tuple[str, float]:
-    """Run a command in a fresh Python that reports its child's peak RSS (RUSAGE_CHILDREN is per waiting process)."""
+def peak_rss(cmd: list[object], label: str) -> tuple[str, float]:
+    """Run a command in a fresh Python that reports the peak RSS of its largest (grand)child over the whole run,
+    model loading included (RUSAGE_CHILDREN: the largest waited-for descendant, counted per waiting process)."""
     probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
              "sys.stdout.write(p.stdout + p.stderr); print(f'PEAK_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); "
              "sys.exit(p.returncode)")
-    text, _ = run([sys.executable, "-c", probe, *cmd], "peer")
+    text, _ = run([sys.executable, "-c", probe, *cmd], label)
     kb = float(text.rsplit("PEAK_KB=", 1)[1].split()[0])
     return text, kb * 1024 / 1e9
 

@@ -67,6 +67,27 @@ def shard(model: Any, device_type: str, precision: str) -> None:
     for unit in units:
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if device_type == "cpu":
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """On CPU, make freed memory go back to the OS, or sharding saves nothing a process is charged for.
+
+    glibc keeps freed blocks for reuse: the whole parameters each process loaded (freed once sharded), and every
+    step's activations, which its adaptive threshold soon serves from that kept heap. Measured on SmolLM2-135M with
+    2 processes: the resident peak grew step after step to 3.2 GB, against 2.4 GB with blocks over 1 MB mapped
+    and unmapped directly (M_MMAP_THRESHOLD). Not glibc: nothing to do.
+    """
+    import ctypes
+
+    from llmkit.machine import return_freed_memory
+
+    return_freed_memory()
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 def _options(**kw: Any) -> Any:

@@ -7,6 +7,10 @@ The same code runs on one CPU, one GPU, or N processes under `torchrun` / `accel
 shards the batches and averages the gradients, and every process takes the same branches (eval, save,
 early stop) because every decision is made on values all processes share.
 
+With `--fsdp` the model is sharded first (llmkit/sharding.py: every process holds 1/N of weights, gradients
+and optimizer state) and is not wrapped by Accelerate; the loop is the same, and only saving and loading weights
+go through sharding.py's collectives.
+
 Checkpoints (`OUT/checkpoints/step-00000120/`) hold the trainable weights (safetensors), optimizer and
 scheduler state, every process's RNG state and the data position. They are written to a temporary folder
 and renamed into place only when complete, and old ones are deleted only after that: a crash during a save
@@ -89,7 +93,7 @@ class TrainResult:
     total_steps: int
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of the model that was kept
     model: Any = None  # the trained model, whole and unwrapped, on the main process (None on the others)
-    peak_memory_gb: float | None = None  # the largest process's peak: GPU memory on GPUs, resident memory (RSS) on CPU
+    peak_memory_gb: float | None = None  # the largest process's training peak: GPU memory on GPUs, resident memory on CPU
 
 
 def resolve_precision(name: str) -> str:
@@ -196,6 +200,11 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             _say(job, f"resuming from {latest.name} (step {state.step}/{total}, epoch {state.epoch + 1})")
 
     metric_name, higher_is_better = BEST_METRIC[job.task]
+    if accelerator.device.type == "cpu":
+        from llmkit.machine import return_freed_memory
+
+        return_freed_memory()
+    reset_peak_memory(accelerator.device)
     bar = _progress(job, total, state.step, main)
     window_loss: list[Any] = []
     window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
@@ -373,15 +382,32 @@ def whole_model(job: TrainJob, accelerator: Any, model: Any) -> Any:
     return whole
 
 
+def reset_peak_memory(device: Any) -> None:
+    """Start measuring the training peak here: loading a model (a GGUF is de-quantized) can peak higher than training."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # elsewhere the peak counts from the process start
+
+
 def peak_memory_gb(device: Any) -> float:
-    """This process's peak so far: allocated GPU memory on CUDA, else the resident set size (what the OS charges)."""
+    """This process's peak since reset_peak_memory: allocated GPU memory on CUDA, else the resident set size."""
     import resource
 
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e9
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -512,7 +538,6 @@ def trainable_tensors(model: Any) -> dict[str, Any]:
 
     named_parameters() lists tied weights once (GPT-2's embedding / LM head), which safetensors requires.
     """
-
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     _check_finite(tensors)
     return tensors
