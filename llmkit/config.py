@@ -286,6 +286,8 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     need(t.scheduler in SCHEDULERS, f"train.scheduler {t.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     need(t.mixed_precision in PRECISIONS, f"--mixed-precision {t.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+    need(not (t.fsdp and t.mixed_precision == "fp16"), "--fsdp with --mixed-precision fp16 is not supported (its loss scaler does "
+         "not see sharded gradients); use --mixed-precision bf16 or no")
     for name in ("eval_every", "eval_batch_size", "early_stopping", "save_every", "threads"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

@@ -97,9 +97,9 @@ def test_recipe_errors_are_all_reported_with_their_place(run, tmp_path, toy_data
 
 
 def test_validation_names_every_bad_flag_at_once(run, toy_data):
-    code, _, err = run("--data", toy_data / "train.csv", "--lr", "-1", "--batch-size", "0", "--method", "qlora")
+    code, _, err = run("--data", toy_data / "train.csv", "--lr", "-1", "--batch-size", "0", "--method", "dora")
     assert code == 2
-    assert "--lr must be > 0" in err and "--batch-size must be >= 1" in err and "--method 'qlora'" in err
+    assert "--lr must be > 0" in err and "--batch-size must be >= 1" in err and "--method 'dora'" in err
 
 
 def test_out_folder_that_is_not_an_llmkit_run_is_refused(cli, tiny_bert, toy_data, tmp_path):

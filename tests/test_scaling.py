@@ -207,6 +207,7 @@ def test_qlora_merge_goes_into_the_full_precision_base(cli, llama64, toy_data, t
 @pytest.mark.parametrize("extra,message", [
     (("--method", "qlora", "--fsdp"), "--method qlora cannot be combined with --fsdp"),
     (("--method", "qlora", "--task", "seq-cls"), "--method qlora is for --task causal-lm"),
+    (("--fsdp", "--mixed-precision", "fp16"), "--fsdp with --mixed-precision fp16 is not supported"),
 ])
 def test_unsupported_combinations_are_usage_errors(cli, llama64, toy_data, tmp_path, extra, message):
     code, _, err = cli(*finetune_args(llama64, toy_data / "train.txt", tmp_path / "out", *extra))
