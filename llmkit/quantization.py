@@ -7,9 +7,10 @@
 `int8` is weight-only int8 with one scale per output channel (symmetric, absmax / 127), for every linear layer,
 GPT-2's `Conv1D` layers (transposed into linear form: generic int8 code silently skips them, pytorch#33433),
 and the token embedding, whose int8 rows also serve as the tied LM head. Activations stay in fp32: per-token
-int8 activations cost SmolLM2 +4% perplexity (GUIDE §3). Matmuls run on `torch._weight_int8pack_mm`, the
+int8 activations cost SmolLM2 +4% perplexity (GUIDE §3). Decoding runs on `torch._weight_int8pack_mm`, the
 CPU kernel that reads int8 weights directly, with bf16 activations (its fast path); decoding is memory-bound,
-so 4x fewer weight bytes is what makes it faster. Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
+so 4x fewer weight bytes is what makes it faster. Prompts and evaluation batches (32+ tokens) on CPUs without
+AMX widen the weights to fp32 instead (`llmkit.int8.DEQUANTIZE_ROWS`). Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
 Why not a library: torchao's int8 weight-only config was measured here at +0.57% perplexity but only 1.31x,
 with the embedding and tied head left in fp32 (41% of the fp32 size for SmolLM2); optimum-quanto was slower
 than fp32. The folder stores int8 tensors and scales in safetensors; `load_int8(folder)` (or any llmkit
