@@ -1,14 +1,14 @@
 """Which layers should a student keep? Evenly spaced vs importance (block influence), SmolLM2-135M, one run.
 
 The teacher is the bundled SmolLM2-135M (30 layers); students keep 20 and 15 of its layers, chosen either evenly
-spaced (first and last kept, DistilBERT's rule) or by importance (`--layer-selection importance`: the layers whose
-output turns the hidden state most on 32 training blocks, ShortGPT's block influence). For each: held-out
+spaced (first and last kept, DistilBERT's rule) or by importance (`--layer-selection importance`: drop the layer
+whose output turns the hidden state least on 32 training blocks, ShortGPT's block influence, re-measure, repeat). For each: held-out
 perplexity right after the cut ("before healing") and after --steps distillation steps of 8 x 256 tokens of Tiny
 Shakespeare (T=2, alpha=0.5, teacher top-32 logits cached once and shared by all four students, same seed).
 Perplexity on the first 16 blocks of validation.txt. Targets (issue 18): importance beats even spacing at equal
 steps; the 20-layer student within 1.5x the teacher's perplexity.
 
-Usage: python benchmarks/distill_layers.py [--steps 60] [--layers 20,15] [--threads N]
+Usage: python benchmarks/distill_layers.py [--steps 60] [--layers 20,15] [--selections even,importance] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 from _common import LLMKIT, SHARED, first_line, run
 
 
-def before_healing(layers: list[int], threads: int) -> dict[tuple[int, str], float]:
+def before_healing(layers: list[int], selections: list[str], threads: int) -> dict[tuple[int, str], float]:
     """Perplexity of each cut student with no training, and the teacher's, on the same 16 held-out blocks."""
     import torch
     from torch.utils.data import DataLoader
 
     from llmkit.data import Collator, ExampleSet, load_table, pack_causal_lm, texts_of
-    from llmkit.distill import important_layers, layer_importance, student_from_layers
+    from llmkit.distill import choose_layers, layer_importance, student_from_layers
     from llmkit.metrics import evaluate_model
     from llmkit.models import load_causal_lm, load_tokenizer, resolve
 
@@ -55,8 +55,9 @@ def before_healing(layers: list[int], threads: int) -> dict[tuple[int, str], flo
     print("block influence per layer: " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)), flush=True)
     out = {(0, "teacher"): ppl(teacher)}
     for n in layers:
-        for how in ("even", "importance"):
-            student, kept = student_from_layers(teacher, n, important_layers(scores, n) if how == "importance" else None)
+        for how in selections:
+            chosen = choose_layers(teacher, ExampleSet(sample), collate, n, len(sample), "cpu") if how == "importance" else None
+            student, kept = student_from_layers(teacher, n, chosen)
             out[(n, how)] = ppl(student.eval())
             print(f"cut {n} layers {how:10s} kept={kept} ppl_before_healing={out[(n, how)]:.2f}", flush=True)
     return out
@@ -66,13 +67,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--layers", default="20,15")
+    ap.add_argument("--selections", default="even,importance", help="which layer choices to run (comma-separated)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = llmkit's default)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
+    selections = args.selections.split(",")
     print(first_line(), f"(--threads {args.threads or 'default'})", flush=True)
     import os
 
-    before = before_healing(layers, args.threads or os.cpu_count() or 1)
+    before = before_healing(layers, selections, args.threads or os.cpu_count() or 1)
     teacher_ppl = before[(0, "teacher")]
     print(f"teacher (30 layers) ppl={teacher_ppl:.2f}", flush=True)
     data = SHARED / "data" / "tinyshakespeare"
@@ -80,7 +83,7 @@ def main() -> None:
     after = {}
     try:
         for n in layers:
-            for how in ("even", "importance"):
+            for how in selections:
                 out = work / f"s{n}-{how}"
                 cmd = [*LLMKIT, "distill", "--teacher", "smollm2-135m", "--data", data / "train.txt", "--eval-data",
                        data / "validation.txt", "--student-layers", n, "--layer-selection", how, "--max-steps", args.steps,
@@ -97,7 +100,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for n in layers:
+    for n in layers if len(selections) == 2 else []:
         e, i = after[(n, "even")], after[(n, "importance")]
         print(f"ratio {n} layers: importance/even ppl before healing = {before[(n, 'importance')] / before[(n, 'even')]:.3f}, "
               f"after {args.steps} steps = {i / e:.3f} (< 1: importance wins); best/teacher = {min(e, i) / teacher_ppl:.2f}x "

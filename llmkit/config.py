@@ -206,8 +206,9 @@ class StudentConfig:
     layers: int | None = None
     """--student-layers: keep this many of the teacher's layers; None = half."""
     layer_selection: str = "importance"
-    """--layer-selection: which layers to keep: importance (those that change the hidden states most on a sample of
-    the training data, ShortGPT's block influence) or even (evenly spaced, first and last kept: DistilBERT's choice)."""
+    """--layer-selection: which layers to keep: importance (on a sample of the training data, drop the layer that
+    changes the hidden states least (ShortGPT's block influence), re-measure the rest, repeat) or even (evenly
+    spaced, first and last kept: DistilBERT's choice)."""
     selection_samples: int = 32
     """Training examples the importance of each layer is measured on."""
     config: str | None = None

@@ -111,18 +111,26 @@ def layer_importance(teacher: Any, batches: Any) -> list[float]:
 
 
 def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: int, device: Any) -> list[int]:
-    """`--layer-selection importance`: score every layer on the first `samples` training examples, keep the top n."""
+    """`--layer-selection importance`: on the first `samples` training examples, drop the layer with the lowest block
+    influence, re-measure the layers that remain in the shortened model, and repeat until `n` are left.
+
+    Re-measuring matters because a layer's influence changes once its neighbours are gone. Measured on SmolLM2
+    (30 layers, benchmarks/distill_layers.py): scoring once and keeping the top n gave held-out perplexity 495
+    (20 layers) and 6772 (15) right after the cut; re-measuring after each removal 207 and 2070 (evenly spaced:
+    21164 and 1.5M). It costs one pass over the sample per removed layer."""
     from torch.utils.data import DataLoader, Subset
 
     subset = Subset(examples, range(min(samples, len(examples))))
-    batches = ({k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
-               for b in DataLoader(subset, batch_size=4, collate_fn=collate))
-    return important_layers(layer_importance(teacher, batches), n)
-
-
-def important_layers(scores: list[float], n: int) -> list[int]:
-    """The `n` layers that change the hidden states most, in order."""
-    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
+    batches = [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
+               for b in DataLoader(subset, batch_size=4, collate_fn=collate)]
+    kept = list(range(count_layers(teacher)))
+    model = teacher
+    while len(kept) > n:
+        scores = layer_importance(model, batches)
+        kept.pop(min(range(len(kept)), key=scores.__getitem__))
+        if len(kept) > n:
+            model = student_from_layers(teacher, len(kept), kept)[0].to(device).eval()
+    return kept
 
 
 def student_from_layers(teacher: Any, n: int, kept: list[int] | None = None) -> tuple[Any, list[int]]:

@@ -104,11 +104,13 @@ def test_layer_extraction_copies_exactly_the_kept_layers(teachers, arch):
 
 
 def test_importance_drops_the_layer_that_changes_nothing(teachers):
-    """A layer whose attention and MLP outputs are zeroed passes its input through: block influence 0, dropped first."""
+    """A layer whose attention and MLP outputs are zeroed passes its input through: block influence 0, dropped first;
+    the next removal is chosen by re-measuring the three that remain."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.distill import important_layers, layer_importance
+    from llmkit.data import Collator, ExampleSet
+    from llmkit.distill import choose_layers, layer_importance, student_from_layers
 
     teacher = AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()
     with torch.no_grad():
@@ -117,7 +119,12 @@ def test_importance_drops_the_layer_that_changes_nothing(teachers):
     ids = torch.randint(5, 100, (2, 12))
     scores = layer_importance(teacher, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
     assert len(scores) == 4 and scores[2] < 1e-6 and min(scores[i] for i in (0, 1, 3)) > 1e-4
-    assert important_layers(scores, 3) == [0, 1, 3]
+    rows = ExampleSet([list(r) for r in ids.tolist()])
+    assert choose_layers(teacher, rows, Collator(0, True), 3, 32, "cpu") == [0, 1, 3]
+    two = choose_layers(teacher, rows, Collator(0, True), 2, 32, "cpu")
+    left = student_from_layers(teacher, 3, [0, 1, 3])[0].eval()
+    again = layer_importance(left, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert two == [k for j, k in enumerate([0, 1, 3]) if j != min(range(3), key=again.__getitem__)]
     # the hooks see what output_hidden_states reports (GPT-2: hidden_states[i] -> [i + 1], before the final norm)
     gpt2 = AutoModelForCausalLM.from_pretrained(teachers["gpt2"]).eval()
     got = layer_importance(gpt2, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
