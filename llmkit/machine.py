@@ -70,14 +70,19 @@ def summary(m: dict[str, Any]) -> str:
     return f"{m['processes']} process{'es' if m['processes'] > 1 else ''}, {precision}, {where}"
 
 
-def return_freed_memory() -> None:
+def return_freed_memory(mmap_threshold: int | None = None) -> None:
     """Give memory freed so far back to the OS (glibc keeps freed blocks mapped for reuse): loading and de-quantizing a
-    model, or writing a kept base, leave ~1 GB behind that would otherwise add to a training's resident peak."""
+    model, or writing a kept base, leave ~1 GB behind that would otherwise add to a training's resident peak.
+    `mmap_threshold` (bytes) also fixes glibc's M_MMAP_THRESHOLD: blocks that large are mapped and unmapped
+    directly from then on, instead of kept for reuse."""
     import ctypes
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        if mmap_threshold is not None:
+            libc.mallopt(-3, mmap_threshold)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
