@@ -27,7 +27,7 @@ def before_healing(layers: list[int], selections: list[str], threads: int) -> di
     import torch
     from torch.utils.data import DataLoader
 
-    from llmkit.data import Collator, ExampleSet, load_table, pack_causal_lm, texts_of
+    from llmkit.data import Collator, ExampleSet
     from llmkit.distill import choose_layers, layer_importance, student_from_layers
     from llmkit.metrics import evaluate_model
     from llmkit.models import load_causal_lm, load_tokenizer, resolve
@@ -38,8 +38,10 @@ def before_healing(layers: list[int], selections: list[str], threads: int) -> di
     teacher = load_causal_lm(ref, device="cpu", dtype="float32", progress=False).eval()
 
     def first_blocks(name: str, n: int) -> list[list[int]]:  # llmkit's own reading and packing of the file
-        texts, _ = texts_of(load_table(str(SHARED / "data" / "tinyshakespeare" / name), task="causal-lm", what=name), "text")
-        return pack_causal_lm(texts, tok, 256, name)[:n]
+        from llmkit.prepare import prepare_eval
+
+        path = str(SHARED / "data" / "tinyshakespeare" / name)
+        return list(prepare_eval(path, tok, task="causal-lm", block_size=256, max_length=256, labels=None, limit=n)[0].input_ids)
 
     blocks = first_blocks("validation.txt", 16)  # what the distill runs evaluate (--max-eval-samples 16)
     sample = first_blocks("train.txt", 32)  # what --layer-selection importance measures on

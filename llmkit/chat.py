@@ -1,7 +1,7 @@
 """Chat data for instruction fine-tuning: conversations in, token ids with assistant-only labels out.
 
     >>> from llmkit.chat import ChatEncoder, read_conversations, resolve_template
-    >>> convs = read_conversations(load_table("chat.jsonl", task="causal-lm"), fmt="auto")
+    >>> convs = read_conversations("chat.jsonl")
     >>> enc = ChatEncoder(tokenizer, resolve_template(tokenizer, None, "smollm2-135m"))
     >>> ids, labels = enc.encode(convs[0])        # labels: -100 except on every assistant turn + its end-of-turn
 
@@ -22,13 +22,13 @@ learn to stop.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmkit.config import DATA_FORMATS
-from llmkit.data import Table
 from llmkit.errors import UsageError
 
 FORMATS = DATA_FORMATS
@@ -50,62 +50,87 @@ class Conversation:
     where: str  # "chat.jsonl:line 7", for error messages
 
 
-def detect_format(table: Table, fmt: str, prompt_column: str | None) -> str:
-    """The data's format: `fmt` unless it is "auto", else what the columns say ("text" for plain text)."""
+CHAT_COLUMNS = {"messages": "messages", "sharegpt": "conversations", "prompt-completion": "prompt"}
+
+
+def detect_format(first: dict[str, Any] | None, fmt: str, prompt_column: str | None) -> str:
+    """The data's format: `fmt` unless it is "auto", else what the first row's fields say ("text" for plain text).
+
+    Every later row must have the same format (`row_format`): one file, one format.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt != "auto":
         return fmt
-    if prompt_column:  # --prompt-column alone: raw prompt + response text, no template (as before chat support)
+    if prompt_column or not isinstance(first, dict):  # --prompt-column alone: raw prompt + response text, no template
         return "text"
-    columns = {"messages": "messages", "sharegpt": "conversations", "prompt-completion": "prompt"}
-    present = {name: table.columns[col] for name, col in columns.items() if col in table.columns}
-    if "prompt-completion" in present and "completion" not in table.columns:
-        del present["prompt-completion"]
-    if not present:
-        return "text"
-
-    def row_format(i: int) -> str | None:
-        return next((name for name, values in present.items() if values[i] is not None), None)
-
-    first = row_format(0)
-    for i in range(len(table)):
-        here = row_format(i)
-        if here != first:  # one file, one format: a stray row of another format is a data error, not a guess
-            what = f"a {here} row" if here else f"a row with none of the {', '.join(columns[n] for n in present)} fields"
-            raise UsageError(f"{table.where(i)}: {what} in a file of {first} rows ({table.where(0)}); keep one chat format per file")
-    return first or "text"
+    return row_format(first) or "text"
 
 
-def read_conversations(table: Table, fmt: str, prompt_column: str | None = None, text_column: str = "text") -> list[Conversation]:
-    """Every row as a validated conversation; the first bad row is a one-line error naming file:line."""
-    fmt = detect_format(table, fmt, prompt_column)
-    if fmt == "text":
-        raise UsageError(f"{table.name} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' "
-                         "columns); pass --format to say which columns hold them")
-    out = []
+def row_format(record: Any) -> str | None:
+    """Which chat format a row is in (the first of messages, sharegpt, prompt-completion whose field it fills)."""
+    if not isinstance(record, dict):
+        return None
+    for name, col in CHAT_COLUMNS.items():
+        if record.get(col) is not None and (name != "prompt-completion" or "completion" in record):
+            return name
+    return None
+
+
+def format_mismatch(here: str | None, first: str, first_where: str, where: str) -> str:
+    what = f"a {here} row" if here else f"a row with none of the {', '.join(CHAT_COLUMNS.values())} fields"
+    return f"{where}: {what} in a file of {first} rows ({first_where}); keep one chat format per file"
+
+
+def conversation(record: dict[str, Any], fmt: str, where: str, prompt_column: str | None = None,
+                 text_column: str = "text") -> Conversation:
+    """One row as a validated conversation; a bad row is a one-line error naming file:line."""
     if fmt == "prompt-completion":
         prompt_col = prompt_column or "prompt"
         answer_col = text_column if prompt_column else "completion"
-        prompts, answers = table.column(prompt_col, "--prompt-column"), table.column(answer_col, "--text-column")
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-            out.append(_checked(msgs, table.where(i)))
-        return out
+        msgs = [{"role": "user", "content": record.get(prompt_col)}, {"role": "assistant", "content": record.get(answer_col)}]
+        return _checked(msgs, where)
     column = "messages" if fmt == "messages" else "conversations"
-    for i, turns in enumerate(table.column(column, "--format")):
-        where = table.where(i)
-        if isinstance(turns, str):  # a CSV cell, or JSON stored as a string
-            import json
+    turns = record.get(column)
+    if isinstance(turns, str):  # a CSV cell, or JSON stored as a string
+        import json
 
-            try:
-                turns = json.loads(turns)
-            except json.JSONDecodeError:
-                raise UsageError(f"{where}: '{column}' is text, not a list of turns") from None
-        if not isinstance(turns, list):
-            raise UsageError(f"{where}: '{column}' must be a list of turns, got a {type(turns).__name__}")
-        msgs = [_turn(t, fmt, where, k) for k, t in enumerate(turns, 1)]
-        out.append(_checked(msgs, where))
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise UsageError(f"{where}: '{column}' is text, not a list of turns") from None
+    if not isinstance(turns, list):
+        raise UsageError(f"{where}: '{column}' must be a list of turns, got a {type(turns).__name__}")
+    msgs = [_turn(t, fmt, where, k) for k, t in enumerate(turns, 1)]
+    return _checked(msgs, where)
+
+
+def read_conversations(spec: str, fmt: str = "auto", prompt_column: str | None = None, text_column: str = "text",
+                       limit: int | None = None) -> list[Conversation]:
+    """The first `limit` conversations of a data file (all of them when None), validated; for small files and samples
+    (training data goes through llmkit.datasets, which never holds a file in memory)."""
+    from llmkit.datafiles import find_sources, iter_records
+
+    _, sources = find_sources(spec, task="causal-lm")
+    out: list[Conversation] = []
+    first = first_where = None
+    for source in sources:
+        if source.kind == "text":
+            raise UsageError(f"{source.name} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' "
+                             "columns); pass --format to say which columns hold them")
+        for where, record in iter_records(source):
+            if not isinstance(record, dict):
+                raise UsageError(f"{where}: a JSON {type(record).__name__} where an object like {{\"messages\": ...}} is expected")
+            if first is None:
+                first, first_where = detect_format(record, fmt, prompt_column), where
+                if first == "text":
+                    raise UsageError(f"{source.name} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' "
+                                     "columns); pass --format to say which columns hold them")
+            if fmt == "auto" and row_format(record) != first:
+                raise UsageError(format_mismatch(row_format(record), first, first_where, where))
+            out.append(conversation(record, first, where, prompt_column, text_column))
+            if limit is not None and len(out) >= limit:
+                return out
     return out
 
 
@@ -257,8 +282,12 @@ class ChatEncoder:
         if self.train_on_prompt:
             return ids, list(ids)
         labels = [-100] * len(ids)
+        starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
         for start, end in spans:
-            inside = [k for k, (a, b) in enumerate(offsets) if b > start and a < end]
+            # offsets rise with the position, so the tokens overlapping [start, end) are one run: found by bisection,
+            # not by a scan of the whole conversation per reply
+            lo, hi = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+            inside = [k for k in range(lo, hi) if ends[k] > start and starts[k] < end]
             if not inside:
                 raise UsageError(f"{conv.where}: an assistant reply maps to no tokens (empty after the template)")
             last = ids[inside[-1]]

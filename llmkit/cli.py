@@ -19,6 +19,7 @@ from llmkit.commands.evaluate import evaluate
 from llmkit.commands.finetune import finetune
 from llmkit.commands.generate import generate
 from llmkit.commands.models import models
+from llmkit.commands.prepare import prepare
 from llmkit.commands.quantize import quantize
 from llmkit.commands.serve import serve
 from llmkit.errors import DiskError, Interrupted, LlmkitError
@@ -33,6 +34,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(generate)
+app.command()(prepare)
 app.command()(finetune)
 app.command()(distill)
 app.command()(quantize)

@@ -75,6 +75,16 @@ class DataConfig:
     quick trial of a recipe; 0 = all (as HF's run_clm.py --max_train_samples)."""
     max_eval_samples: int = 0
     """--max-eval-samples: evaluate on only the first N held-out examples; 0 = all."""
+    num_proc: int = 0
+    """--num-proc: processes that tokenize the data; 0 = this machine's cores (the result is the same for any number)."""
+    rebuild: bool = False
+    """--rebuild-data: prepare the data again instead of using llmkit's prepared-data cache ($LLMKIT_CACHE/data)."""
+    streaming: bool = False
+    """--streaming: read, tokenize and pack the data while training, never all of it at once (data bigger than the
+    disk or than is worth preparing); needs --max-steps. Checkpoints hold the stream's position, so --resume goes on
+    from the next example."""
+    shuffle_buffer: int = 10000
+    """--streaming: examples held in the shuffle buffer (0 = the stream's own order)."""
 
 
 @dataclass
@@ -192,6 +202,8 @@ class FinetuneConfig(RunConfig):
         else:
             need(not lo.merge, "--merge only applies to --method lora or qlora")
         need(self.method != "qlora" or self.task == "causal-lm", "--method qlora is for --task causal-lm; use --method lora for seq-cls")
+        need(not d.streaming or self.task == "causal-lm", "--streaming is for --task causal-lm: classification needs one pass over "
+             "all rows to know its labels; prepare the data instead (the cache is used without --streaming)")
         need(self.method != "qlora" or not t.fsdp, "--method qlora cannot be combined with --fsdp (4-bit weights do not shard); "
              "use --method lora with --fsdp, or qlora on one process per GPU")
         if problems:
@@ -251,6 +263,8 @@ class DistillConfig(RunConfig):
         problems.extend(run_problems(self.out, self.data, self.train))
         problems.extend(chat_problems(self.task, self.data))
         need(not self.data.packing, "--packing is for finetune; distill runs the teacher on unpacked rows (set data.packing=false)")
+        need(not self.data.streaming, "--streaming is for llmkit finetune; distill reads prepared data (llmkit prepare, or "
+             "--max-train-samples for a part of it)")
         need(not self.train.fsdp, "--fsdp is for llmkit finetune: a student is small enough to train whole on each process "
              "(keep the teacher out of memory with distill.cache_top_k instead)")
         need(s.layers is None or s.layers >= 1, f"--student-layers must be >= 1, got {s.layers}")
@@ -294,15 +308,32 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    problems.extend(data_problems(d))
+    need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
+         "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
+    need(not d.streaming or t.max_steps > 0, "--streaming needs --max-steps (a stream has no length to count epochs in)")
+    return problems
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    """The data settings' own checks (also what `llmkit prepare` validates)."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
     need(0 <= d.eval_split < 1, f"data.eval_split must be in [0, 1), got {d.eval_split}")
     need(d.max_length >= 2, f"--max-length must be >= 2, got {d.max_length}")
     need(d.block_size >= 2, f"--block-size must be >= 2, got {d.block_size}")
     need(d.max_train_samples >= 0, f"--max-train-samples must be >= 0, got {d.max_train_samples}")
     need(d.max_eval_samples >= 0, f"--max-eval-samples must be >= 0, got {d.max_eval_samples}")
+    need(d.num_proc >= 0, f"--num-proc must be >= 0, got {d.num_proc}")
+    need(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
     need(bool(d.text_column), "--text-column must not be empty")
-    need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,
-         "train.early_stopping needs eval data: pass --eval-data or set data.eval_split")
     need(d.format in DATA_FORMATS, f"--format {d.format!r} is not one of {', '.join(DATA_FORMATS)}")
+    need(not (d.streaming and d.eval_split > 0), "--streaming cannot hold out data.eval_split (the stream has no end to split); "
+         "pass --eval-data")
     return problems
 
 

@@ -1,11 +1,12 @@
-"""Training and evaluation data: load, validate, tokenize, pack, batch.
+"""Examples for training and evaluation: labels, token-id rows on Arrow, batching.
 
-    >>> from llmkit.data import load_table, pack_causal_lm
-    >>> table = load_table("../shared/data/tinyshakespeare/train.txt", task="causal-lm")
-    >>> blocks = pack_causal_lm(table, tokenizer, block_size=256)   # list of 256-token blocks, EOS between documents
+    >>> from llmkit.datasets import prepare_data          # files -> cached, tokenized Arrow tables
+    >>> data = prepare_data(cfg, tokenizer)
+    >>> data.train[0]                                     # {"input_ids": [...], "labels": ...}
 
-Every problem with the user's data surfaces here, before a model is loaded or a folder written, as one
-`UsageError` naming the file, the row and the value (`train.csv:row 7: label 'maybe' ...`).
+An `ExampleSet` is a memory-mapped Arrow table of token ids (int32): a 1 GB corpus costs the pages a batch
+touches, not 60 bytes of Python objects per token. Reading files and every check of the user's data live in
+llmkit/datafiles.py and llmkit/datarows.py; tokenizing, packing and the prepared-data cache in llmkit/datasets.py.
 """
 
 from __future__ import annotations
@@ -13,245 +14,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from llmkit.errors import UsageError
-
-TEXT_SUFFIXES = (".txt", ".md")
-TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-@dataclass
-class Table:
-    """Rows of a data set as plain columns, plus where they came from (for error messages)."""
-
-    name: str  # what the user passed
-    columns: dict[str, list[Any]]
-    row_names: list[str] = field(default_factory=list)  # "train.csv:row 7" per row
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()), []))
-
-    def column(self, name: str, flag: str) -> list[Any]:
-        if name not in self.columns:
-            found = ", ".join(self.columns) or "none"
-            raise UsageError(f"{self.name} has no column '{name}' (columns found: {found}); pass {flag} with one of them")
-        return self.columns[name]
-
-    def where(self, i: int) -> str:
-        return self.row_names[i] if self.row_names else f"{self.name}:row {i + 1}"
-
-    def select(self, idx: Sequence[int]) -> Table:
-        return Table(self.name, {k: [v[i] for i in idx] for k, v in self.columns.items()},
-                     [self.where(i) for i in idx])
-
-
-def load_table(spec: str, *, task: str, what: str = "--data") -> Table:
-    """A local file, a folder of files, or a Hub dataset id (`name` or `name:split`), as a Table.
-
-    Plain text files become one document each (column `text`), so a book is packed as one stream.
-    """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix in TABLE_SUFFIXES))
-        if not files:
-            raise UsageError(f"{what} {spec}: the folder holds no .txt/.csv/.tsv/.jsonl/.json/.parquet files")
-        if len({_kind(p) for p in files}) > 1:
-            raise UsageError(f"{what} {spec}: the folder mixes file types; keep one type per folder")
-        return _concat(spec, [_load_file(p, task, what) for p in files])
-    if path.is_file():
-        return _load_file(path, task, what)
-    looks_like_path = spec.startswith((".", "/", "~")) or Path(spec).suffix in (*TEXT_SUFFIXES, *TABLE_SUFFIXES)
-    if looks_like_path or "/" not in spec.split(":")[0]:
-        raise UsageError(f"{what} {spec}: no such file or folder")
-    return _load_hub(spec, what)
-
-
-def _kind(p: Path) -> str:
-    return "text" if p.suffix in TEXT_SUFFIXES else TABLE_SUFFIXES[p.suffix]
-
-
-def _concat(name: str, tables: list[Table]) -> Table:
-    cols = {k: [v for t in tables for v in t.columns.get(k, [None] * len(t))] for k in tables[0].columns}
-    return Table(name, cols, [t.where(i) for t in tables for i in range(len(t))])
-
-
-def _load_file(path: Path, task: str, what: str) -> Table:
-    if path.suffix in TEXT_SUFFIXES:
-        if task != "causal-lm":
-            raise UsageError(f"{what} {path}: a plain text file has no labels; --task seq-cls needs a .csv or .jsonl with text and label columns")
-        return Table(str(path), {"text": [_read_utf8(path)]}, [str(path)])
-    kind = TABLE_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise UsageError(f"{what} {path}: unknown file type '{path.suffix}'; use .txt, .csv, .tsv, .jsonl, .json or .parquet")
-    if kind == "parquet":
-        table = _load_parquet(path, what)
-    elif kind == "csv":
-        table = _parse_csv(path, _read_utf8(path), "\t" if path.suffix == ".tsv" else ",")
-    else:
-        table = _parse_json(path, _read_utf8(path))
-    if len(table) == 0:
-        raise UsageError(f"{what} {path} has no rows")
-    return table
-
-
-# CSV and JSON Lines are parsed here, not by pandas / pyarrow (datasets): their errors name no line, and they
-# guess column types (a label column of 0/1 with one "pos" in it fails deep inside pyarrow). Every error
-# below names `file:line` as an editor shows it.
-
-
-def _read_utf8(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise UsageError(f"{path}:line {line}: byte 0x{raw[e.start]:02x} at column {col} is not UTF-8; "
-                         "save the file as UTF-8") from None
-
-
-def _parse_csv(path: Path, text: str, delimiter: str) -> Table:
-    import csv
-    import io
-    import sys
-
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default 128 KB refuses long documents
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    sep = "tab" if delimiter == "\t" else "','"
-    start = 1
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    names: list[str] = []
-    try:
-        for record in reader:
-            if not record or record == [""]:  # blank line
-                start = reader.line_num + 1
-                continue
-            if header is None:
-                header = [h.strip() for h in record]
-                dup = next((h for h in header if header.count(h) > 1), None)
-                if dup is not None:
-                    raise UsageError(f"{path}:line {start}: the header names column '{dup}' twice; rename one")
-            elif len(record) != len(header):
-                raise UsageError(f"{path}:line {start}: {len(record)} fields, but the header has {len(header)}; "
-                                 f"put fields containing {sep} in double quotes")
-            else:
-                rows.append(record)
-                names.append(f"{path}:line {start}")
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise UsageError(f"{path}:line {start}: {e}; check the quotes on this line "
-                         "(a quote inside a quoted field is written twice: \"\")") from None
-    if header is None:
-        return Table(str(path), {}, [])
-    return Table(str(path), {h: [r[k] for r in rows] for k, h in enumerate(header)}, names)
-
-
-def _parse_json(path: Path, text: str) -> Table:
-    """JSON Lines (one object per line), or a .json file holding a list of objects."""
-    import json
-
-    if path.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip()[:1] == "{" and "\n" in text.strip():
-                data = None  # maybe JSON Lines saved as .json
-            else:
-                raise UsageError(f"{path}:line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(data, dict):  # {"data": [...]}: the one list of records inside
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else [data]
-        if isinstance(data, list):
-            records = [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
-            return _records_table(path, records)
-    records = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:line {n}: not valid JSON ({e.msg} at column {e.colno}); "
-                             "JSON Lines needs one complete object per line") from None
-    return _records_table(path, records)
-
-
-def _records_table(path: Path, records: list[tuple[str, Any]]) -> Table:
-    columns: dict[str, list[Any]] = {}
-    for i, (where, r) in enumerate(records):
-        if not isinstance(r, dict):
-            raise UsageError(f"{where}: a JSON {type(r).__name__} where an object like {{\"text\": ...}} is expected")
-        for k, v in r.items():
-            columns.setdefault(k, [None] * i).append(v)
-        for col in columns.values():
-            if len(col) == i:  # a key this record lacks
-                col.append(None)
-    return Table(str(path), columns, [where for where, _ in records])
-
-
-def _load_parquet(path: Path, what: str) -> Table:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except Exception as e:  # pyarrow's errors come in many types; all mean "fix the file"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{what} {path} cannot be read as parquet: {first[:200]}") from None
-    return Table(str(path), {c: ds[c] for c in ds.column_names}, [f"{path}:row {i + 1}" for i in range(len(ds))])
-
-
-def _load_hub(spec: str, what: str) -> Table:
-    from llmkit.models import _hub_offline, hub_reachable
-
-    name, _, split = spec.partition(":")
-    import datasets
-
-    datasets.disable_progress_bars()
-    splits = [split] if split else (["train"] if what == "--data" else ["validation", "test"])
-    if _hub_offline() or not hub_reachable():
-        try:  # a cached copy still works offline
-            ds = datasets.load_dataset(name, split=splits[0])
-        except Exception:
-            raise UsageError(f"{what} {spec}: not a local file, and the Hugging Face Hub is not reachable to fetch it as a dataset") from None
-    else:
-        ds, err = None, None
-        for s in splits:
-            try:
-                ds = datasets.load_dataset(name, split=s)
-                break
-            except Exception as e:
-                err = e
-        if ds is None:
-            raise UsageError(f"{what} {spec}: cannot load the Hub dataset: {str(err).splitlines()[0][:200]}")
-    return Table(spec, {c: ds[c] for c in ds.column_names})
-
-
-# --------------------------------------------------------------------------------------- validation
-
-
-def texts_of(table: Table, column: str, flag: str = "--text-column") -> tuple[list[str], list[int]]:
-    """Non-empty texts of a column and the rows they came from; empty cells are skipped, all-empty is an error."""
-    values = table.column(column, flag)
-    texts, rows = [], []
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        if isinstance(v, (dict, list)):
-            raise UsageError(f"{table.where(i)}: column '{column}' holds a JSON {type(v).__name__}, not text; "
-                             "store the text as a string")
-        s = str(v)
-        if s.strip():
-            texts.append(s)
-            rows.append(i)
-    if not texts:
-        raise UsageError(f"{table.name}: every row of column '{column}' is empty; there is nothing to train on")
-    return texts, rows
 
 
 @dataclass
@@ -270,70 +36,49 @@ class Labels:
         return dict(enumerate(self.names))
 
     @classmethod
-    def infer(cls, table: Table, column: str, rows: list[int]) -> Labels:
-        values = table.column(column, "--label-column")
-        for i in rows:
-            _check_label(table, i, values[i])
-        as_int = [_as_int(values[i]) for i in rows]
-        ints = [v for v in as_int if v is not None]
-        if ints and len(ints) < len(rows):  # mostly ids with a stray word: a data error, not a new class
-            i = next(r for r, v in zip(rows, as_int, strict=True) if v is None)
-            raise UsageError(f"{table.where(i)}: label {values[i]!r} is not an int like the other labels; fix the row or drop it")
-        if ints:
-            neg = next((r for r, v in zip(rows, ints, strict=True) if v < 0), None)
-            if neg is not None:
-                raise UsageError(f"{table.where(neg)}: label {values[neg]!r} is negative; integer labels must be 0..N-1")
-            n = max(ints) + 1
-            if n > max(100, 2 * len(set(ints))):  # not class ids: a model with a million-way head is not wanted
-                top = next(r for r, v in zip(rows, ints, strict=True) if v == n - 1)
-                raise UsageError(f"{table.where(top)}: label {n - 1} but only {len(set(ints))} different labels appear; "
-                                 "integer labels are class ids 0..N-1 (or use class names)")
-            if n < 2:
-                raise UsageError(f"{table.name}: every label is {ints[0]}; classification needs at least two classes")
-            return cls([str(i) for i in range(n)], ints=True)
-        names = sorted({str(values[i]).strip() for i in rows})
-        if len(names) < 2:
-            raise UsageError(f"{table.name}: every label is {names[0]!r}; classification needs at least two classes")
-        return cls(names, ints=False)
-
-    @classmethod
     def from_config(cls, id2label: dict[Any, str]) -> Labels:
         names = [str(id2label[k]) for k in sorted(id2label, key=int)]
         return cls(names, ints=all(n == str(i) or n == f"LABEL_{i}" for i, n in enumerate(names)))
 
-    def ids(self, table: Table, column: str, rows: list[int]) -> list[int]:
-        """The class id of every row, or a one-line error at the first label outside the known set."""
-        values = table.column(column, "--label-column")
-        lookup = self.label2id
-        out = []
-        for i in rows:
-            v = values[i]
-            _check_label(table, i, v)
-            if self.ints:
-                k = _as_int(v)
-                if k is None:
-                    raise UsageError(f"{table.where(i)}: label {v!r} is not an int; labels are class ids 0..{len(self.names) - 1}")
-                if not 0 <= k < len(self.names):
-                    raise UsageError(f"{table.where(i)}: label {k} is outside the known labels 0..{len(self.names) - 1}")
-            else:
-                k = lookup.get(str(v).strip()) if v is not None else None
-                if k is None:
-                    raise UsageError(f"{table.where(i)}: label {v!r} is not one of the known labels: {', '.join(self.names)}")
-            out.append(k)
-        return out
+    def problem(self, where: str, v: Any, lookup: dict[str, int] | None = None) -> str | None:
+        """Why the label `v` of row `where` has no class id here, or None."""
+        bad = label_problem(where, v)
+        if bad:
+            return bad
+        if self.ints:
+            k = as_int(v)
+            if k is None:
+                return f"{where}: label {v!r} is not an int; labels are class ids 0..{len(self.names) - 1}"
+            if not 0 <= k < len(self.names):
+                return f"{where}: label {k} is outside the known labels 0..{len(self.names) - 1}"
+            return None
+        if str(v).strip() not in (lookup if lookup is not None else self.label2id):
+            return f"{where}: label {v!r} is not one of the known labels: {', '.join(self.names)}"
+        return None
+
+    def id_of(self, name: str) -> int:
+        """The class id of a label as `label_name` wrote it (already checked by `problem`)."""
+        return int(name) if self.ints else self.label2id[name]
 
 
-def _check_label(table: Table, i: int, v: Any) -> None:
+def label_problem(where: str, v: Any) -> str | None:
     """A label must be a class name or a whole-number id; anything else is a data error on that row."""
     if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v)):
-        raise UsageError(f"{table.where(i)}: the label is missing; give every row with text a label (or drop the row)")
+        return f"{where}: the label is missing; give every row with text a label (or drop the row)"
     if isinstance(v, (bool, dict, list)):
-        raise UsageError(f"{table.where(i)}: label {v!r} is a {type(v).__name__}; labels are class names or ids 0..N-1")
+        return f"{where}: label {v!r} is a {type(v).__name__}; labels are class names or ids 0..N-1"
     if isinstance(v, float) and not v.is_integer():
-        raise UsageError(f"{table.where(i)}: label {v!r} is not a whole number; labels are class names or ids 0..N-1")
+        return f"{where}: label {v!r} is not a whole number; labels are class names or ids 0..N-1"
+    return None
 
 
-def _as_int(v: Any) -> int | None:
+def label_name(v: Any) -> str:
+    """A checked label as stored: an int-like value as its int ("1.0" -> "1"), a name stripped."""
+    k = as_int(v)
+    return str(k) if k is not None else str(v).strip()
+
+
+def as_int(v: Any) -> int | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, int):
@@ -344,13 +89,72 @@ def _as_int(v: Any) -> int | None:
     return int(s) if re.fullmatch(r"-?[0-9]+", s) else None
 
 
+class LabelStats:
+    """Label inference in one pass over the rows: the first problem, and which ids or names occur.
+
+    The rules are those of a whole-table look: labels all ints (class ids 0..N-1) or all names; a stray word
+    among ids, a negative id, an id far beyond the number of classes, or a single class are errors.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.problem: str | None = None
+        self.int_values: set[int] = set()
+        self.names: set[str] = set()
+        self.first_word: tuple[str, Any] | None = None  # the first non-int label (where, value)
+        self.first_negative: tuple[str, Any] | None = None
+        self.max_where: tuple[int, str] | None = None  # the largest id and the first row holding it
+        self.rows = 0
+
+    def add(self, where: str, v: Any) -> None:
+        bad = label_problem(where, v)
+        if bad:
+            self.problem = self.problem or bad
+            return
+        self.rows += 1
+        k = as_int(v)
+        if k is None:
+            self.first_word = self.first_word or (where, v)
+            self.names.add(str(v).strip())
+            return
+        self.int_values.add(k)
+        if k < 0 and self.first_negative is None:
+            self.first_negative = (where, v)
+        if self.max_where is None or k > self.max_where[0]:
+            self.max_where = (k, where)
+
+    def finish(self) -> Labels:
+        if self.problem:
+            raise UsageError(self.problem)
+        if self.int_values and self.first_word is not None:  # mostly ids with a stray word: a data error, not a new class
+            where, v = self.first_word
+            raise UsageError(f"{where}: label {v!r} is not an int like the other labels; fix the row or drop it")
+        if self.int_values:
+            if self.first_negative is not None:
+                where, v = self.first_negative
+                raise UsageError(f"{where}: label {v!r} is negative; integer labels must be 0..N-1")
+            assert self.max_where is not None
+            n = self.max_where[0] + 1
+            if n > max(100, 2 * len(self.int_values)):  # not class ids: a model with a million-way head is not wanted
+                raise UsageError(f"{self.max_where[1]}: label {n - 1} but only {len(self.int_values)} different labels appear; "
+                                 "integer labels are class ids 0..N-1 (or use class names)")
+            if n < 2:
+                raise UsageError(f"{self.name}: every label is {n - 1}; classification needs at least two classes")
+            return Labels([str(i) for i in range(n)], ints=True)
+        names = sorted(self.names)
+        if len(names) < 2:
+            raise UsageError(f"{self.name}: every label is {names[0]!r}; classification needs at least two classes")
+        return Labels(names, ints=False)
+
+
 # --------------------------------------------------------------------------------------- tokenizing
 
 
 def pack_causal_lm(texts: list[str], tokenizer: Any, block_size: int, name: str) -> list[list[int]]:
     """Tokenize documents, concatenate with EOS between them, cut into full blocks (the tail is dropped).
 
-    EOS stays a label (labels = inputs), so the model learns where a document ends and stops there.
+    In-memory, for a few documents (benchmarks, samples); training data goes through llmkit.datasets, which
+    does the same on Arrow. EOS stays a label (labels = inputs), so the model learns where a document ends.
     """
     eos = tokenizer.eos_token_id
     enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -394,46 +198,156 @@ def encode_seq_cls(tokenizer: Any, texts: list[str], pairs: list[str] | None, ma
 
 
 class ExampleSet:
-    """Token-id sequences plus labels (a class id for seq-cls, per-token labels for prompt/response causal-lm).
+    """Token-id rows on an Arrow table: `input_ids`, and `labels` (a class id for seq-cls, per-token labels for
+    prompt/response and chat rows), `position_ids` + `n_convs` for packed rows (`--packing`).
 
-    Packed rows (`--packing`) also carry position ids that restart at every conversation, and how many
-    conversations each row holds (so samples/s counts conversations, not rows).
+    The table is usually memory-mapped from llmkit's prepared-data cache; `index` selects rows of it without
+    copying (an eval split, `--max-train-samples`). `ExampleSet(lists...)` builds a small one in memory.
+    `dropped`: rows left out because nothing in them could be learned. `key` identifies the content (the data
+    cache's key and the selection), so caches built on these examples (teacher logits) can be keyed by it.
     """
 
-    def __init__(self, input_ids: list[list[int]], labels: list[Any] | None = None, dropped: int = 0,
-                 position_ids: list[list[int]] | None = None) -> None:
-        self.input_ids = input_ids
-        self.labels = labels
-        self.position_ids = position_ids
-        self.lengths = [len(x) for x in input_ids]
-        self.dropped = dropped  # rows left out because nothing in them could be learned
+    def __init__(self, input_ids: list[list[int]] | None = None, labels: list[Any] | None = None, dropped: int = 0,
+                 position_ids: list[list[int]] | None = None, *, table: Any = None, index: Any = None, key: str | None = None) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        if table is None:
+            cols: dict[str, Any] = {"input_ids": pa.array(input_ids or [], pa.list_(pa.int32()))}
+            if labels is not None:
+                causal = bool(labels) and isinstance(labels[0], (list, tuple))
+                cols["labels"] = pa.array(labels, pa.list_(pa.int32()) if causal else pa.int32())
+            if position_ids is not None:
+                cols["position_ids"] = pa.array(position_ids, pa.list_(pa.int32()))
+                cols["n_convs"] = pa.array([p.count(0) for p in position_ids], pa.int32())
+            table = pa.table(cols)
+            if key is None:
+                import hashlib
+
+                h = hashlib.sha256()
+                for name in table.column_names:
+                    for chunk in table.column(name).chunks:
+                        for buf in chunk.buffers():
+                            if buf is not None:
+                                h.update(buf)
+                key = h.hexdigest()[:24]
+        self.table = table
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self.dropped = dropped
+        self.key = key or ""
+        self._columns = {name: _RowReader(table.column(name)) for name in table.column_names}
+        self._lengths: Any = None
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return self.table.num_rows if self.index is None else len(self.index)
+
+    def _row(self, i: int) -> int:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if self.index is None else int(self.index[i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self._row(i)
+        return {name: col[row] for name, col in self._columns.items() if name != "n_convs"}
+
+    def select(self, rows: Sequence[int], dropped: int | None = None, tag: str = "") -> ExampleSet:
+        """A view of some rows (positions in this set), without copying them."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        index = rows if self.index is None else self.index[rows]
+        return ExampleSet(table=self.table, index=index, dropped=self.dropped if dropped is None else dropped,
+                          key=f"{self.key}{tag}")
 
     def head(self, n: int) -> ExampleSet:
         """The first n examples (all of them when n is 0): --max-train-samples / --max-eval-samples."""
         if not n or n >= len(self):
             return self
-        return ExampleSet(self.input_ids[:n], None if self.labels is None else self.labels[:n], self.dropped,
-                          None if self.position_ids is None else self.position_ids[:n])
+        return self.select(range(n), tag=f":head{n}")
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"input_ids": self.input_ids[i]}
-        if self.labels is not None:
-            item["labels"] = self.labels[i]
-        if self.position_ids is not None:
-            item["position_ids"] = self.position_ids[i]
-        return item
+    @property
+    def input_ids(self) -> Sequence[list[int]]:
+        return _Column(self, "input_ids")
+
+    @property
+    def labels(self) -> Sequence[Any] | None:
+        return _Column(self, "labels") if "labels" in self._columns else None
+
+    @property
+    def position_ids(self) -> Sequence[list[int]] | None:
+        return _Column(self, "position_ids") if "position_ids" in self._columns else None
+
+    @property
+    def lengths(self) -> Any:
+        """Tokens per example (numpy int array), for length-grouped batches."""
+        if self._lengths is None:
+            import numpy as np
+
+            per_row = np.concatenate([_list_lengths(c) for c in self.table.column("input_ids").chunks]) \
+                if self.table.num_rows else np.zeros(0, dtype=np.int64)
+            self._lengths = per_row if self.index is None else per_row[self.index]
+        return self._lengths
 
     @property
     def tokens(self) -> int:
-        return sum(self.lengths)
+        return int(self.lengths.sum())
 
     @property
     def conversations(self) -> int:
         """Examples before packing: a packed row holds several (each starts at position 0)."""
-        return sum(p.count(0) for p in self.position_ids) if self.position_ids else len(self)
+        if "n_convs" not in self._columns:
+            return len(self)
+        import numpy as np
+
+        counts = self.table.column("n_convs").to_numpy()
+        return int(counts.sum() if self.index is None else np.asarray(counts)[self.index].sum())
+
+
+def _list_lengths(chunk: Any) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(chunk.type):
+        return np.full(len(chunk), chunk.type.list_size, dtype=np.int64)
+    return np.diff(chunk.offsets.to_numpy()).astype(np.int64)
+
+
+class _RowReader:
+    """Row i of an Arrow column as Python values, through the chunk that holds it (no copy of the column)."""
+
+    def __init__(self, column: Any) -> None:
+        import numpy as np
+
+        self.chunks = column.chunks
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __getitem__(self, row: int) -> Any:
+        import numpy as np
+
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        value = self.chunks[k][row - int(self.starts[k])]
+        values = getattr(value, "values", None)
+        if values is not None:  # a list of ints: through numpy, far faster than as_py() per element
+            return values.to_numpy(zero_copy_only=False).tolist()
+        return value.as_py()
+
+
+class _Column(Sequence):
+    def __init__(self, examples: ExampleSet, name: str) -> None:
+        self.examples, self.name = examples, name
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.examples._columns[self.name][self.examples._row(i)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
 
 
 class Collator:
@@ -514,10 +428,14 @@ class EpochSampler:
         if self.lengths is None or self.group <= 1:
             yield from order
             return
+        import numpy as np
+
         mega = self.group * 50
+        lengths = np.asarray(self.lengths)
         batches = []
         for start in range(0, self.n, mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            chunk = np.asarray(order[start:start + mega], dtype=np.int64)
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")].tolist()  # longest first; ties keep their order
             batches.extend(chunk[j:j + self.group] for j in range(0, len(chunk), self.group))
         # keep a short (last) batch at the end so every other global batch is full
         full = [b for b in batches if len(b) == self.group]

@@ -308,11 +308,9 @@ class TeacherCache:
 
     @staticmethod
     def key(teacher_ref: ModelRef, task: str, k: int, examples: Any) -> str:
+        """Teacher, task, k and the examples (by their prepared-data key: a content hash, not a pass over every token)."""
         h = hashlib.sha256()
-        h.update(json.dumps([task, k, teacher_ref.name, _fingerprint(teacher_ref)]).encode())
-        for ids in examples.input_ids:
-            h.update(len(ids).to_bytes(4, "little"))
-            h.update(b"".join(int(t).to_bytes(4, "little") for t in ids))
+        h.update(json.dumps([task, k, teacher_ref.name, _fingerprint(teacher_ref), examples.key, len(examples)]).encode())
         return h.hexdigest()[:24]
 
     @classmethod
@@ -458,10 +456,11 @@ def distill(cfg: DistillConfig) -> Path:
     from accelerate.utils import set_seed
 
     from llmkit.data import Collator, Labels
-    from llmkit.finetune import check_resume_matches, prepare_data, run_record, set_threads
+    from llmkit.finetune import check_resume_matches, run_record, set_threads
     from llmkit.machine import summary as machine_summary
     from llmkit.models import load_tokenizer
     from llmkit.outputs import check_out_dir, run_guard
+    from llmkit.prepare import prepare_data
     from llmkit.train import TrainJob, fit, full_precision, make_accelerator
 
     cfg.validate()
@@ -483,7 +482,7 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.task == "seq-cls" and teacher.config.pad_token_id is None:
         teacher.config.pad_token_id = tokenizer.pad_token_id
     with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer, labels)
+        data = prepare_data(cfg, tokenizer, labels, main=main)
 
     set_seed(cfg.train.seed)  # a config student's random init is the same on every process and every run
     kept = None

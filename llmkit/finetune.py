@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.chat import ChatEncoder, add_template_tokens, detect_format, encode_conversations, pack, read_conversations, resolve_template
+from llmkit.chat import ChatEncoder
 from llmkit.config import DistillConfig, FinetuneConfig
-from llmkit.data import Collator, ExampleSet, Labels, encode_prompt_response, encode_seq_cls, load_table, pack_causal_lm, texts_of
+from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.losses import sparse_causal_lm_loss
 from llmkit.models import ALIASES, ModelRef, resolve
+from llmkit.prepare import Prepared, prepare_data
 
 # LoRA targets per architecture (model_type). GPT-2's are Conv1D layers; peft adapts them with fan_in_fan_out.
 LORA_TARGETS: dict[str, list[str]] = {
@@ -37,97 +38,6 @@ LORA_TARGETS: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
     "gpt_neox": ["query_key_value"],
 }
-
-
-@dataclass
-class Prepared:
-    """Tokenized data and what the model needs to know about it."""
-
-    train: ExampleSet
-    eval: ExampleSet | None
-    labels: Labels | None
-    chat: ChatEncoder | None = None  # chat data: the template it was rendered with, and its end-of-turn tokens
-    added_tokens: tuple[str, ...] = ()  # special tokens the template needed and the tokenizer lacked (embeddings grow)
-
-
-def prepare_data(cfg: FinetuneConfig | DistillConfig, tokenizer: Any, labels: Labels | None = None) -> Prepared:
-    """Load, validate and tokenize train (and eval) data; every data error is raised here."""
-    d, task = cfg.data, cfg.task
-    train_table = load_table(d.train, task=task, what="--data")
-    eval_table = load_table(d.eval, task=task, what="--eval-data") if d.eval else None
-    chat, added = None, ()
-    if task == "causal-lm" and detect_format(train_table, d.format, d.prompt_column) != "text":
-        model_name = cfg.model.name if isinstance(cfg, FinetuneConfig) else cfg.teacher.name
-        template = resolve_template(tokenizer, d.chat_template, model_name)
-        added = tuple(add_template_tokens(tokenizer, template))
-        chat = ChatEncoder(tokenizer, template, d.train_on_prompt)
-    elif d.chat_template or d.train_on_prompt:
-        raise UsageError(f"--chat-template and --train-on-prompt are for chat data; {d.train} holds no conversations "
-                         "('messages', 'conversations' or 'prompt'/'completion' columns, or pass --format)")
-
-    def build(table: Any, labels: Labels | None, packing: bool) -> tuple[ExampleSet, Labels | None]:
-        if chat is not None:
-            convs = read_conversations(table, d.format, d.prompt_column, d.text_column)
-            ids, labels_, kept = encode_conversations(chat, convs, d.block_size)
-            return _kept(table, ids, labels_, [c.where for c in convs], kept, packing, d.block_size), None
-        texts, rows = texts_of(table, d.text_column)
-        if task == "causal-lm" and d.prompt_column:
-            prompt_col = table.column(d.prompt_column, "--prompt-column")
-            prompts = ["" if prompt_col[i] is None else str(prompt_col[i]) for i in rows]
-            ids, labels_, kept = encode_prompt_response(tokenizer, prompts, texts, d.block_size)
-            return _kept(table, ids, labels_, [table.where(r) for r in rows], kept, packing, d.block_size), None
-        if task == "causal-lm":
-            return ExampleSet(pack_causal_lm(texts, tokenizer, d.block_size, table.name)), None
-        pairs = None
-        if d.text_pair_column:
-            pair_col = table.column(d.text_pair_column, "--text-pair-column")
-            pairs = ["" if pair_col[i] is None else str(pair_col[i]) for i in rows]
-        labels = labels or Labels.infer(table, d.label_column, rows)
-        return ExampleSet(encode_seq_cls(tokenizer, texts, pairs, d.max_length), labels.ids(table, d.label_column, rows)), labels
-
-    train, labels = build(train_table, labels, d.packing)
-    # eval rows stay unpacked: the same loss either way, and evaluation need not know about packing
-    evals = build(eval_table, labels, False)[0] if eval_table is not None else None
-    if evals is None and d.eval_split > 0:
-        if d.packing:
-            raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
-        train, evals = _split(train, d.eval_split, cfg.train.seed)
-    return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None,
-                    labels, chat, added)
-
-
-def _kept(table: Any, ids: list[list[int]], labels: list[list[int]], where: list[str], kept: list[int], packing: bool,
-          block_size: int) -> ExampleSet:
-    """Rows whose learned part survived the cut to --block-size; the others are dropped, counted and named."""
-    kept_rows = set(kept)
-    dropped = [where[k] for k in range(len(where)) if k not in kept_rows]
-    if not kept:
-        raise UsageError(f"{table.name}: every prompt fills all {block_size} tokens of --block-size, so no response "
-                         "token is left to learn; raise --block-size or shorten the prompts")
-    if dropped:
-        print(f"warning: dropped {len(dropped)} of {len(where)} rows of {table.name} whose response is cut off entirely "
-              f"by --block-size {block_size} (first: {dropped[0]}); raise --block-size to keep them", file=sys.stderr)
-    pos = None
-    if packing:
-        ids, labels, pos = pack(ids, labels, block_size)
-    return ExampleSet(ids, labels, dropped=len(dropped), position_ids=pos)
-
-
-def _split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, ExampleSet]:
-    import random
-
-    idx = list(range(len(data)))
-    random.Random(seed).shuffle(idx)
-    n_eval = max(1, round(len(idx) * fraction))
-    if n_eval >= len(idx):
-        raise UsageError(f"data.eval_split={fraction} leaves no training examples out of {len(idx)}; lower it or pass --eval-data")
-
-    def take(ids: list[int], dropped: int) -> ExampleSet:
-        return ExampleSet([data.input_ids[i] for i in ids], None if data.labels is None else [data.labels[i] for i in ids],
-                          dropped=dropped)
-
-    # rows dropped before the split are counted once, with the training rows they were read among
-    return take(sorted(idx[n_eval:]), data.dropped), take(sorted(idx[:n_eval]), 0)
 
 
 def set_threads(threads: int) -> None:
@@ -272,8 +182,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     main = accelerator.is_main_process
     progress = not cfg.quiet and main
     tokenizer = load_tokenizer(ref)
-    with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer)
+    with accelerator.main_process_first():  # the main process prepares (or finds) the data; the others then open it
+        data = prepare_data(cfg, tokenizer, main=main)
     if data.added_tokens and cfg.method in ("lora", "qlora"):
         raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {ref.name}'s tokenizer lacks; new token "
                          "embeddings must be trained, so use --method full, or a template made of the model's own tokens")
@@ -324,6 +234,7 @@ def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepare
     record["labels"] = data.labels.names if data.labels else None
     record["examples"] = {"train": len(data.train), "eval": len(data.eval) if data.eval else 0,
                           "train_tokens": data.train.tokens}
+    record["prepared_data"] = str(data.folder) if data.folder else None  # llmkit's cache of the tokenized data
     if data.chat is not None or cfg.data.packing:
         record["examples"]["train_conversations"] = data.train.conversations
     if data.train.dropped or (data.eval and data.eval.dropped):

@@ -107,10 +107,13 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
     import torch
     from torch.utils.data import DataLoader
 
-    from llmkit.chat import detect_format
-    from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, pack_causal_lm, texts_of
+    from llmkit.config import DataConfig
+    from llmkit.data import Collator, Labels
+    from llmkit.datafiles import find_sources
+    from llmkit.datarows import make_plan
     from llmkit.errors import UsageError
     from llmkit.models import adapter_task, architectures, context_length, load_causal_lm, load_seq_cls, load_tokenizer, resolve
+    from llmkit.prepare import prepare_eval
 
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     inferred = adapter_task(ref) or ("seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures(ref)) else "causal-lm")
@@ -121,16 +124,17 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if max_blocks is not None and max_blocks < 1:
         raise UsageError(f"--max-blocks must be >= 1, got {max_blocks}")
-    table = load_table(data, task=task, what="--data")  # data errors before the (slow) model load
-    if task == "causal-lm" and detect_format(table, data_format, None) != "text":
-        return evaluate_chat(ref, table, data_format=data_format, chat_template=chat_template, block_size=block_size or 1024,
+    _, sources = find_sources(data, task=task, what="--data")  # a missing file before the (slow) model load
+    plan = make_plan(sources, task, DataConfig(format=data_format, text_column=text_column))
+    if plan.kind == "chat":
+        return evaluate_chat(ref, data, data_format=data_format, chat_template=chat_template, block_size=block_size or 1024,
                              batch_size=batch_size, max_examples=max_examples, answers=answers, max_new_tokens=max_new_tokens,
                              device=device, progress=progress) | {"model": model_name, "data": data}
     if answers:
         raise UsageError(f"--generate-answers needs conversations ('messages' / 'conversations' / 'prompt'+'completion'); {data} has none")
-    texts, rows = texts_of(table, text_column)
     tokenizer = load_tokenizer(ref)
     start = time.perf_counter()
+    common = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column, "quiet": not progress}
     if task == "causal-lm":
         model = load_causal_lm(ref, device=device, dtype="float32", progress=progress)
         limit = context_length(model.config)
@@ -139,22 +143,20 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
             raise UsageError(f"--block-size must be >= 2, got {block}")
         if limit and block > limit:
             raise UsageError(f"--block-size {block} is longer than the model's context ({limit} tokens); use --block-size {limit} or less")
-        blocks = pack_causal_lm(texts, tokenizer, block, table.name)[:max_blocks]
-        loader = DataLoader(ExampleSet(blocks), batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
+        blocks, _ = prepare_eval(data, tokenizer, task=task, block_size=block, max_length=block, labels=None,
+                                 limit=max_blocks or 0, **common)
+        loader = DataLoader(blocks, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
     else:
         model = load_seq_cls(ref, device=device, progress=progress)
         labels = Labels.from_config(model.config.id2label)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        pairs = None
-        if text_pair_column:
-            col = table.column(text_pair_column, "--text-pair-column")
-            pairs = ["" if col[i] is None else str(col[i]) for i in rows]
-        ids = encode_seq_cls(tokenizer, texts, pairs, max_length or _trained_max_length(ref.path))
-        ys = labels.ids(table, label_column, rows)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
-        loader = DataLoader(ExampleSet([ids[i] for i in order], [ys[i] for i in order]), batch_size=batch_size,
-                            collate_fn=Collator(tokenizer.pad_token_id, causal=False))
+        examples, _ = prepare_eval(data, tokenizer, task=task, block_size=1024, max_length=max_length or _trained_max_length(ref.path),
+                                   labels=labels, **common)
+        import numpy as np
+
+        ordered = examples.select(np.argsort(examples.lengths, kind="stable"))  # similar lengths together: little padding
+        loader = DataLoader(ordered, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=False))
     dev = next(model.parameters()).device
     batches = ({k: v.to(dev) for k, v in b.items()} for b in loader)
     bar = progress_bar(len(loader), "evaluating", "batch", enabled=progress)
@@ -185,7 +187,7 @@ def _trained_max_length(folder: Any) -> int:
         return 512
 
 
-def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_template: str | None = None, block_size: int = 1024,
+def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_template: str | None = None, block_size: int = 1024,
                   batch_size: int = 8, max_examples: int | None = None, answers: bool = False, max_new_tokens: int = 64,
                   device: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Did a chat fine-tune work? Assistant-token loss / perplexity, and (with `answers`) greedy answers scored.
@@ -198,27 +200,27 @@ def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_templ
     import torch
     from torch.utils.data import DataLoader
 
-    from llmkit.chat import ChatEncoder, encode_conversations, read_conversations, resolve_template
-    from llmkit.data import Collator, ExampleSet
+    from llmkit.chat import ChatEncoder, read_conversations, resolve_template
+    from llmkit.data import Collator
     from llmkit.errors import UsageError
     from llmkit.generation import SamplingOptions, TransformersBackend, open_backend
     from llmkit.models import load_causal_lm, load_tokenizer
+    from llmkit.prepare import prepare_eval
 
     if max_examples is not None and max_examples < 1:
         raise UsageError(f"--max-examples must be >= 1, got {max_examples}")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    convs = read_conversations(table, data_format)[:max_examples]
     tokenizer = load_tokenizer(ref)
     template = resolve_template(tokenizer, chat_template, ref.name)
     encoder = ChatEncoder(tokenizer, template)
-    ids, labels, kept = encode_conversations(encoder, convs, block_size)
-    if not kept:
-        raise UsageError(f"{table.name}: no assistant token is left within --block-size {block_size}; raise it")
+    examples, _ = prepare_eval(data, tokenizer, task="causal-lm", block_size=block_size, max_length=block_size, labels=None,
+                               chat=encoder, data_format=data_format, limit=max_examples or 0, quiet=not progress)
     start = time.perf_counter()
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, chat=True)
     backend = None
     if answers:
+        convs = read_conversations(data, data_format, limit=max_examples)
         prompts = [c.messages[:_last_assistant(c.messages)] for c in convs]
         backend = open_backend(ref, prompts, opts, device=device, dtype="float32", batch_size=batch_size, progress=progress)
         if chat_template:  # answer with the template the loss was measured with
@@ -227,11 +229,11 @@ def evaluate_chat(ref: Any, table: Any, *, data_format: str = "auto", chat_templ
             else:
                 raise UsageError("--chat-template applies to models run by transformers; this one runs on llama.cpp with its own template")
     model = backend.model if isinstance(backend, TransformersBackend) else load_causal_lm(ref, device=device, dtype="float32", progress=progress)
-    loader = DataLoader(ExampleSet(ids, labels), batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, causal=True))
     dev = next(model.parameters()).device
     with torch.inference_mode():
         loss = evaluate_model(model, ({k: v.to(dev) for k, v in b.items()} for b in loader), "causal-lm")
-    result: dict[str, Any] = {"task": "chat", "conversations": len(kept), "assistant_tokens": loss["tokens"],
+    result: dict[str, Any] = {"task": "chat", "conversations": len(examples), "assistant_tokens": loss["tokens"],
                               "perplexity": loss["perplexity"], "loss": loss["loss"]}
     if backend is not None:
         refs = [c.messages[_last_assistant(c.messages)]["content"] for c in convs]

@@ -236,7 +236,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
@@ -264,8 +264,8 @@ def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # not cached (the exception type moved between huggingface_hub versions)
         pass
-    if _hub_offline() or not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face Hub is not reachable"
+    if hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face Hub is not reachable"
         raise UsageError(f"cannot get '{repo_id}': {why} and it is not cached; " + _offline_hint())
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))

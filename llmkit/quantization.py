@@ -333,21 +333,27 @@ def _bnb_int8(model: Any, ref: Any, tmp: Path, task: str, progress: bool) -> Any
 
 
 def _eval_blocks(eval_data: str | None, tokenizer: Any, block_size: int, max_blocks: int, task: str) -> tuple[Any, str]:
-    """Token blocks for perplexity (causal-lm); for classifiers the data is read in `_quality`."""
-    from llmkit.data import load_table, pack_causal_lm, texts_of
+    """Token blocks for perplexity (causal-lm); for classifiers the data is read in `_quality` (it needs the model's labels)."""
+    from llmkit.data import pack_causal_lm
+    from llmkit.datafiles import find_sources
 
     if task == "seq-cls":
-        table = load_table(eval_data, task=task, what="--eval-data")
-        texts_of(table, "text")
+        find_sources(str(eval_data), task=task, what="--eval-data")
         return [], str(eval_data)
     if eval_data:
-        table = load_table(eval_data, task="causal-lm", what="--eval-data")
-        texts, _ = texts_of(table, "text")
-        name = str(eval_data)
-    else:
-        texts, name = [default_eval_text()], "llmkit built-in held-out sample (public-domain prose)"
+        from llmkit.prepare import prepare_eval
+
+        try:
+            blocks, _ = prepare_eval(eval_data, tokenizer, task="causal-lm", block_size=block_size, max_length=block_size,
+                                     labels=None, limit=max_blocks)
+        except UsageError as e:
+            if "fewer than one block" not in str(e):
+                raise
+            raise UsageError(f"--eval-data is too short for one {block_size}-token window: {e}") from None
+        return list(blocks.input_ids), str(eval_data)
+    name = "llmkit built-in held-out sample (public-domain prose)"
     try:
-        blocks = pack_causal_lm(texts, tokenizer, block_size, name)
+        blocks = pack_causal_lm([default_eval_text()], tokenizer, block_size, name)
     except UsageError as e:
         raise UsageError(f"--eval-data is too short for one {block_size}-token window: {e}") from None
     return blocks[:max_blocks], name
@@ -361,22 +367,20 @@ def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | No
     import torch
     from torch.utils.data import DataLoader
 
-    from llmkit.data import Collator, ExampleSet, Labels, encode_seq_cls, load_table, texts_of
+    from llmkit.data import Collator, ExampleSet, Labels
     from llmkit.metrics import evaluate_model
+    from llmkit.prepare import prepare_eval
 
     if task == "causal-lm":
         loader = DataLoader(ExampleSet(blocks), batch_size=4, collate_fn=Collator(tokenizer.pad_token_id, True))
         with torch.inference_mode():
             m = evaluate_model(model, loader, task)
         return {"perplexity": round(m["perplexity"], 4), "eval_tokens": m["tokens"]}
-    table = load_table(eval_data, task=task, what="--eval-data")
-    texts, rows = texts_of(table, "text")
     labels = Labels.from_config(model.config.id2label)
-    ys = labels.ids(table, "label", rows)
-    ids = encode_seq_cls(tokenizer, texts, None, 512)
+    examples, _ = prepare_eval(str(eval_data), tokenizer, task=task, block_size=512, max_length=512, labels=labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    loader = DataLoader(ExampleSet(ids, ys), batch_size=32, collate_fn=Collator(tokenizer.pad_token_id, False))
+    loader = DataLoader(examples, batch_size=32, collate_fn=Collator(tokenizer.pad_token_id, False))
     t0 = time.perf_counter()
     with torch.inference_mode():
         m = evaluate_model(model, loader, task, num_labels=len(labels.names))

@@ -150,7 +150,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
 
     lengths = job.train_set.lengths
     sampler = EpochSampler(len(job.train_set), cfg.seed, cfg.batch_size * world,
-                           lengths if cfg.group_by_length and len(set(lengths)) > 1 else None)
+                           lengths if cfg.group_by_length and len(lengths) and lengths.min() != lengths.max() else None)
     # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
     # (dropout's), or a resumed run would draw it at another moment and diverge from an uninterrupted one.
     train_loader = DataLoader(job.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=job.collate,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmkit.chat import CHATML, ChatEncoder, Conversation, encode_conversations, pack, read_conversations
-from llmkit.data import Collator, load_table
+from llmkit.data import Collator
 from llmkit.errors import UsageError
 from tests.conftest import make_tokenizer
 
@@ -100,9 +100,9 @@ def test_formats_are_detected_and_parsed(tmp_path):
         {"from": "gpt", "value": "there was a little model."}, {"from": "human", "value": "And the fox?"},
         {"from": "gpt", "value": "The quick brown fox jumps over the lazy dog."}]}])
     pc = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Once upon a time?", "completion": "there was a little model."}])
-    a = read_conversations(load_table(str(msgs), task="causal-lm"), "auto")
-    b = read_conversations(load_table(str(share), task="causal-lm"), "auto")
-    c = read_conversations(load_table(str(pc), task="causal-lm"), "auto")
+    a = read_conversations(str(msgs), "auto")
+    b = read_conversations(str(share), "auto")
+    c = read_conversations(str(pc), "auto")
     assert a[0].messages == b[0].messages == CONVERSATION
     assert c[0].messages == CONVERSATION[1:3]
     assert a[0].where == f"{msgs}:line 1"
@@ -120,7 +120,7 @@ def test_formats_are_detected_and_parsed(tmp_path):
 def test_bad_conversations_are_one_line_errors(tmp_path, rows, message):
     path = _write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UsageError, match=message):
-        read_conversations(load_table(str(path), task="causal-lm"), "auto")
+        read_conversations(str(path), "auto")
 
 
 def test_template_exception_names_the_row():

@@ -17,6 +17,7 @@ FLAG_KEYS = {
     "label_column": "data.label_column", "seed": "train.seed", "mixed_precision": "train.mixed_precision",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "threads": "train.threads", "resume": "resume",
     "gradient_checkpointing": "train.gradient_checkpointing", "overwrite": "overwrite", "quiet": "quiet",
+    "num_proc": "data.num_proc", "rebuild_data": "data.rebuild",
     "allow_pickle": "teacher.allow_pickle", "trust_remote_code": "teacher.trust_remote_code",
 }
 
@@ -59,6 +60,9 @@ def distill(
     overwrite: bool = typer.Option(None, "--overwrite", help="Replace an existing --out folder.", show_default=False),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe (recipes/distill-*.yaml); flags and --set override it.", show_default=False),
     set_: list[str] = typer.Option(None, "--set", help="Override any recipe key: --set distill.temperature=4 (repeatable).", show_default=False),
+    num_proc: int = typer.Option(None, "--num-proc", help="Processes that tokenize the data [default: 0 = the cores].", show_default=False),
+    rebuild_data: bool = typer.Option(None, "--rebuild-data", help="Tokenize the data again instead of using llmkit's prepared-data cache.",
+                                      show_default=False),
     quiet: bool = typer.Option(None, "--quiet", "-q", help="No progress bar or messages.", show_default=False),
     allow_pickle: bool = typer.Option(None, "--allow-pickle", help="Allow a pickle (.bin/.pt) teacher: it can run code.", show_default=False),
     trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="Run Python code shipped with the teacher.", show_default=False),

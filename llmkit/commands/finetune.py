@@ -71,6 +71,11 @@ def finetune(
     overwrite: bool = typer.Option(None, "--overwrite", help="Replace an existing --out folder.", show_default=False),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/); flags and --set override it.", show_default=False),
     set_: list[str] = typer.Option(None, "--set", help="Override any recipe key: --set train.warmup_ratio=0.1 (repeatable).", show_default=False),
+    num_proc: int = typer.Option(None, "--num-proc", help="Processes that tokenize the data [default: 0 = the cores].", show_default=False),
+    rebuild_data: bool = typer.Option(None, "--rebuild-data", help="Tokenize the data again instead of using llmkit's prepared-data cache.",
+                                      show_default=False),
+    streaming: bool = typer.Option(None, "--streaming", help="Tokenize and pack while training, never all the data at once "
+                                   "(needs --max-steps; --resume continues the stream).", show_default=False),
     quiet: bool = typer.Option(None, "--quiet", "-q", help="No progress bar or messages.", show_default=False),
     allow_pickle: bool = typer.Option(None, "--allow-pickle", help="Allow pickle (.bin/.pt) weights: they can run code.", show_default=False),
     trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="Run Python code shipped with the model.", show_default=False),

@@ -1,0 +1,584 @@
+"""Prepared data: the user's files tokenized once into Arrow tables in llmkit's cache, and reused.
+
+    >>> from llmkit.prepare import prepare_data
+    >>> data = prepare_data(cfg, tokenizer)       # data.train, data.eval: ExampleSets; data.key, data.folder
+    $ llmkit prepare --model smollm2-135m --data big.txt --block-size 256   # the same, ahead of time
+
+Three passes, memory flat in the size of the data:
+1. check: every row is read and checked (llmkit/datarows.py; plain text is checked for UTF-8 and cut into ~1 MB
+   pieces), so a bad row at line 4,000,000 is an error before anything is tokenized;
+2. encode: pieces of rows are tokenized by `data.num_proc` worker processes (default: this machine's cores), each
+   writing its part as int32 Arrow;
+3. assemble, in order: text is packed into `--block-size` blocks with EOS between documents, chat / prompt-response
+   rows are packed (`--packing`) or kept, and the result is one Arrow file per split.
+
+The cache (`$LLMKIT_CACHE/data/KEY/`) is keyed on what the result depends on: each input file's absolute path, size
+and mtime, the tokenizer (its whole definition, special tokens and chat template), every data setting and the
+format version below. It is written under a temporary name and renamed when complete, so a killed preparation
+is never used; `--rebuild-data` ignores what is there. `datasets`' own fingerprints are not relied on: their
+misses and false hits are a long list of issues in every peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit.data import ExampleSet, Labels
+from llmkit.datafiles import Source, find_sources, read_text, scan_text
+from llmkit.datarows import ArrowRows, Plan, make_plan, normalize, read_arrow
+from llmkit.errors import UsageError
+
+FORMAT_VERSION = 1  # bump when what a key's folder holds changes
+META = "meta.json"
+TASK_BYTES = 4 << 20  # plain text per encode task
+TASK_ROWS = 4096  # rows per encode task
+
+
+@dataclass
+class Prepared:
+    """Tokenized data and what the model needs to know about it."""
+
+    train: ExampleSet
+    eval: ExampleSet | None
+    labels: Labels | None
+    chat: Any = None  # ChatEncoder for chat data: the template it was rendered with, and its end-of-turn tokens
+    added_tokens: tuple[str, ...] = ()  # special tokens the template needed and the tokenizer lacked (embeddings grow)
+    key: str = ""
+    folder: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # meta.json: rows, tokens, dropped rows, seconds
+
+
+@dataclass
+class Split:
+    """One input to prepare: its sources, how to read them, and the settings its examples depend on."""
+
+    name: str  # "train" / "eval"
+    spec: str  # what the user passed
+    sources: list[Source]
+    plan: Plan
+    labels: Labels | None = None  # known classes (eval data, a teacher's), else inferred from the rows
+    packing: bool = False
+    limit: int = 0  # stop after this many examples (0 = all)
+
+
+def cache_folder() -> Path:
+    from llmkit.models import cache_root
+
+    return cache_root() / "data"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Everything tokenizing depends on: the whole tokenizer definition, special tokens, chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.special_tokens_map, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None),
+                         getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def data_key(splits: list[Split], tokenizer: Any, settings: dict[str, Any]) -> str:
+    facts = {"version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "settings": settings,
+             "splits": [{"name": s.name, "inputs": [src.fingerprint() for src in s.sources], "plan": s.plan.__dict__,
+                         "labels": s.labels.names if s.labels else None, "packing": s.packing, "limit": s.limit} for s in splits]}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main: bool = True) -> Prepared:
+    """Train (and eval) examples of a FinetuneConfig / DistillConfig, from the cache or built into it.
+
+    Every data error is raised here, before a model is loaded or a folder written. `main`: under torchrun only the
+    main process builds (it goes first); the others find the finished cache.
+    """
+    from llmkit.chat import ChatEncoder, add_template_tokens, resolve_template
+
+    d, task = cfg.data, cfg.task
+    train_name, train_sources = find_sources(d.train, task=task, what="--data")
+    eval_spec = find_sources(d.eval, task=task, what="--eval-data") if d.eval else None
+    plan = make_plan(train_sources, task, d)
+    chat, added = None, ()
+    if plan.kind == "chat":
+        model_name = cfg.model.name if hasattr(cfg, "model") else cfg.teacher.name
+        template = resolve_template(tokenizer, d.chat_template, model_name)
+        added = tuple(add_template_tokens(tokenizer, template))
+        chat = ChatEncoder(tokenizer, template, d.train_on_prompt)
+    elif d.chat_template or d.train_on_prompt:
+        raise UsageError(f"--chat-template and --train-on-prompt are for chat data; {d.train} holds no conversations "
+                         "('messages', 'conversations' or 'prompt'/'completion' columns, or pass --format)")
+    # with an eval split the whole set is needed before the first examples are known; otherwise a quick trial
+    # (--max-train-samples) stops tokenizing once it has its examples
+    early = d.eval_split == 0 or bool(d.eval)
+    splits = [Split("train", train_name, train_sources, plan, labels, d.packing, d.max_train_samples if early else 0)]
+    if eval_spec is not None:
+        eval_plan = make_plan(eval_spec[1], task, d)
+        if (eval_plan.kind == "chat") != (plan.kind == "chat"):
+            raise UsageError(f"--eval-data {d.eval} and --data {d.train} must both be conversations or both plain text")
+        splits.append(Split("eval", eval_spec[0], eval_spec[1], eval_plan, labels, False, d.max_eval_samples))
+    settings = {"task": task, "block_size": d.block_size, "max_length": d.max_length,
+                "template": chat.template if chat else None, "train_on_prompt": d.train_on_prompt}
+    key = data_key(splits, tokenizer, settings)
+    folder = cache_folder() / key
+    quiet = cfg.quiet or not main
+    meta = load_or_build(folder, splits, tokenizer, chat, d, task, rebuild=d.rebuild and main, main=main, quiet=quiet)
+    if chat is not None:
+        chat.end_of_turn = set(meta.get("end_of_turn", []))
+    labels = Labels(**meta["labels"]) if meta.get("labels") else labels
+    train = examples(folder, "train", meta, key)
+    evals = examples(folder, "eval", meta, key) if eval_spec is not None else None
+    if evals is None and d.eval_split > 0:
+        if d.packing:
+            raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
+        train, evals = split(train, d.eval_split, cfg.train.seed)
+    return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None,
+                    labels, chat, added, key, folder, meta)
+
+
+def prepare_eval(spec: str, tokenizer: Any, *, task: str, block_size: int, max_length: int, labels: Labels | None,
+                 text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
+                 chat: Any = None, data_format: str = "text", limit: int = 0, quiet: bool = True) -> tuple[ExampleSet, Path]:
+    """Examples of one evaluation file (llmkit evaluate, quantize's gate), through the same cache.
+
+    Conversations need `chat` (a ChatEncoder: the template and which tokens are scored); text is packed into
+    `block_size` windows, classification rows truncated to `max_length` with `labels` (the model's classes).
+    """
+    from llmkit.config import DataConfig
+
+    d = DataConfig(train=spec, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                   block_size=block_size, max_length=max_length, format=data_format if chat is not None else "text")
+    name, sources = find_sources(spec, task=task, what="--data")
+    plan = make_plan(sources, task, d)
+    if chat is not None and plan.kind != "chat":
+        raise UsageError(f"{spec} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' columns)")
+    s = Split("eval", name, sources, plan, labels, False, limit)
+    key = data_key([s], tokenizer, {"task": task, "block_size": block_size, "max_length": max_length,
+                                    "template": chat.template if chat is not None else None})
+    folder = cache_folder() / key
+    meta = load_or_build(folder, [s], tokenizer, chat, d, task, rebuild=False, main=True, quiet=quiet)
+    if chat is not None:
+        chat.end_of_turn = set(meta.get("end_of_turn", []))
+    return examples(folder, "eval", meta, key).head(limit), folder
+
+
+def examples(folder: Path, name: str, meta: dict[str, Any], key: str) -> ExampleSet:
+    info = meta["splits"][name]
+    return ExampleSet(table=read_arrow(folder / f"{name}.arrow"), dropped=info.get("dropped", 0), key=f"{key}:{name}")
+
+
+def split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, ExampleSet]:
+    """`data.eval_split`: a seeded random share of the rows held out (a view, nothing copied)."""
+    import random
+
+    idx = list(range(len(data)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(idx) * fraction))
+    if n_eval >= len(idx):
+        raise UsageError(f"data.eval_split={fraction} leaves no training examples out of {len(idx)}; lower it or pass --eval-data")
+    # rows dropped before the split are counted once, with the training rows they were read among
+    return (data.select(sorted(idx[n_eval:]), tag=f":split{fraction}:{seed}:train"),
+            data.select(sorted(idx[:n_eval]), dropped=0, tag=f":split{fraction}:{seed}:eval"))
+
+
+def load_or_build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, task: str, *, rebuild: bool,
+                  main: bool, quiet: bool) -> dict[str, Any]:
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    meta_path = folder / META
+    if meta_path.exists() and not rebuild:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        say(f"prepared data: {folder} (cached; built in {meta['seconds']:.1f} s; --rebuild-data to build again)")
+    elif not main:
+        raise UsageError(f"the main process did not prepare the data in {folder}; see its error")
+    else:
+        say(f"preparing data into {folder}")
+        meta = build(folder, splits, tokenizer, chat, d, task, quiet)
+        say(f"prepared data: {folder} in {meta['seconds']:.1f} s")
+    for s in splits:
+        info = meta["splits"][s.name]
+        if info.get("dropped"):
+            print(f"warning: dropped {info['dropped']} of {info['rows']} rows of {s.spec} whose response is cut off entirely "
+                  f"by --block-size {d.block_size} (first: {info['first_dropped']}); raise --block-size to keep them", file=sys.stderr)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, task: str, quiet: bool) -> dict[str, Any]:
+    """Prepare every split into a temporary folder, then rename it to `folder` (a killed run leaves no usable cache)."""
+    start = time.perf_counter()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta: dict[str, Any] = {"version": FORMAT_VERSION, "splits": {}, "labels": None, "end_of_turn": []}
+        labels = splits[0].labels
+        for s in splits:
+            s.labels = s.labels or labels
+            info, labels_found, eot = build_split(tmp, s, tokenizer, chat, d, task, quiet)
+            labels = labels or labels_found
+            meta["splits"][s.name] = info
+            meta["end_of_turn"] = sorted(set(meta["end_of_turn"]) | eot)
+        meta["labels"] = {"names": labels.names, "ints": labels.ints} if labels else None
+        meta["seconds"] = round(time.perf_counter() - start, 2)
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for part in tmp.glob("part-*"):
+            part.unlink()
+        if folder.exists():  # --rebuild-data: the old copy goes only once the new one is complete
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def build_split(tmp: Path, s: Split, tokenizer: Any, chat: Any, d: Any, task: str, quiet: bool
+                ) -> tuple[dict[str, Any], Labels | None, set[int]]:
+    from llmkit.progress import bar
+
+    labels = s.labels
+    if s.plan.kind == "text-files":
+        pieces, rows = [], 0
+        for i, src in enumerate(s.sources):
+            ranges, nonempty = scan_text(src)
+            if nonempty:  # a blank file is no document (and no EOS)
+                pieces += [(i, a, b, k == 0) for k, (a, b) in enumerate(ranges)]
+                rows += 1
+        if not pieces:
+            raise UsageError(f"{s.spec}: every row of column 'text' is empty; there is nothing to train on")
+        tasks: list[Any] = []
+        size = 0
+        for p in pieces:
+            if not tasks or size >= TASK_BYTES:
+                tasks.append([])
+                size = 0
+            tasks[-1].append(p)
+            size += p[2] - p[1]
+        units = [sum(p[2] - p[1] for p in t) for t in tasks]
+        unit = "MB"
+    else:
+        reading = bar(None, f"checking {s.name} data", "row", enabled=not quiet)
+        rows_path = tmp / f"rows-{s.name}.arrow"
+        norm = normalize(s.spec, s.sources, s.plan, rows_path, labels, progress=reading)
+        if reading is not None:
+            reading.close()
+        labels, rows = norm.labels, norm.rows
+        tasks = [(a, min(a + TASK_ROWS, rows)) for a in range(0, rows, TASK_ROWS)]
+        units = [b - a for a, b in tasks]
+        unit = "row"
+    job = {"kind": s.plan.kind, "tokenizer": tokenizer, "chat": chat, "sources": s.sources, "labels": labels, "task": task,
+           "block_size": d.block_size, "max_length": d.max_length, "tmp": tmp, "split": s.name,
+           "rows": tmp / f"rows-{s.name}.arrow"}
+    scale = 1_000_000 if unit == "MB" else 1
+    progress = bar(round(sum(units) / scale), f"tokenizing {s.name} data", unit, enabled=not quiet)
+    out = Assembler(tmp / f"{s.name}.arrow", s, tokenizer.eos_token_id, d.block_size)
+    t0, tokens, done, shown = time.perf_counter(), 0, 0, 0
+    results = run_tasks(job, tasks, d.num_proc)
+    try:
+        for (part, stats), n in zip(results, units, strict=False):
+            tokens += stats["tokens"]
+            out.add(part, stats)
+            part.unlink()
+            if progress is not None:
+                done += n
+                progress.update(round(done / scale) - shown)
+                shown = round(done / scale)
+                progress.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+            if out.full():  # a quick trial has its examples: the rest is not tokenized
+                break
+    finally:
+        results.close()  # stops the workers when the loop ended early
+        if progress is not None:
+            progress.close()
+    info = out.finish()
+    info.update(rows=rows, tokenize_seconds=round(time.perf_counter() - t0, 2),
+                tokens_per_s=round(tokens / max(time.perf_counter() - t0, 1e-9), 1))
+    (tmp / f"rows-{s.name}.arrow").unlink(missing_ok=True)
+    return info, labels, out.end_of_turn
+
+
+# ------------------------------------------------------------------------------------------ encoding (workers)
+
+_JOB: dict[str, Any] = {}
+
+
+def run_tasks(job: dict[str, Any], tasks: list[Any], num_proc: int) -> Any:
+    """Results of `_encode(task)` in task order: here for one process, else from a pool of forked workers.
+
+    Workers are forked (no re-import, the tokenizer is inherited) and each writes its own part file; fast
+    tokenizers use one thread each there, so N workers use N cores without oversubscribing them.
+    """
+    import multiprocessing as mp
+
+    from llmkit.generation import physical_cores
+
+    _JOB.clear()
+    _JOB.update(job)
+    procs = min(num_proc or physical_cores(), len(tasks))
+    if procs <= 1 or "fork" not in mp.get_all_start_methods():
+        yield from map(_encode, enumerate(tasks))
+        return
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set before the fork: children then do not warn about it
+    try:
+        with mp.get_context("fork").Pool(procs, initializer=_worker_init) as pool:
+            yield from pool.imap(_encode, enumerate(tasks))
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
+
+
+def _encode(item: tuple[int, Any]) -> tuple[Path, dict[str, Any]]:
+    import pyarrow as pa
+
+    k, task = item
+    job = _JOB
+    tok, kind = job["tokenizer"], job["kind"]
+    path = job["tmp"] / f"part-{job['split']}-{k:06d}.arrow"
+    ints = pa.list_(pa.int32())
+    stats: dict[str, Any] = {"tokens": 0, "dropped": 0, "first_dropped": None, "end_of_turn": []}
+    if kind == "text-files":
+        texts = [read_text(job["sources"][i], a, b) for i, a, b, _ in task]
+        starts = [first for *_, first in task]
+        # a document's first piece gets the tokenizer's special tokens (BOS), as one call on the whole file would
+        ids = [tok(t, add_special_tokens=first)["input_ids"] for t, first in zip(texts, starts, strict=True)]
+        cols: dict[str, Any] = {"ids": ids, "doc_start": starts}
+        schema = pa.schema([("ids", ints), ("doc_start", pa.bool_())])
+    else:
+        rows = read_arrow(job["rows"]).slice(task[0], task[1] - task[0])
+        if kind == "text-rows":
+            ids = tok(rows.column("text").to_pylist(), add_special_tokens=True)["input_ids"]
+            cols = {"ids": ids, "doc_start": [True] * len(ids)}
+            schema = pa.schema([("ids", ints), ("doc_start", pa.bool_())])
+        elif kind == "seq-cls":
+            from llmkit.data import encode_seq_cls
+
+            pairs = rows.column("pair").to_pylist() if rows.column("pair").null_count < rows.num_rows else None
+            ids = encode_seq_cls(tok, rows.column("text").to_pylist(), pairs, job["max_length"])
+            labels: Labels = job["labels"]
+            cols = {"input_ids": ids, "labels": [labels.id_of(v) for v in rows.column("label").to_pylist()]}
+            schema = pa.schema([("input_ids", ints), ("labels", pa.int32())])
+        else:
+            where = rows.column("where").to_pylist()
+            if kind == "chat":
+                from llmkit.chat import Conversation, encode_conversations
+
+                chat = job["chat"]
+                convs = [Conversation(m, w) for m, w in zip(rows.column("messages").to_pylist(), where, strict=True)]
+                ids, labs, kept = encode_conversations(chat, convs, job["block_size"])
+                stats["end_of_turn"] = sorted(chat.end_of_turn)
+            else:
+                from llmkit.data import encode_prompt_response
+
+                ids, labs, kept = encode_prompt_response(tok, rows.column("prompt").to_pylist(), rows.column("text").to_pylist(),
+                                                         job["block_size"])
+            kept_set = set(kept)
+            stats["dropped"] = len(where) - len(kept)
+            stats["first_dropped"] = next((w for i, w in enumerate(where) if i not in kept_set), None)
+            cols = {"input_ids": ids, "labels": labs}
+            schema = pa.schema([("input_ids", ints), ("labels", ints)])
+    stats["tokens"] = sum(len(x) for x in ids)
+    writer = ArrowRows(path, schema)
+    writer.write_batch(cols)
+    writer.close()
+    return path, stats
+
+
+# ------------------------------------------------------------------------------------------ assembling
+
+
+class Assembler:
+    """Parts, in order, into the split's one Arrow file: text packed into blocks, rows kept or packed, up to `limit`."""
+
+    def __init__(self, path: Path, s: Split, eos: int | None, block_size: int) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        self.s, self.eos, self.block = s, eos, block_size
+        self.kind = s.plan.kind
+        self.text = self.kind in ("text-files", "text-rows")
+        self.limit = s.limit
+        self.count = self.tokens = self.dropped = self.docs = 0
+        self.first_dropped: str | None = None
+        self.end_of_turn: set[int] = set()
+        self.carry = np.zeros(0, dtype=np.int32)  # text tokens not yet in a full block
+        self.last: int | None = None  # the last text token so far (EOS goes between documents only once)
+        self.stream_tokens = 0
+        ints = pa.list_(pa.int32())
+        if self.text:
+            schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
+        elif self.kind == "seq-cls":
+            schema = pa.schema([("input_ids", ints), ("labels", pa.int32())])
+        elif s.packing:
+            schema = pa.schema([("input_ids", ints), ("labels", ints), ("position_ids", ints), ("n_convs", pa.int32())])
+            self.row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+            self.n_convs = 0
+        else:
+            schema = pa.schema([("input_ids", ints), ("labels", ints)])
+        self.out = ArrowRows(path, schema)
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.count >= self.limit
+
+    def add(self, part: Path, stats: dict[str, Any]) -> None:
+        table = read_arrow(part)
+        self.dropped += stats["dropped"]
+        self.first_dropped = self.first_dropped or stats["first_dropped"]
+        self.end_of_turn |= set(stats["end_of_turn"])
+        if self.text:
+            self._pack_text(table)
+        elif self.s.packing:
+            self._pack_rows(table)
+        else:
+            import pyarrow.compute as pc
+
+            if self.limit:
+                table = table.slice(0, self.limit - self.count)
+            for batch in table.to_batches():
+                self.out.write_batch({n: batch.column(n) for n in batch.schema.names})
+            self.count += table.num_rows
+            self.tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+
+    def _pack_text(self, table: Any) -> None:
+        """Documents end to end with EOS between them (not after the last), cut into full blocks; the tail carries over."""
+        import numpy as np
+        import pyarrow as pa
+
+        pieces = [self.carry]
+        for chunk_ids, chunk_start in zip(table.column("ids").chunks, table.column("doc_start").chunks, strict=True):
+            offsets = chunk_ids.offsets.to_numpy()
+            flat = chunk_ids.values.to_numpy(zero_copy_only=False)
+            for k, first in enumerate(chunk_start.to_pylist()):
+                if first:
+                    if self.docs and self.eos is not None and self.last != self.eos:
+                        pieces.append(np.array([self.eos], dtype=np.int32))
+                        self.last = self.eos
+                    self.docs += 1
+                ids = flat[offsets[k]:offsets[k + 1]]
+                if len(ids):
+                    pieces.append(ids)
+                    self.last = int(ids[-1])
+        stream = np.concatenate(pieces).astype(np.int32, copy=False)
+        self.stream_tokens += len(stream) - len(self.carry)
+        n = len(stream) // self.block
+        if self.limit:
+            n = min(n, self.limit - self.count)
+        if n:
+            blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:n * self.block]), self.block)
+            self.out.write_batch({"input_ids": blocks})
+        self.count += n
+        self.tokens += n * self.block
+        self.carry = stream[n * self.block:].copy()
+
+    def _pack_rows(self, table: Any) -> None:
+        """Several conversations per block (in order, first fit), position ids restarting per conversation.
+
+        The first token of each conversation gets label -100: in a packed row the loss would otherwise ask the
+        previous conversation's last token to predict it.
+        """
+        for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist(), strict=True):
+            if self.row["input_ids"] and len(self.row["input_ids"]) + len(ids) > self.block:
+                self._emit()
+                if self.full():
+                    return
+            row = self.row
+            row["input_ids"].extend(ids)
+            row["labels"].extend([-100, *labels[1:]])
+            row["position_ids"].extend(range(len(ids)))
+            self.n_convs += 1
+
+    def _emit(self) -> None:
+        self.out.append(**self.row, n_convs=self.n_convs)
+        self.count += 1
+        self.tokens += len(self.row["input_ids"])
+        self.row = {"input_ids": [], "labels": [], "position_ids": []}
+        self.n_convs = 0
+
+    def finish(self) -> dict[str, Any]:
+        if self.s.packing and self.row["input_ids"] and not self.full():
+            self._emit()
+        self.out.close()
+        s = self.s
+        if self.text and self.count == 0:
+            raise UsageError(f"{s.spec} has {self.stream_tokens} tokens, fewer than one block of {self.block}; lower --block-size or add text")
+        if self.count == 0 and self.kind in ("chat", "prompt-response"):
+            raise UsageError(f"{s.spec}: every prompt fills all {self.block} tokens of --block-size, so no response "
+                             "token is left to learn; raise --block-size or shorten the prompts")
+        return {"examples": self.count, "tokens": self.tokens, "dropped": self.dropped, "first_dropped": self.first_dropped}
+
+
+# ------------------------------------------------------------------------------------------ `llmkit prepare`
+
+
+def prepare_command(cfg: Any) -> dict[str, Any]:
+    """`llmkit prepare`: build (or find) the prepared data of a finetune / distill configuration; returns its report."""
+    from llmkit.config import chat_problems, data_problems
+    from llmkit.models import load_tokenizer, resolve
+
+    problems = data_problems(cfg.data) + chat_problems(cfg.task, cfg.data)
+    if not cfg.data.train:
+        problems.insert(0, "--data is required (a training file, folder or Hub dataset id)")
+    if cfg.data.streaming:
+        problems.append("--streaming reads the data while training; `llmkit prepare` builds the cache a run without it uses")
+    if problems:
+        raise UsageError("; ".join(problems))
+    model = cfg.model
+    ref = resolve(model.name, allow_pickle=model.allow_pickle, trust_remote_code=model.trust_remote_code)
+    data = prepare_data(cfg, load_tokenizer(ref))
+    report = {"key": data.key, "folder": str(data.folder), "model": model.name, "task": cfg.task,
+              "built_seconds": data.report.get("seconds"), "labels": data.labels.names if data.labels else None}
+    for name, examples in (("train", data.train), ("eval", data.eval)):
+        if examples is None:
+            continue
+        info = data.report["splits"].get(name, {})
+        report[name] = {"rows": info.get("rows"), "examples": len(examples), "tokens": examples.tokens,
+                        "dropped": info.get("dropped", 0), "first_dropped": info.get("first_dropped"),
+                        "tokens_per_s": info.get("tokens_per_s")}
+        if cfg.data.packing or data.chat is not None:
+            report[name]["conversations"] = examples.conversations
+    return report
+
+
+def describe(report: dict[str, Any], cfg: Any) -> str:
+    """The report as lines for a person."""
+    what = "blocks" if cfg.task == "causal-lm" and report["train"].get("conversations") is None and not cfg.data.prompt_column else "examples"
+    lines = [f"prepared data {report['key']} for {report['model']} ({report['task']}): {report['folder']}"]
+    for name in ("train", "eval"):
+        r = report.get(name)
+        if r is None:
+            continue
+        unit = f"{what} of {cfg.data.block_size} tokens" if what == "blocks" else what
+        line = f"  {name}: {r['rows']:,} rows -> {r['examples']:,} {unit}, {r['tokens']:,} tokens"
+        if r.get("conversations") is not None:
+            line += f" ({r['conversations']:,} conversations)"
+        if r["dropped"]:
+            line += (f"; {r['dropped']:,} rows dropped: their response is cut off entirely by --block-size {cfg.data.block_size} "
+                     f"(first: {r['first_dropped']})")
+        lines.append(line)
+    if report["labels"]:
+        lines.append(f"  labels: {', '.join(report['labels'])}")
+    speed = report["train"].get("tokens_per_s")
+    lines.append(f"  built in {report['built_seconds']:.1f} s" + (f" ({speed:,.0f} tokens/s tokenizing)" if speed else "")
+                 + "; `llmkit finetune` with the same data flags and model starts from it")
+    return "\n".join(lines)
