@@ -198,11 +198,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     if not cfg.quiet and main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        what = f"{len(data.train)} blocks of {cfg.data.block_size} tokens" if cfg.task == "causal-lm" else f"{len(data.train)} examples"
-        if data.chat is not None:
-            what = f"{data.train.conversations} conversations (assistant turns learned{', all tokens' if cfg.data.train_on_prompt else ''})"
-        if cfg.data.packing:
-            what += f", packed into {len(data.train)} rows of up to {cfg.data.block_size} tokens"
+        what = _describe_data(cfg, data)
         print(f"fine-tuning {ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {what}, "
               f"{machine_summary(record['machine'])}", file=sys.stderr)
 
@@ -221,6 +217,18 @@ def finetune(cfg: FinetuneConfig) -> Path:
     return out
 
 
+def _describe_data(cfg: FinetuneConfig, data: Prepared) -> str:
+    d = cfg.data
+    if d.streaming:
+        return f"a stream of {d.train} ({'conversations' if data.chat is not None else f'blocks of {d.block_size} tokens'})"
+    what = f"{len(data.train)} blocks of {d.block_size} tokens" if cfg.task == "causal-lm" else f"{len(data.train)} examples"
+    if data.chat is not None:
+        what = f"{data.train.conversations} conversations (assistant turns learned{', all tokens' if d.train_on_prompt else ''})"
+    if d.packing:
+        what += f", packed into {len(data.train)} rows of up to {d.block_size} tokens"
+    return what
+
+
 def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepared, accelerator: Any) -> dict[str, Any]:
     """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move, and the
     machine it ran on (CPU and flags, threads, the precision `auto` resolved to)."""
@@ -232,10 +240,11 @@ def run_record(cfg: FinetuneConfig | DistillConfig, ref: ModelRef, data: Prepare
     record["data"]["train"] = _abs(cfg.data.train)
     record["data"]["eval"] = _abs(cfg.data.eval) if cfg.data.eval else None
     record["labels"] = data.labels.names if data.labels else None
-    record["examples"] = {"train": len(data.train), "eval": len(data.eval) if data.eval else 0,
-                          "train_tokens": data.train.tokens}
+    streaming = getattr(data.train, "streaming", False)
+    record["examples"] = {"train": None if streaming else len(data.train), "eval": len(data.eval) if data.eval else 0,
+                          "train_tokens": None if streaming else data.train.tokens}
     record["prepared_data"] = str(data.folder) if data.folder else None  # llmkit's cache of the tokenized data
-    if data.chat is not None or cfg.data.packing:
+    if (data.chat is not None or cfg.data.packing) and not streaming:
         record["examples"]["train_conversations"] = data.train.conversations
     if data.train.dropped or (data.eval and data.eval.dropped):
         record["examples"]["dropped"] = {"train": data.train.dropped, "eval": data.eval.dropped if data.eval else 0}

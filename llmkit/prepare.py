@@ -128,6 +128,8 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
         splits.append(Split("eval", eval_spec[0], eval_spec[1], eval_plan, labels, False, d.max_eval_samples))
     settings = {"task": task, "block_size": d.block_size, "max_length": d.max_length,
                 "template": chat.template if chat else None, "train_on_prompt": d.train_on_prompt}
+    if d.streaming:  # training data comes from the stream; only held-out data is prepared
+        return _streaming(cfg, splits, tokenizer, chat, added, settings, main)
     key = data_key(splits, tokenizer, settings)
     folder = cache_folder() / key
     quiet = cfg.quiet or not main
@@ -143,6 +145,31 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
         train, evals = split(train, d.eval_split, cfg.train.seed)
     return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None,
                     labels, chat, added, key, folder, meta)
+
+
+def _streaming(cfg: Any, splits: list[Split], tokenizer: Any, chat: Any, added: tuple[str, ...], settings: dict[str, Any],
+               main: bool) -> Prepared:
+    from llmkit.streaming import StreamingExamples
+
+    d, train = cfg.data, splits[0]
+    evals, key, folder, meta = None, "", None, {"splits": {}}
+    if len(splits) > 1:
+        key = data_key(splits[1:], tokenizer, settings)
+        folder = cache_folder() / key
+        meta = load_or_build(folder, splits[1:], tokenizer, chat, d, cfg.task, rebuild=d.rebuild and main, main=main,
+                             quiet=cfg.quiet or not main)
+        evals = examples(folder, "eval", meta, key).head(d.max_eval_samples)
+        if chat is not None:
+            chat.end_of_turn = set(meta.get("end_of_turn", []))
+    job = {"tokenizer": tokenizer, "chat": chat, "labels": None, "max_length": d.max_length, "block_size": d.block_size}
+    stream = StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=d.packing,
+                               seed=cfg.train.seed, buffer=d.shuffle_buffer, rank=int(os.environ.get("RANK", 0)),
+                               world=int(os.environ.get("WORLD_SIZE", 1)))
+    if chat is not None and not chat.end_of_turn:  # the saved model must know where replies end: learn it from the first rows
+        first = next(iter(StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=False,
+                                            seed=0, buffer=0)))
+        del first
+    return Prepared(stream, evals, None, chat, added, key, folder, meta)  # type: ignore[arg-type]
 
 
 def prepare_eval(spec: str, tokenizer: Any, *, task: str, block_size: int, max_length: int, labels: Labels | None,

@@ -148,13 +148,18 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     loss_fn = job.loss_fn or _default_loss
     world = accelerator.num_processes
 
-    lengths = job.train_set.lengths
-    sampler = EpochSampler(len(job.train_set), cfg.seed, cfg.batch_size * world,
-                           lengths if cfg.group_by_length and len(lengths) and lengths.min() != lengths.max() else None)
+    streaming = getattr(job.train_set, "streaming", False)  # --streaming: each process reads its own part, endlessly
     # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
     # (dropout's), or a resumed run would draw it at another moment and diverge from an uninterrupted one.
-    train_loader = DataLoader(job.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=job.collate,
-                              generator=torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if streaming:
+        train_loader = DataLoader(job.train_set, batch_size=cfg.batch_size, collate_fn=job.collate, generator=generator)
+    else:
+        lengths = job.train_set.lengths
+        sampler = EpochSampler(len(job.train_set), cfg.seed, cfg.batch_size * world,
+                               lengths if cfg.group_by_length and len(lengths) and lengths.min() != lengths.max() else None)
+        train_loader = DataLoader(job.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=job.collate,
+                                  generator=generator)
     eval_loader = None
     if job.eval_set is not None:
         eval_loader = DataLoader(job.eval_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
@@ -168,16 +173,19 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     # fused AdamW: one kernel for all parameters instead of a dozen ops each (a 3x faster step on CPU here)
     fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(_param_groups(job.model, cfg.weight_decay), lr=cfg.lr, fused=fused)
-    if cfg.fsdp:  # FSDP already averages gradients and places the shards: Accelerate must not wrap it in DDP too
-        model = job.model
-        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
-    else:
-        model, optimizer, train_loader = accelerator.prepare(job.model, optimizer, train_loader)
+    # FSDP already averages gradients and places the shards: Accelerate must not wrap it in DDP too. A stream is
+    # already this process's share: Accelerate must not deal its batches out again.
+    prepared = accelerator.prepare(*([] if cfg.fsdp else [job.model]), optimizer, *([] if streaming else [train_loader]))
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # one object in, one (not a tuple) out
+    model = job.model if cfg.fsdp else prepared[0]
+    optimizer = prepared[0 if cfg.fsdp else 1]
+    if not streaming:
+        train_loader = prepared[-1]
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    batches = None if streaming else len(train_loader)  # per epoch, per process
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, math.ceil(batches / cfg.grad_accum))))
     # The scheduler is stepped by hand once per optimizer step (not prepared): Accelerate would step it once
     # per process, which makes a 2-process schedule differ from a 1-process one.
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
@@ -194,7 +202,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             for partial in partial_checkpoints(ckpt_root):
                 _warn(f"ignoring the incomplete checkpoint {partial} (its save was interrupted); resuming from {latest.name}")
                 shutil.rmtree(partial, ignore_errors=True)
-        state = load_checkpoint(latest, accelerator, model, optimizer, scheduler)
+        state = load_checkpoint(latest, accelerator, model, optimizer, scheduler, job.train_set if streaming else None)
         if main:
             _truncate_metrics(job.out / METRICS, state.step)
             _say(job, f"resuming from {latest.name} (step {state.step}/{total}, epoch {state.epoch + 1})")
@@ -210,6 +218,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
     model.train()
 
+    def epoch_now() -> float:
+        return job.train_set.epoch if streaming else round(state.epoch + state.batch_in_epoch / batches, 3)
+
     def log(record: dict[str, Any]) -> None:
         if main:
             with open(job.out / METRICS, "a", encoding="utf-8") as f:
@@ -222,8 +233,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             metrics = evaluate_model(fp32_model, eval_loader, job.task, accelerator, job.num_labels)
         window_start += time.perf_counter() - t0  # eval time does not count against training speed
         state.last_eval_step = state.step
-        log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
-             **{f"eval_{k}": v for k, v in metrics.items()}})
+        log({"step": state.step, "epoch": epoch_now(), **{f"eval_{k}": v for k, v in metrics.items()}})
         value = metrics[metric_name]
         better = state.best is None or (value > state.best if higher_is_better else value < state.best)
         if better:
@@ -238,6 +248,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
         return metrics
 
     stop = _StopSignal()
+    stream = job.train_set if streaming else None
     scaler = accelerator.scaler
     step_losses: list[Any] = []  # this optimizer step's micro-batch losses
     window_skipped, bad_in_a_row = 0, 0
@@ -247,11 +258,14 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
             # Through Accelerate's loader: it re-sets the sampler's epoch to its own pass counter at every iter(),
             # and that counter does not advance when the loop leaves a pass at its last batch (as this one does),
             # so setting only the sampler gave every epoch epoch 0's order.
-            train_loader.set_epoch(state.epoch)
             loader = train_loader
-            if state.batch_in_epoch:
-                loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+            if not streaming:
+                train_loader.set_epoch(state.epoch)
+                if state.batch_in_epoch:
+                    loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
             for batch in loader:
+                if streaming:  # not through Accelerate's loader, which would place it
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 # packed rows say how many real tokens / conversations they hold; others count rows and the mask
                 n_tokens = int(batch.pop("num_tokens")) if "num_tokens" in batch else int(batch["attention_mask"].sum())
                 n_examples = int(batch.pop("num_examples")) if "num_examples" in batch else len(batch["input_ids"])
@@ -304,7 +318,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                     state.tokens += tokens
                     state.samples += samples
                     state.train_seconds += seconds
-                    log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(train_loader), 3),
+                    log({"step": state.step, "epoch": epoch_now(),
                          "loss": None if mean_loss is None else round(mean_loss, 6), **extra, "lr": scheduler.get_last_lr()[0],
                          "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(samples / seconds, 2),
                          **({"skipped_steps": window_skipped} if window_skipped else {})})
@@ -314,7 +328,7 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                 if bar is not None:
                     bar.update(1)
 
-                end_of_epoch = state.batch_in_epoch >= len(train_loader)
+                end_of_epoch = not streaming and state.batch_in_epoch >= batches
                 if eval_loader is not None and (
                         (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)):
                     run_eval()
@@ -327,9 +341,9 @@ def fit(job: TrainJob, accelerator: Any) -> TrainResult:
                 # no periodic checkpoint inside a run of bad steps: the one before it is the one to go back to
                 if not done and not bad_in_a_row and (
                         (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch)):
-                    saved = save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
+                    saved = save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints, stream)
                 if stopping and not done:
-                    saved = saved or save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints)
+                    saved = saved or save_checkpoint(accelerator, ckpt_root, state, model, optimizer, scheduler, cfg.keep_checkpoints, stream)
                     if bar is not None:
                         bar.close()
                     name = signal.Signals(stopping).name
@@ -641,7 +655,7 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
 
 
 def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any, optimizer: Any, scheduler: Any,
-                    keep: int) -> Path:
+                    keep: int, stream: Any = None) -> Path:
     """Write a complete checkpoint, then rename it into place, then rotate out the oldest.
 
     A failure part-way (disk full) removes the half-written folder and raises DiskError; the checkpoints
@@ -660,6 +674,8 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any,
     sharded = is_sharded(accelerator.unwrap_model(model))
     try:
         _save_torch(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if stream is not None:  # --streaming: where this process's stream is (file position, buffer, packer, RNG)
+            _save_torch(stream.state_dict(), tmp / f"stream-{accelerator.process_index}.pt")
         if sharded:  # every process writes its own shard of weights and optimizer state
             save_sharded(tmp / SHARDED_DIR, model, optimizer)
         if accelerator.is_main_process:
@@ -754,7 +770,7 @@ def _check_same_world(folder: Path, processes: int) -> None:
                          "resume with the same number of processes")
 
 
-def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, stream: Any = None) -> TrainState:
 
     saved = _read_json(folder / "state.json")
     saved.pop("world_size", None)
@@ -774,6 +790,11 @@ def load_checkpoint(folder: Path, accelerator: Any, model: Any, optimizer: Any, 
     rng = folder / f"rng-{accelerator.process_index}.pt"
     if rng.exists():
         _set_rng_state(_load_torch(rng))
+    if stream is not None:
+        position = folder / f"stream-{accelerator.process_index}.pt"
+        if not position.exists():
+            raise UsageError(f"--resume --streaming: {folder.name} was written without --streaming; resume with the same setting")
+        stream.load_state_dict(_load_torch(position))
     return TrainState(**saved)
 
 

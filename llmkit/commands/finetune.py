@@ -20,6 +20,7 @@ FLAG_KEYS = {
     "quiet": "quiet", "allow_pickle": "model.allow_pickle", "trust_remote_code": "model.trust_remote_code",
     "data_format": "data.format", "chat_template": "data.chat_template", "train_on_prompt": "data.train_on_prompt",
     "packing": "data.packing", "fsdp": "train.fsdp", "gradient_checkpointing": "train.gradient_checkpointing",
+    "num_proc": "data.num_proc", "rebuild_data": "data.rebuild", "streaming": "data.streaming",
 }
 
 
