@@ -117,6 +117,8 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
     elif d.chat_template or d.train_on_prompt:
         raise UsageError(f"--chat-template and --train-on-prompt are for chat data; {d.train} holds no conversations "
                          "('messages', 'conversations' or 'prompt'/'completion' columns, or pass --format)")
+    if d.eval_split > 0 and not d.eval and d.packing:
+        raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
     # with an eval split the whole set is needed before the first examples are known; otherwise a quick trial
     # (--max-train-samples) stops tokenizing once it has its examples
     early = d.eval_split == 0 or bool(d.eval)
@@ -140,8 +142,6 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
     train = examples(folder, "train", meta, key)
     evals = examples(folder, "eval", meta, key) if eval_spec is not None else None
     if evals is None and d.eval_split > 0:
-        if d.packing:
-            raise UsageError("data.eval_split cannot split packed rows; pass --eval-data for evaluation with --packing")
         train, evals = split(train, d.eval_split, cfg.train.seed)
     return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None,
                     labels, chat, added, key, folder, meta)
@@ -165,10 +165,9 @@ def _streaming(cfg: Any, splits: list[Split], tokenizer: Any, chat: Any, added: 
     stream = StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=d.packing,
                                seed=cfg.train.seed, buffer=d.shuffle_buffer, rank=int(os.environ.get("RANK", 0)),
                                world=int(os.environ.get("WORLD_SIZE", 1)))
-    if chat is not None and not chat.end_of_turn:  # the saved model must know where replies end: learn it from the first rows
-        first = next(iter(StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=False,
-                                            seed=0, buffer=0)))
-        del first
+    if chat is not None and not chat.end_of_turn:
+        # the saved model must know which token ends a reply (generation stops there): encoding one row tells
+        next(iter(StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=False, seed=0, buffer=0)))
     return Prepared(stream, evals, None, chat, added, key, folder, meta)  # type: ignore[arg-type]
 
 
@@ -331,7 +330,7 @@ def build_split(tmp: Path, s: Split, tokenizer: Any, chat: Any, d: Any, task: st
         if progress is not None:
             progress.close()
     info = out.finish()
-    info.update(rows=rows, tokenize_seconds=round(time.perf_counter() - t0, 2),
+    info.update(rows=rows, row_unit="files" if s.plan.kind == "text-files" else "rows", tokenize_seconds=round(time.perf_counter() - t0, 2),
                 tokens_per_s=round(tokens / max(time.perf_counter() - t0, 1e-9), 1))
     (tmp / f"rows-{s.name}.arrow").unlink(missing_ok=True)
     return info, labels, out.end_of_turn
@@ -616,7 +615,7 @@ def prepare_command(cfg: Any) -> dict[str, Any]:
         if examples is None:
             continue
         info = data.report["splits"].get(name, {})
-        report[name] = {"rows": info.get("rows"), "examples": len(examples), "tokens": examples.tokens,
+        report[name] = {"rows": info.get("rows"), "row_unit": info.get("row_unit", "rows"), "examples": len(examples), "tokens": examples.tokens,
                         "dropped": info.get("dropped", 0), "first_dropped": info.get("first_dropped"),
                         "tokens_per_s": info.get("tokens_per_s")}
         if cfg.data.packing or data.chat is not None:
@@ -633,7 +632,7 @@ def describe(report: dict[str, Any], cfg: Any) -> str:
         if r is None:
             continue
         unit = f"{what} of {cfg.data.block_size} tokens" if what == "blocks" else what
-        line = f"  {name}: {r['rows']:,} rows -> {r['examples']:,} {unit}, {r['tokens']:,} tokens"
+        line = f"  {name}: {r['rows']:,} {r['row_unit']} -> {r['examples']:,} {unit}, {r['tokens']:,} tokens"
         if r.get("conversations") is not None:
             line += f" ({r['conversations']:,} conversations)"
         if r["dropped"]:

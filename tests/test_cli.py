@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["generate", "finetune", "distill", "quantize", "evaluate", "serve", "models"]
+COMMANDS = ["generate", "prepare", "finetune", "distill", "quantize", "evaluate", "serve", "models"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

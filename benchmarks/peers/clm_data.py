@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from itertools import chain
 
 START = time.perf_counter()
 
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 
 
 class FirstStep(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             print(f"peer_first_step seconds={time.perf_counter() - START:.1f}", flush=True)
 
@@ -45,8 +46,8 @@ def main() -> None:
     raw = load_dataset("text", data_files={"train": a.train}, keep_linebreaks=True)
     tokenized = raw.map(lambda b: tok(b["text"]), batched=True, num_proc=a.num_proc, remove_columns=["text"])
 
-    def group_texts(examples):  # noqa: ANN001, ANN202  (run_clm.py's, verbatim in spirit)
-        concatenated = {k: sum(examples[k], []) for k in examples}
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples}  # run_clm.py's group_texts
         total = len(concatenated["input_ids"]) // a.block * a.block
         result = {k: [v[i:i + a.block] for i in range(0, total, a.block)] for k, v in concatenated.items()}
         result["labels"] = result["input_ids"].copy()

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 
 class FirstStep(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             print(f"peer_first_step seconds={time.perf_counter() - START:.1f}", flush=True)
 
