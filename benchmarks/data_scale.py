@@ -116,6 +116,17 @@ def measure(cmd: list[str], env: dict[str, str], first_step: str) -> dict[str, f
     return {"peak_gb": peak / 1e9, "first_step_s": seen if seen is not None else wall, "wall_s": wall, "log": "".join(lines)}
 
 
+def print_prep(log: str) -> None:
+    """llmkit's own summary of the preparation: the last progress line of each pass and the total."""
+    last: dict[str, str] = {}
+    for line in log.splitlines():
+        for what in ("checking train data:", "tokenizing train data:", "prepared data:"):
+            if line.startswith(what):
+                last[what] = line.strip()
+    for line in last.values():
+        print(f"  llmkit: {line}")
+
+
 def disk_gb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9 if folder.exists() else 0.0
 
@@ -164,9 +175,7 @@ def main() -> None:
         runs["peer text warm"] = (peer("clm_data.py", big, c_peer), c_peer)
         for name, (r, cache) in runs.items():
             report(name, r, cache)
-        for line in runs["llmkit text cold"][0]["log"].splitlines():
-            if line.startswith(("tokenizing train data:", "prepared data")):
-                print(f"  llmkit: {line.strip()}")
+        print_prep(runs["llmkit text cold"][0]["log"])
         for line in runs["peer text cold"][0]["log"].splitlines():
             if line.startswith("peer_data"):
                 print(f"  peer: {line.strip()}")
@@ -190,9 +199,7 @@ def main() -> None:
                 "peer chat warm": (peer("trl_chat_data.py", chat, c_peer, "--max-length", "128"), c_peer)}
         for name, (r, cache) in runs.items():
             report(name, r, cache)
-        for line in runs["llmkit chat cold"][0]["log"].splitlines():
-            if line.startswith(("tokenizing train data:", "prepared data")):
-                print(f"  llmkit: {line.strip()}")
+        print_prep(runs["llmkit chat cold"][0]["log"])
         lc, lw, pc, pw = (runs[k][0] for k in ("llmkit chat cold", "llmkit chat warm", "peer chat cold", "peer chat warm"))
         print(f"ratio chat peak llmkit/peer = {lc['peak_gb'] / pc['peak_gb']:.2f} (target <= 1.0)")
         print(f"ratio chat cold first_step llmkit/peer = {lc['first_step_s'] / pc['first_step_s']:.2f} (target <= 1.0)")
