@@ -83,7 +83,7 @@ def _file_source(path: Path, task: str, what: str) -> Source:
 # ------------------------------------------------------------------------------------------ plain text
 
 
-def _utf8_error(name: str, piece: bytes, e: UnicodeDecodeError, line: int) -> UsageError:
+def utf8_error(name: str, piece: bytes, e: UnicodeDecodeError, line: int) -> UsageError:
     line += piece.count(b"\n", 0, e.start)
     col = e.start - (piece.rfind(b"\n", 0, e.start) + 1) + 1
     return UsageError(f"{name}:line {line}: byte 0x{piece[e.start]:02x} at column {col} is not UTF-8; save the file as UTF-8")
@@ -121,7 +121,7 @@ def scan_text(source: Source, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[tupl
                 text = piece.decode("utf-8")
                 nonempty = nonempty or bool(text.strip())
             except UnicodeDecodeError as e:
-                raise _utf8_error(source.name, piece, e, line) from None
+                raise utf8_error(source.name, piece, e, line) from None
             ranges.append((pos, pos + cut))
             pos += cut
             line += piece.count(b"\n")
@@ -164,7 +164,7 @@ def _lines(source: Source) -> Iterator[tuple[int, str]]:
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _utf8_error(source.name, raw, e, n) from None
+                raise utf8_error(source.name, raw, e, n) from None
 
 
 def _csv_records(source: Source) -> Iterator[tuple[str, dict[str, str]]]:
@@ -214,7 +214,7 @@ def _json_records(source: Source) -> Iterator[tuple[str, Any]]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise _utf8_error(source.name, raw, e, 1) from None
+            raise utf8_error(source.name, raw, e, 1) from None
         data: Any = None
         try:
             data = json.loads(text)

@@ -193,7 +193,7 @@ def normalize(name: str, sources: list[Source], plan: Plan, path: Path, labels: 
                 first_where = first_where or where
                 keys.update(dict.fromkeys(record))
                 if not problems:  # after a problem the output is lost anyway: rows are only parsed, for earlier errors
-                    texts += _row(plan, record, where, first_where, problems, writer, stats, labels, lookup)
+                    texts += check_row(plan, record, where, first_where, problems, writer, stats, labels, lookup)
         count = writer.close()
     except BaseException:
         writer.close()
@@ -228,7 +228,7 @@ def _needed_columns(plan: Plan) -> list[tuple[str, int, str]]:
     return needed
 
 
-def _row(plan: Plan, record: dict[str, Any], where: str, first_where: str, problems: Problems, writer: ArrowRows,
+def check_row(plan: Plan, record: dict[str, Any], where: str, first_where: str, problems: Problems, writer: ArrowRows,
          stats: LabelStats | None, labels: Labels | None, lookup: dict[str, int] | None) -> int:
     """Check one row and write it when usable; returns 1 when the row has text (0 for an empty one)."""
     here = row_format(record)

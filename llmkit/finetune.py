@@ -77,7 +77,12 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
         if cfg.method == "qlora":
             model = qlora_base(cfg, ref, tokenizer, progress)
         else:
-            model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=torch.float32)
+            source = ref
+            if ref.is_gguf and (base_folder(ref) / "config.json").exists():
+                # an earlier LoRA run kept this GGUF de-quantized (keep_base): the same fp32 weights, read in a second
+                # or two instead of de-quantized again (~15 s for SmolLM2), so a second run starts within seconds
+                source = resolve(str(base_folder(ref)))
+            model = from_pretrained_checked(AutoModelForCausalLM, source, progress, dtype=torch.float32)
             if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
                 model = apply_adapter(model, ref, merge=True)
     if grow_vocab and model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -25,7 +25,7 @@ from typing import Any
 from torch.utils.data import IterableDataset
 
 from llmkit.datafiles import Source
-from llmkit.datarows import Plan, Problems, _row
+from llmkit.datarows import Plan, Problems, check_row
 from llmkit.errors import UsageError
 
 PIECE_BYTES = 256 << 10  # plain text read per step of the stream
@@ -73,7 +73,7 @@ class StreamingExamples(IterableDataset):
                  seed: int, buffer: int, rank: int = 0, world: int = 1) -> None:
         import numpy as np
 
-        from llmkit.prepare import Packer
+        from llmkit.encoding import Packer
 
         if plan.kind == "seq-cls":
             raise UsageError("--streaming is for --task causal-lm")
@@ -159,9 +159,9 @@ class StreamingExamples(IterableDataset):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            from llmkit.datafiles import _utf8_error
+            from llmkit.datafiles import utf8_error
 
-            raise _utf8_error(source.name, data, e, self.line or 1) from None
+            raise utf8_error(source.name, data, e, self.line or 1) from None
         self.line = (self.line or 1) + data.count(b"\n")
         self._examples({"text": [text], "doc_start": [start == 0]})
         return True
@@ -188,7 +188,7 @@ class StreamingExamples(IterableDataset):
             if not isinstance(record, dict):
                 raise UsageError(f"{where}: a JSON {type(record).__name__} where an object like {{\"text\": ...}} is expected")
             self.first_where = self.first_where or where
-            _row(self.plan, record, where, self.first_where, problems, rows, None, None, None)
+            check_row(self.plan, record, where, self.first_where, problems, rows, None, None, None)
             problems.raise_first()  # a stream cannot wait for the end of the file: the first problem stops it
         if read == 0:
             return False
@@ -197,7 +197,7 @@ class StreamingExamples(IterableDataset):
         return True
 
     def _examples(self, cols: dict[str, list[Any]]) -> None:
-        from llmkit.prepare import encode
+        from llmkit.encoding import encode
 
         kind = self.plan.kind
         out, stats = encode(kind, cols, self.job)
