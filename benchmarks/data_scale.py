@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--text-mb", type=int, default=1000)
     p.add_argument("--chat-rows", type=int, default=1_000_000)
     p.add_argument("--only", choices=["text", "chat"], help="run one half")
+    p.add_argument("--warm-only", action="store_true", help="keep the caches of an earlier run and time only the warm runs")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llmkit-data-scale"), help="where the corpora and caches go")
     a = p.parse_args()
     print(first_line(), flush=True)
@@ -166,6 +167,10 @@ def main() -> None:
         print(f"text corpus {big} {big.stat().st_size / 1e9:.2f} GB", flush=True)
         runs = {}
         c_small, c_llmkit, c_peer = work / "cache-small", work / "cache-llmkit-text", work / "cache-peer-text"
+        if a.warm_only:
+            report("llmkit text warm", llmkit(big, "run-text", c_llmkit), c_llmkit)
+            report("peer text warm", peer("clm_data.py", big, c_peer), c_peer)
+            return
         for c in (c_small, c_llmkit, c_peer):
             shutil.rmtree(c, ignore_errors=True)
         runs["llmkit 1MB cold"] = (llmkit(small, "run-small", c_small), c_small)
@@ -191,6 +196,10 @@ def main() -> None:
         make_chat(chat, a.chat_rows)
         print(f"chat set {chat} {a.chat_rows:,} rows {chat.stat().st_size / 1e9:.2f} GB", flush=True)
         c_llmkit, c_peer = work / "cache-llmkit-chat", work / "cache-peer-chat"
+        if a.warm_only:
+            for name, data, script, cache in (("llmkit chat warm", chat, None, c_llmkit), ("peer chat warm", chat, "trl_chat_data.py", c_peer)):
+                report(name, llmkit(data, "run-chat", cache) if script is None else peer(script, data, cache, "--max-length", "128"), cache)
+            return
         for c in (c_llmkit, c_peer):
             shutil.rmtree(c, ignore_errors=True)
         runs = {"llmkit chat cold": (llmkit(chat, "run-chat", c_llmkit), c_llmkit),
