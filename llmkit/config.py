@@ -83,8 +83,8 @@ class DataConfig:
     """--streaming: read, tokenize and pack the data while training, never all of it at once (data bigger than the
     disk or than is worth preparing); needs --max-steps. Checkpoints hold the stream's position, so --resume goes on
     from the next example."""
-    shuffle_buffer: int = 10000
-    """--streaming: examples held in the shuffle buffer (0 = the stream's own order)."""
+    shuffle_buffer: int = 1000
+    """--streaming: examples held in the shuffle buffer (0 = the stream's own order); datasets' default size."""
 
 
 @dataclass

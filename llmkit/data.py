@@ -364,6 +364,7 @@ class Collator:
         self.causal = causal
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
         import torch
 
         width = max(len(it["input_ids"]) for it in items)
@@ -383,7 +384,7 @@ class Collator:
             del batch["attention_mask"]
             batch["position_ids"] = pos
             batch["num_tokens"] = mask.sum()
-            batch["num_examples"] = torch.tensor(sum(it["position_ids"].count(0) for it in items))
+            batch["num_examples"] = torch.tensor(sum(int((np.asarray(it["position_ids"]) == 0).sum()) for it in items))
         if self.causal and "labels" in items[0]:  # prompt/response rows: the prompt is already -100
             labels = torch.full((len(items), width), -100, dtype=torch.long)
             for row, it in enumerate(items):

@@ -40,7 +40,7 @@ def _epoch(stream) -> list[list[int]]:
         example = next(it)
         if stream.epoch:
             return out
-        out.append(example["input_ids"])
+        out.append(example["input_ids"].tolist())
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])
@@ -64,16 +64,16 @@ def test_the_shuffle_buffer_is_seeded_and_its_state_resumes_exactly(tiny_gpt2, t
     data = _jsonl(tmp_path / "rows.jsonl", 60)
     a = _stream(tiny_gpt2, data, buffer=16, seed=3)
     it = iter(a)
-    first = [next(it)["input_ids"] for _ in range(25)]
+    first = [next(it)["input_ids"].tolist() for _ in range(25)]
     state = a.state_dict()
-    rest = [next(it)["input_ids"] for _ in range(60)]  # across an epoch boundary too
+    rest = [next(it)["input_ids"].tolist() for _ in range(60)]  # across an epoch boundary too
     b = _stream(tiny_gpt2, data, buffer=16, seed=3)
     b.load_state_dict(state)
     jt = iter(b)
-    assert [next(jt)["input_ids"] for _ in range(60)] == rest
+    assert [next(jt)["input_ids"].tolist() for _ in range(60)] == rest
     c = _stream(tiny_gpt2, data, buffer=16, seed=3)
     kt = iter(c)
-    assert [next(kt)["input_ids"] for _ in range(25)] == first
+    assert [next(kt)["input_ids"].tolist() for _ in range(25)] == first
     assert first != [x for x in _epoch(_stream(tiny_gpt2, data))][:25]  # shuffled
 
 
@@ -141,3 +141,34 @@ def test_streaming_errors(cli, tiny_gpt2, toy_data, tmp_path):
     code, _, err = cli(*base, "--data", toy_data / "train.txt", "--max-steps", "2", "--task", "seq-cls")
     assert code == 2 and "--streaming is for --task causal-lm" in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_stream_makes_the_examples_the_cache_makes(tiny_llama, tmp_path, packing):
+    """One pass of the stream (no shuffle) is the prepared data: same blocks, same conversations, same packing."""
+    from transformers import AutoTokenizer
+
+    from llmkit.chat import ChatEncoder
+    from llmkit.config import load_recipe
+    from llmkit.data import Collator
+    from llmkit.datafiles import find_sources
+    from llmkit.datarows import make_plan
+    from llmkit.prepare import prepare_data
+    from llmkit.streaming import StreamingExamples
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?" * (1 + i % 4)},
+                                                     {"role": "assistant", "content": f"answer {i}."}]}) + "\n" for i in range(30)))
+    cfg = load_recipe(None, [], {"data.train": str(data), "data.block_size": 48, "data.packing": packing, "quiet": True})
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    cached = prepare_data(cfg, tok).train
+    name, sources = find_sources(str(data), task="causal-lm")
+    job = {"tokenizer": tok, "chat": ChatEncoder(tok, tok.chat_template), "labels": None, "max_length": 8, "block_size": 48}
+    stream = StreamingExamples(name, sources, make_plan(sources, "causal-lm", cfg.data), job, block_size=48, packing=packing,
+                               seed=0, buffer=0)
+    it, streamed = iter(stream), []
+    while len(streamed) < len(cached) - packing:  # packing: the cache also writes the last, half-filled row
+        streamed.append({k: v.tolist() for k, v in next(it).items()})
+    assert streamed == [cached[i] for i in range(len(streamed))]
+    batch = Collator(0, causal=True)([next(it) for _ in range(2)])  # the stream's int32 arrays batch like the cache's lists
+    assert batch["input_ids"].shape[0] == 2 and ("position_ids" in batch) == packing
