@@ -245,6 +245,9 @@ def build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, 
     """Prepare every split into a temporary folder, then rename it to `folder` (a killed run leaves no usable cache)."""
     start = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # what killed builds of this key left behind
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -270,6 +273,16 @@ def build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    return True
 
 
 def build_split(tmp: Path, s: Split, tokenizer: Any, chat: Any, d: Any, task: str, quiet: bool

@@ -182,6 +182,7 @@ def test_a_failed_or_killed_build_leaves_nothing_a_later_run_uses(tiny_gpt2, toy
     assert [p.name for p in data_dir.iterdir() if not p.name.startswith(".tmp-")] == []
     done = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
+    assert [p.name for p in data_dir.iterdir()] == [report["key"]]  # the killed build's leftovers were removed
     assert report["train"]["examples"] == len(prepare_data(_cfg(big, **{"data.block_size": 8}), tok).train)
 
 
