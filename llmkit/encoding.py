@@ -54,6 +54,10 @@ def _worker_init() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
+    # The pool stops its workers with SIGTERM (a quick trial has its examples, or an error). The handler llmkit's CLI
+    # installs would raise inside the task, and the pool hands a task's exception back as a result, so the worker would
+    # live on and the pool wait for it forever: a worker just dies.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encode(item: tuple[int, Any]) -> tuple[Path, dict[str, Any]]:

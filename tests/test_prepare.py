@@ -240,3 +240,25 @@ def test_prepare_usage_errors(cli, tiny_gpt2, tmp_path):
         from llmkit.prepare import prepare_command
 
         prepare_command(_cfg(tmp_path, **{"data.block_size": 1}))
+
+
+def test_a_quick_trial_stops_the_workers_it_no_longer_needs(cli, tiny_llama, tmp_path, monkeypatch):
+    """--max-train-samples ends tokenizing early: the pool's busy workers are stopped (SIGTERM) and the command goes on.
+
+    Under the CLI, whose SIGTERM handler raises: a worker busy with a task turned the signal into that task's result,
+    lived on, and the pool waited for it forever (seen in the README's quick trial of the chat recipe).
+    """
+    def hung(*_):
+        raise TimeoutError("the pool never stopped its workers")
+
+    monkeypatch.setattr("llmkit.prepare.TASK_ROWS", 500)  # tasks long enough that the other worker is busy at the stop
+    path = _chat_file(tmp_path / "chat.jsonl", n=6000)
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(90)
+    try:
+        code, out, err = cli("prepare", "--model", tiny_llama, "--data", path, "--num-proc", "2", "--max-train-samples", "5", "--json")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert code == 0, err
+    assert json.loads(out)["train"]["examples"] == 5
