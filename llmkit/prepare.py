@@ -192,7 +192,7 @@ def prepare_eval(spec: str, tokenizer: Any, *, task: str, block_size: int, max_l
     key = data_key([s], tokenizer, {"task": task, "block_size": block_size, "max_length": max_length,
                                     "template": chat.template if chat is not None else None})
     folder = cache_folder() / key
-    meta = load_or_build(folder, [s], tokenizer, chat, d, task, rebuild=False, main=True, quiet=quiet)
+    meta = load_or_build(folder, [s], tokenizer, chat, d, task, rebuild=False, main=True, quiet=quiet, say_where=False)
     if chat is not None:
         chat.end_of_turn = set(meta.get("end_of_turn", []))
     return examples(folder, "eval", meta, key).head(limit), folder
@@ -218,8 +218,9 @@ def split(data: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, Exa
 
 
 def load_or_build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, task: str, *, rebuild: bool,
-                  main: bool, quiet: bool) -> dict[str, Any]:
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+                  main: bool, quiet: bool, say_where: bool = True) -> dict[str, Any]:
+    """`quiet`: no progress; `say_where`: name the cache folder (training commands do; evaluate keeps stderr for results)."""
+    say = (lambda msg: None) if quiet or not say_where else (lambda msg: print(msg, file=sys.stderr))
     meta_path = folder / META
     if meta_path.exists() and not rebuild:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
