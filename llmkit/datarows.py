@@ -72,7 +72,6 @@ def first_record(sources: list[Source]) -> Any:
 class Normalized:
     rows: int  # rows written
     labels: Labels | None
-    first_where: str | None = None
 
 
 class Problems:
@@ -208,7 +207,7 @@ def normalize(name: str, sources: list[Source], plan: Plan, path: Path, labels: 
     problems.raise_first()
     if stats is not None:
         labels = stats.finish()
-    return Normalized(count, labels, first_where)
+    return Normalized(count, labels)
 
 
 def _needed_columns(plan: Plan) -> list[tuple[str, int, str]]:
