@@ -19,8 +19,8 @@ def first_line() -> str:
     """What every benchmark prints first: CPU model and flags, torch threads, and what `--mixed-precision auto` picks here."""
     import torch
 
-    from llmkit.generation import physical_cores
-    from llmkit.train import resolve_precision
+    from llmkit.machine import physical_cores
+    from llmkit.run import resolve_precision
 
     auto = resolve_precision("auto")
     return (f"{cpu_line()} torch={torch.__version__} threads={physical_cores()} "

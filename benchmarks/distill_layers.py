@@ -28,9 +28,9 @@ def before_healing(layers: list[int], selections: list[str], threads: int) -> di
     from torch.utils.data import DataLoader
 
     from llmkit.data import Collator, ExampleSet
-    from llmkit.distill import choose_layers, layer_importance, student_from_layers
-    from llmkit.metrics import evaluate_model
+    from llmkit.evaluation import evaluate_model
     from llmkit.models import load_causal_lm, load_tokenizer, resolve
+    from llmkit.students import choose_layers, layer_importance, student_from_layers
 
     torch.set_num_threads(threads)
     ref = resolve("smollm2-135m")

@@ -150,7 +150,7 @@ def main() -> None:
     a = p.parse_args()
 
     from llmkit.models import alias_path
-    from llmkit.train import resolve_precision
+    from llmkit.run import resolve_precision
 
     gguf = alias_path("smollm2-135m")
     if gguf is None:

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_generate.py"
 
 # The raw script a user writes with llama-cpp-python (load, generate, print), timed as a whole process.
-# On CPUs with AMX, llama.cpp's AMX buffers crash in prompt processing (see llmkit/generation.py), so the
+# On CPUs with AMX, llama.cpp's AMX buffers crash in prompt processing (see llmkit/backends/llama_cpp.py), so the
 # peer gets the same one-line work-around llmkit applies, or it could not run at all on this machine.
 RAW_LLAMA = """
 import os, sys, llama_cpp

@@ -33,7 +33,7 @@ from _common import LLMKIT, SHARED, first_line
 
 def llama_speed(path: Path, prompt_ids: list[int], new: int, repeats: int = 2) -> float:
     """Greedy tokens/s in llama.cpp (best of `repeats`: the machine is shared)."""
-    from llmkit.generation import LlamaCppBackend
+    from llmkit.backends.llama_cpp import LlamaCppBackend
     from llmkit.models import resolve
 
     backend = LlamaCppBackend(resolve(str(path)), n_ctx=len(prompt_ids) + new + 8)
@@ -155,11 +155,13 @@ def main() -> None:
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    import llmkit.generation
+    import llmkit.backends.llama_cpp
+    import llmkit.gguf
 
-    threads = args.threads or llmkit.generation.physical_cores()
-    # every LlamaCppBackend made here without explicit threads (the quantize report's perplexity code too) uses this
-    llmkit.generation.physical_cores = lambda: threads
+    threads = args.threads or llmkit.backends.llama_cpp.physical_cores()
+    # every LlamaCppBackend made here without explicit threads (the quantize report's perplexity code too), and
+    # llama.cpp's quantizer (the K-quant exports), use this
+    llmkit.backends.llama_cpp.physical_cores = llmkit.gguf.physical_cores = lambda: threads
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a bar whatever its progress setting
     print(f"{first_line()}; load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-gguf-"))

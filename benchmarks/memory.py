@@ -113,7 +113,7 @@ def peak_rss(cmd: list[object], label: str) -> tuple[str, float]:
 def qlora_base_ratio() -> tuple[float, float]:
     """Bytes of SmolLM2's frozen base as QLoRA holds it (NF4 blocks + fp32 embeddings and norms) / as LoRA holds it (fp32);
     and the same for the blocks' linear layers alone."""
-    from llmkit.finetune import base_folder, keep_base
+    from llmkit.lora import base_folder, keep_base
     from llmkit.models import load_tokenizer, resolve
     from llmkit.qlora import base_weight_bytes, load_4bit
 

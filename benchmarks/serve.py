@@ -38,7 +38,7 @@ QUESTIONS = [
     "What is the boiling point of water?", "Suggest a name for a goldfish.", "What is gravity?",
     "How do bees make honey?", "What is the largest ocean?", "Write a haiku about rain.",
 ]
-# llama.cpp's AMX kernels crash in batched prompt evaluation on AMX CPUs (see llmkit/generation.py); the peer
+# llama.cpp's AMX kernels crash in batched prompt evaluation on AMX CPUs (see llmkit/backends/llama_cpp.py); the peer
 # gets the same one-line work-around llmkit applies, or it could not run there at all.
 PEER = """
 import sys, llama_cpp

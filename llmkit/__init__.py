@@ -1,7 +1,7 @@
 """llmkit: generate, fine-tune, distill, quantize and evaluate Hugging Face language models from one CLI.
 
 Everything a command does can be called from Python too, e.g. `llmkit.models.resolve` and
-`llmkit.generation.open_backend`. Importing llmkit is cheap: torch and transformers load only when used.
+`llmkit.backends.open_backend`. Importing llmkit is cheap: torch and transformers load only when used.
 """
 
 __version__ = "0.1.0"

@@ -6,8 +6,10 @@
 
 The student is the teacher with some layers dropped (`--student-layers N`; by default the N layers that change
 the hidden states most, `--layer-selection even` for evenly spaced ones as DistilBERT / DistilGPT2; embeddings,
-norms and heads copied) or any model built from `--student-config` that shares the teacher's tokenizer. Training is `train.fit` with `DistillLoss` as the loss:
-the teacher runs in eval mode under no_grad, or not at all when its top-k logits are cached on disk.
+norms and heads copied: llmkit/students.py) or any model built from `--student-config` that shares the teacher's
+tokenizer. `Distill` is an objective on the shared run lifecycle (llmkit/run.py): training is `train.fit` with
+`DistillLoss` as the loss; the teacher runs in eval mode under no_grad, or not at all when its top-k logits are
+cached on disk.
 
 Teacher logit cache (`distill.cache_top_k=K`): the teacher runs once over the training set and its K largest
 logits per token are stored as fp16 values + int32 ids, 6*K bytes per token (K=32: ~192 MB per million tokens,
@@ -19,221 +21,26 @@ forward pass and do not hold the teacher in memory while training.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkit.config import DistillConfig, KDConfig
+from llmkit.config import DistillConfig, KDConfig, ModelConfig
+from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
-from llmkit.models import ModelRef, resolve
+from llmkit.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
+from llmkit.models import ModelRef, base_model_id
+from llmkit.outputs import Card
 from llmkit.progress import bar as progress_bar
+from llmkit.run import Objective, Run, run
+from llmkit.runfolder import write_json
+from llmkit.students import aligned_layers, check_vocab, choose_layers, count_layers, student_from_config, student_from_layers
+from llmkit.train import TrainJob, TrainResult
 
-# Where each supported architecture keeps its stack of layers (the name of the ModuleList ends with it).
-LAYER_STACKS: dict[str, str] = {
-    "gpt2": "h",
-    "llama": "layers",
-    "mistral": "layers",
-    "qwen2": "layers",
-    "qwen3": "layers",
-    "gemma": "layers",
-    "bert": "encoder.layer",
-    "roberta": "encoder.layer",
-    "xlm-roberta": "encoder.layer",
-}
 REPORT = "distill_report.json"
-
-
-# ----------------------------------------------------------------------------------------------- students
-
-
-def kept_layers(teacher_layers: int, n: int) -> list[int]:
-    """`n` layer indices out of `teacher_layers`, evenly spaced, first and last included (6 -> 3: 0, 2, 5)."""
-    if n == 1:
-        return [0]
-    return [round(i * (teacher_layers - 1) / (n - 1)) for i in range(n)]
-
-
-def layer_stack(model: Any) -> tuple[str, Any]:
-    """(qualified name, ModuleList) of the model's transformer layers, or a UsageError for other architectures."""
-    import torch
-
-    mtype = model.config.model_type
-    suffix = LAYER_STACKS.get(mtype)
-    if suffix is not None:
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.ModuleList) and (name == suffix or name.endswith("." + suffix)):
-                return name, module
-    raise UsageError(f"--student-layers: layer extraction supports {', '.join(sorted(LAYER_STACKS))} models, and the teacher "
-                     f"is a {mtype}; pass --student-config with a smaller config of the same tokenizer instead")
-
-
-def layer_importance(teacher: Any, batches: Any) -> list[float]:
-    """Block influence of each layer: the mean angular change 1 - cos(input, output) it makes to the hidden states
-    of real tokens (ShortGPT, Men et al. 2024). Layers that barely turn the hidden state can go with least harm."""
-    import torch
-
-    _, layers = layer_stack(teacher)
-    sums = [0.0] * len(layers)
-    count = 0
-    inputs: dict[int, Any] = {}
-    mask: list[Any] = [None]
-
-    def before(i: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def after(i: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
-            sums[i] += float(((1 - cos) * mask[0]).sum())
-        return hook
-
-    handles = [h for i, layer in enumerate(layers) for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
-                                                             layer.register_forward_hook(after(i), with_kwargs=True))]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch["attention_mask"].float()
-                count += int(mask[0].sum())
-                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return [v / max(count, 1) for v in sums]
-
-
-def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: int, device: Any) -> list[int]:
-    """`--layer-selection importance`: on the first `samples` training examples, drop the layer with the lowest block
-    influence, re-measure the layers that remain in the shortened model, and repeat until `n` are left.
-
-    Re-measuring matters because a layer's influence changes once its neighbours are gone. Measured on SmolLM2
-    (30 layers, benchmarks/distill_layers.py): scoring once and keeping the top n gave held-out perplexity 495
-    (20 layers) and 6772 (15) right after the cut; re-measuring after each removal 207 and 2070 (evenly spaced:
-    21164 and 1.5M). It costs one pass over the sample per removed layer."""
-    from torch.utils.data import DataLoader, Subset
-
-    subset = Subset(examples, range(min(samples, len(examples))))
-    batches = [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
-               for b in DataLoader(subset, batch_size=4, collate_fn=collate)]
-    kept = list(range(count_layers(teacher)))
-    model = teacher
-    while len(kept) > n:
-        scores = layer_importance(model, batches)
-        kept.pop(min(range(len(kept)), key=scores.__getitem__))
-        if len(kept) > n:
-            model = student_from_layers(teacher, len(kept), kept)[0].to(device).eval()
-    return kept
-
-
-def student_from_layers(teacher: Any, n: int, kept: list[int] | None = None) -> tuple[Any, list[int]]:
-    """A copy of `teacher` keeping `n` of its layers (`kept`, else evenly spaced); every weight is copied, none is random."""
-    stack, layers = layer_stack(teacher)
-    total = len(layers)
-    if not 1 <= n < total:
-        raise UsageError(f"--student-layers must be between 1 and {total - 1} (the teacher has {total} layers), got {n}")
-    kept = kept or kept_layers(total, n)
-    cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = n  # GPT-2 maps this onto n_layer
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == total:
-        cfg.layer_types = [cfg.layer_types[i] for i in kept]  # per-layer attention kinds (sliding / full)
-    student = type(teacher)(cfg)
-    position = {t: s for s, t in enumerate(kept)}
-    state: dict[str, Any] = {}
-    for key, value in teacher.state_dict().items():
-        if key.startswith(stack + "."):
-            index, rest = key[len(stack) + 1:].split(".", 1)
-            if int(index) not in position:
-                continue
-            key = f"{stack}.{position[int(index)]}.{rest}"
-        state[key] = value.detach().clone()
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = set(getattr(student, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise UsageError(f"cannot copy the teacher's weights into the student ({(missing or unexpected)[0]}); "
-                         "use --student-config instead")
-    student.tie_weights()
-    return student, kept
-
-
-def student_from_config(spec: str, teacher: Any, task: str, tokenizer: Any, progress: bool) -> Any:
-    """A student from a config.json (random init) or a model folder (its weights), with the teacher's labels."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UsageError(f"--student-config {spec} does not exist; pass a config.json or a model folder")
-    folder = path if path.is_dir() else path.parent
-    _check_tokenizer(folder, tokenizer)
-    labels = {}
-    if task == "seq-cls":
-        labels = {"num_labels": teacher.config.num_labels, "id2label": teacher.config.id2label,
-                  "label2id": teacher.config.label2id, "pad_token_id": tokenizer.pad_token_id}
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    has_weights = path.is_dir() and any(folder.glob("*.safetensors"))
-    if has_weights:
-        from llmkit.models import from_pretrained_checked
-
-        ref = resolve(str(folder))
-        import torch
-
-        extra = {**labels, "ignore_mismatched_sizes": True} if labels else {}
-        return from_pretrained_checked(auto, ref, progress, dtype=torch.float32, **extra)
-    try:
-        cfg = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--student-config {spec}: not a model config ({str(e).splitlines()[0][:160]})") from None
-    for k, v in labels.items():
-        setattr(cfg, k, v)
-    try:
-        return auto.from_config(cfg)
-    except ValueError as e:
-        raise UsageError(f"--student-config {spec}: {str(e).splitlines()[0][:200]}") from None
-
-
-def _check_tokenizer(folder: Path, tokenizer: Any) -> None:
-    """A student folder with its own tokenizer must have the teacher's: KD compares distributions token by token."""
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        return
-    from transformers import AutoTokenizer
-
-    try:
-        own = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError):
-        return
-    if own.get_vocab() != tokenizer.get_vocab():
-        raise UsageError(f"--student-config {folder}: its tokenizer ({len(own)} tokens) differs from the teacher's "
-                         f"({len(tokenizer)} tokens); teacher and student must share one vocabulary")
-
-
-def check_vocab(teacher: Any, student: Any, tokenizer: Any) -> None:
-    """Teacher and student logits must index the same tokens (trl#2215: found mid-run is too late)."""
-    t = teacher.get_input_embeddings().num_embeddings
-    s = student.get_input_embeddings().num_embeddings
-    if s != t:
-        raise UsageError(f"vocabulary mismatch: the teacher has {t} token embeddings and the student {s}; "
-                         f"give the student config vocab_size={t} (the teacher's tokenizer has {len(tokenizer)} tokens)")
-    if len(tokenizer) > s:
-        raise UsageError(f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the models embed only {s}")
-
-
-def aligned_layers(kept: list[int] | None, student_layers: int, teacher_layers: int) -> list[int]:
-    """The teacher layer each student layer imitates in the hidden-state loss."""
-    if kept is not None:
-        return kept
-    return [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
-
-
-def count_layers(model: Any) -> int:
-    return int(model.config.num_hidden_layers)
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -415,15 +222,11 @@ def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() lists tied weights once
 
 
-def measure(model: Any, task: str, eval_loader: Any, speed_set: Any, collate: Any, num_labels: int) -> Measured:
+def measure(model: Any, task: str, examples: Any, speed_set: Any, collate: Collator, num_labels: int, batch_size: int) -> Measured:
     """Eval metrics (fp32, this process alone) and speed of one model, for the teacher-vs-student report."""
-    from llmkit.metrics import evaluate_model, generation_speed, inference_speed, weight_bytes
-
     metrics = {}
-    if eval_loader is not None:
-        dev = next(model.parameters()).device
-        batches = ({k: v.to(dev) for k, v in b.items()} for b in eval_loader)
-        metrics = evaluate_model(model, batches, task, None, num_labels)
+    if examples is not None:
+        metrics = evaluate_examples(model, examples, task, collate.pad_id, batch_size=batch_size, num_labels=num_labels)
         metrics.pop("tokens", None)
         metrics.pop("samples", None)
     if task == "causal-lm":
@@ -433,7 +236,96 @@ def measure(model: Any, task: str, eval_loader: Any, speed_set: Any, collate: An
     return Measured(parameter_count(model), weight_bytes(model), metrics, speed, count_layers(model))
 
 
-# ------------------------------------------------------------------------------------------------ command
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Distill `cfg.teacher` into a smaller student; returns the output folder."""
+    return run(Distill(cfg))
+
+
+class Distill(Objective):
+    resume_keys = ("task", "student.layers", "student.layer_selection", "student.config", "data.block_size", "data.max_length",
+                   "train.batch_size", "train.grad_accum", "train.seed")
+
+    def model_config(self) -> ModelConfig:
+        return self.cfg.teacher
+
+    def labels(self, run: Run) -> Labels | None:
+        """The teacher, loaded before the data: a classifier's labels are the teacher's."""
+        cfg = self.cfg
+        self.teacher = load_teacher(cfg, run.ref, run.progress, run.accelerator.device.type)
+        if cfg.task == "seq-cls" and self.teacher.config.pad_token_id is None:
+            self.teacher.config.pad_token_id = run.tokenizer.pad_token_id
+        return Labels.from_config(self.teacher.config.id2label) if cfg.task == "seq-cls" else None
+
+    def build(self, run: Run) -> None:
+        cfg, teacher, tokenizer = self.cfg, self.teacher, run.tokenizer
+        self.collate = Collator(tokenizer.pad_token_id, cfg.task == "causal-lm")
+        self.kept = None
+        if cfg.student.config:
+            student = student_from_config(cfg.student.config, teacher, cfg.task, tokenizer, run.progress)
+        else:
+            n = cfg.student.layers or max(1, count_layers(teacher) // 2)
+            chosen = None
+            if cfg.student.layer_selection == "importance":
+                chosen = choose_layers(teacher, run.data.train, self.collate, n, cfg.student.selection_samples, run.accelerator.device)
+            student, self.kept = student_from_layers(teacher, n, chosen)
+        check_vocab(teacher, student, tokenizer)
+        self.align = aligned_layers(self.kept, count_layers(student), count_layers(teacher))
+        if cfg.distill.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
+            raise UsageError(f"--hidden-weight compares hidden states, but the student's are {student.config.hidden_size}-wide and "
+                             f"the teacher's {teacher.config.hidden_size}; use --hidden-weight 0 or a student of the teacher's width")
+        student.config.use_cache = False
+        if cfg.task == "seq-cls":
+            student.config.pad_token_id = tokenizer.pad_token_id
+        self.student = student.to(run.accelerator.device)
+
+    def amend_record(self, record: dict[str, Any]) -> None:
+        record["student"]["kept_layers"] = self.kept
+
+    def job(self, run: Run) -> TrainJob:
+        """Measure the teacher, cache its logits if asked, then train the student with `DistillLoss`."""
+        from llmkit.machine import summary as machine_summary
+
+        cfg, data, teacher, student = self.cfg, run.data, self.teacher, self.student
+        self.num_labels = len(data.labels.names) if data.labels else 2
+        self.eval_batch_size = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+        self.teacher_measured = None
+        if run.main:  # the report is written by the main process; the others wait at the next collective
+            run.say(f"measuring the teacher ({count_layers(teacher)} layers)")
+            self.teacher_measured = measure(teacher, cfg.task, data.eval, data.eval or data.train, self.collate, self.num_labels,
+                                            self.eval_batch_size)
+        teacher_layers, teacher_params = count_layers(teacher), parameter_count(teacher)
+        train_set: Any = data.train
+        cache = None
+        if cfg.distill.cache_top_k:
+            k = min(cfg.distill.cache_top_k, student.get_input_embeddings().num_embeddings)
+            path = cache_dir(cfg.distill) / f"{TeacherCache.key(run.ref, cfg.task, k, data.train)}.safetensors"
+            run.say(f"teacher logits cache: {path}" + (" (found)" if path.exists() else " (computing once)"))
+            cache = TeacherCache.build_or_load(path, teacher, data.train, self.collate, cfg.task, k, self.eval_batch_size,
+                                               run.accelerator, run.progress)
+            train_set = IndexedExamples(data.train)
+        if cache is not None or (cfg.distill.alpha == 0 and cfg.distill.hidden_weight == 0):
+            teacher = self.teacher = None  # not needed while training: its memory goes back
+            import gc
+
+            gc.collect()
+        loss = DistillLoss(cfg.task, cfg.distill, run.accelerator, teacher=teacher, cache=cache, align=self.align)
+        run.say(f"distilling {run.ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
+                f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
+                + (f", layers {self.kept}" if self.kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}, "
+                + machine_summary(run.record["machine"]))
+        return TrainJob(student, train_set, data.eval, self.collate, cfg.task, cfg.train, run.out, num_labels=self.num_labels,
+                        loss_fn=loss, log_extra=loss.log_extra, quiet=not run.progress, resume=cfg.resume)
+
+    def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:
+        run.say("measuring the student")
+        data = run.data
+        with full_precision(run.accelerator, self.student) as fp32_student:  # without the training autocast, as users will run it
+            measured = measure(fp32_student, self.cfg.task, data.eval, data.eval or data.train, self.collate, self.num_labels,
+                               self.eval_batch_size)
+        return save_student(self.cfg, run.ref, self.student, run.tokenizer, tmp, run.record, result, self.teacher_measured, measured)
 
 
 def load_teacher(cfg: DistillConfig, ref: ModelRef, progress: bool, device: str) -> Any:
@@ -451,124 +343,11 @@ def load_teacher(cfg: DistillConfig, ref: ModelRef, progress: bool, device: str)
     return teacher
 
 
-def distill(cfg: DistillConfig) -> Path:
-    """Distill `cfg.teacher` into a smaller student; returns the output folder."""
-    from accelerate.utils import set_seed
-
-    from llmkit.data import Collator, Labels
-    from llmkit.finetune import check_resume_matches, run_record, set_threads
-    from llmkit.machine import summary as machine_summary
-    from llmkit.models import load_tokenizer
-    from llmkit.outputs import check_out_dir, run_guard
-    from llmkit.prepare import prepare_data
-    from llmkit.train import TrainJob, fit, full_precision, make_accelerator
-
-    cfg.validate()
-    out = Path(cfg.out).expanduser()
-    check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    ref = resolve(cfg.teacher.name, allow_pickle=cfg.teacher.allow_pickle, trust_remote_code=cfg.teacher.trust_remote_code)
-    if cfg.resume:
-        check_resume_matches(out, cfg, ("task", "student.layers", "student.layer_selection", "student.config", "data.block_size", "data.max_length",
-                                        "train.batch_size", "train.grad_accum", "train.seed"))
-    set_threads(cfg.train.threads)
-    accelerator = make_accelerator(cfg.train)
-    main = accelerator.is_main_process
-    progress = not cfg.quiet and main
-    say = (lambda msg: print(msg, file=sys.stderr)) if not cfg.quiet and main else (lambda msg: None)
-    tokenizer = load_tokenizer(ref)
-
-    teacher = load_teacher(cfg, ref, progress, accelerator.device.type)
-    labels = Labels.from_config(teacher.config.id2label) if cfg.task == "seq-cls" else None
-    if cfg.task == "seq-cls" and teacher.config.pad_token_id is None:
-        teacher.config.pad_token_id = tokenizer.pad_token_id
-    with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer, labels, main=main)
-
-    set_seed(cfg.train.seed)  # a config student's random init is the same on every process and every run
-    kept = None
-    if cfg.student.config:
-        student = student_from_config(cfg.student.config, teacher, cfg.task, tokenizer, progress)
-    else:
-        n = cfg.student.layers or max(1, count_layers(teacher) // 2)
-        chosen = None
-        if cfg.student.layer_selection == "importance":
-            chosen = choose_layers(teacher, data.train, Collator(tokenizer.pad_token_id, cfg.task == "causal-lm"), n,
-                                   cfg.student.selection_samples, accelerator.device)
-        student, kept = student_from_layers(teacher, n, chosen)
-    check_vocab(teacher, student, tokenizer)
-    align = aligned_layers(kept, count_layers(student), count_layers(teacher))
-    if cfg.distill.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
-        raise UsageError(f"--hidden-weight compares hidden states, but the student's are {student.config.hidden_size}-wide and the "
-                         f"teacher's {teacher.config.hidden_size}; use --hidden-weight 0 or a student of the teacher's width")
-    student.config.use_cache = False
-    if cfg.task == "seq-cls":
-        student.config.pad_token_id = tokenizer.pad_token_id
-    student.to(accelerator.device)
-
-    record = run_record(cfg, ref, data, accelerator)
-    record["student"]["kept_layers"] = kept
-    if main:
-        from llmkit.outputs import start_run
-
-        start_run(out, cfg.overwrite, cfg.resume, record)
-    accelerator.wait_for_everyone()
-
-    with run_guard(out, resume=cfg.resume, main=main):  # from here on a failure cleans up after itself
-        collate = Collator(tokenizer.pad_token_id, cfg.task == "causal-lm")
-        num_labels = len(labels.names) if labels else 2
-        eval_loader = None
-        if data.eval is not None:
-            from torch.utils.data import DataLoader
-
-            eval_loader = DataLoader(data.eval, batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size, collate_fn=collate)
-        speed_set = data.eval or data.train
-        teacher_measured = None
-        if main:  # the report is written by the main process; the others wait at the next collective
-            say(f"measuring the teacher ({count_layers(teacher)} layers)")
-            teacher_measured = measure(teacher, cfg.task, eval_loader, speed_set, collate, num_labels)
-
-        teacher_layers, teacher_params = count_layers(teacher), parameter_count(teacher)
-        train_set: Any = data.train
-        cache = None
-        if cfg.distill.cache_top_k:
-            k = min(cfg.distill.cache_top_k, student.get_input_embeddings().num_embeddings)
-            path = cache_dir(cfg.distill) / f"{TeacherCache.key(ref, cfg.task, k, data.train)}.safetensors"
-            say(f"teacher logits cache: {path}" + (" (found)" if path.exists() else " (computing once)"))
-            cache = TeacherCache.build_or_load(path, teacher, data.train, collate, cfg.task, k,
-                                               cfg.train.eval_batch_size or 2 * cfg.train.batch_size, accelerator, progress)
-            train_set = IndexedExamples(data.train)
-        if cache is not None or (cfg.distill.alpha == 0 and cfg.distill.hidden_weight == 0):
-            teacher = None  # not needed while training: its memory goes back
-            import gc
-
-            gc.collect()
-        loss = DistillLoss(cfg.task, cfg.distill, accelerator, teacher=teacher, cache=cache, align=align)
-        say(f"distilling {ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
-            f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
-            + (f", layers {kept}" if kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}, "
-            + machine_summary(record["machine"]))
-        job = TrainJob(student, train_set, data.eval, collate, cfg.task, cfg.train, out, num_labels=num_labels,
-                       loss_fn=loss, log_extra=loss.log_extra, quiet=cfg.quiet or not main, resume=cfg.resume)
-        result = fit(job, accelerator)  # trains `student` in place
-        if main:
-            say("measuring the student")
-            with full_precision(accelerator, student) as fp32_student:  # without the training autocast, as users will run it
-                student_measured = measure(fp32_student, cfg.task, eval_loader, speed_set, collate, num_labels)
-            save_student(cfg, ref, student, tokenizer, out, record, result, teacher_measured, student_measured)
-        accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
-
-
-def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any, out: Path, record: dict[str, Any], result: Any,
-                 teacher: Measured, measured: Measured) -> None:
-    """The student folder: model, tokenizer, distill_report.json, llmkit.json, loss.png, model card."""
+def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any, tmp: Path, record: dict[str, Any],
+                 result: TrainResult, teacher: Measured, measured: Measured) -> Card:
+    """The student folder: model, tokenizer and distill_report.json; the card compares teacher and student."""
     from llmkit import __version__
-    from llmkit.finetune import base_model_id, run_summary
-    from llmkit.outputs import RUN_FILE, command_line, install_files, model_card, plot_losses, write_json
 
-    tmp = out / ".tmp-model"
-    shutil.rmtree(tmp, ignore_errors=True)
     student.config.use_cache = True
     student.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -591,9 +370,6 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
         report["ratios"][metric] = round(measured.metrics[metric] / teacher.metrics[metric], 4)
     write_json(tmp / REPORT, report)
 
-    metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
-    run = {**record, "llmkit": {**run_summary(result, metrics), "command": command_line(), "version": __version__}}
-    plotted = plot_losses(out / "metrics.jsonl", tmp / "loss.png", f"{ref.name} -> {measured.layers}-layer student ({cfg.task})")
     rows = [("layers", teacher.layers, measured.layers), ("parameters", f"{teacher.parameters:,}", f"{measured.parameters:,}"),
             ("fp32 size (MB)", f"{teacher.size_bytes / 1e6:.1f}", f"{measured.size_bytes / 1e6:.1f}"),
             (unit.replace("_", " "), f"{teacher.speed:.1f}", f"{measured.speed:.1f}")]
@@ -601,12 +377,5 @@ def save_student(cfg: DistillConfig, ref: ModelRef, student: Any, tokenizer: Any
     table = "| | teacher | student |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     intro = (f"Distilled from `{base_model_id(ref)}` with llmkit {__version__} ({cfg.task}, T={cfg.distill.temperature}, "
              f"alpha={cfg.distill.alpha}), {result.state.step} optimizer steps on `{cfg.data.train}`.")
-    card = model_card(title=out.name, base=base_model_id(ref), task=cfg.task, method="distill", merged=False, metrics=metrics,
-                      steps=result.state.step, command=command_line(), data=cfg.data.train, intro=intro, out=cfg.out,
-                      extra=f"## Teacher and student\n\n{table}\n\n" + ("![loss curves](loss.png)\n" if plotted else ""))
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    write_json(tmp / RUN_FILE, run)
-    install_files(tmp, out)  # everything was written above; now only renames, llmkit.json ("status: done") last
-    from llmkit.train import remove_best
-
-    remove_best(out / "checkpoints")
+    return Card(base=base_model_id(ref), plot_title=f"{ref.name} -> {measured.layers}-layer student ({cfg.task})", method="distill",
+                intro=intro, extra=f"## Teacher and student\n\n{table}\n\n")

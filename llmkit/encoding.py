@@ -30,7 +30,7 @@ def run_tasks(job: dict[str, Any], tasks: list[Any], num_proc: int) -> Any:
     """
     import multiprocessing as mp
 
-    from llmkit.generation import physical_cores
+    from llmkit.machine import physical_cores
 
     _JOB.clear()
     _JOB.update(job)

@@ -4,6 +4,7 @@
     >>> export(model, tokenizer, Path("runs/model.Q8_0.gguf"), "q8_0")    # a loaded gpt2 / llama HF model
     >>> from llmkit.gguf import cached_gguf
     >>> cached_gguf(resolve("runs/my-finetune"))                            # converted once, then reused
+    >>> for_llama_cpp(resolve("runs/my-finetune"))                          # (GGUF ModelRef, trained context)
 
 Types (`llmkit quantize --method gguf-TYPE`, or `LLMKIT_GGUF_TYPE` for the cache):
 
@@ -16,11 +17,13 @@ Types (`llmkit quantize --method gguf-TYPE`, or `LLMKIT_GGUF_TYPE` for the cache
   SmolLM2-135M (576 wide) keeps K-quants only in `ffn_down` (1536 wide). `tensor_types` in the report and
   `tensor_types(path)` say exactly what was written.
 
-The cache (`cached_gguf`) is what lets `llmkit generate --model FOLDER` run a fine-tuned HF folder or LoRA
-adapter on llama.cpp: the folder (with its adapter merged in fp32) is exported once into
-`$LLMKIT_CACHE/gguf/` (default `~/.cache/llmkit/gguf/`) under a name keyed by the source files, the type and
-`WRITER_VERSION`; any change to the weights, the tokenizer or the adapter gives a new key, hence a new export.
-Files are written under a temporary name and renamed when complete, so a killed conversion is never picked up.
+The cache (`cached_gguf`; `for_llama_cpp` is what `llmkit.backends.open_backend` calls) is what lets
+`llmkit generate --model FOLDER` run a fine-tuned HF folder or LoRA adapter on llama.cpp: the folder (with its
+adapter merged in fp32) is exported once into `$LLMKIT_CACHE/gguf/` (default `~/.cache/llmkit/gguf/`) under a
+name keyed by the source files, the type and `WRITER_VERSION`; any change to the weights, the tokenizer or the
+adapter gives a new key, hence a new export. Files are written under a temporary name and renamed when complete,
+so a killed conversion is never picked up. The tokenizer fields of the file, and the check that llama.cpp
+splits text exactly as the model's own tokenizer does, are in `llmkit.gguf_tokenizer`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import re
 import sys
@@ -38,6 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UsageError
+from llmkit.gguf_tokenizer import add_tokenizer, tokenizer_mismatch
+from llmkit.machine import native_stderr_silenced, physical_cores
+from llmkit.runfolder import read_json
 
 if TYPE_CHECKING:
     from llmkit.models import ModelRef
@@ -55,12 +60,6 @@ TYPE_ENV = "LLMKIT_GGUF_TYPE"  # f16 | q8_0 | q5_k_m | q4_k_m | off
 # larger weight files by path, size and modification time, which costs nothing per run.
 _HASH_CONTENT_BELOW = 16 * 2**20
 _KEY_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".gguf", ".bin", ".pt", ".pth")  # pickles: --allow-pickle folders
-# Tokenization is checked on this text after every cache export: digits, punctuation runs, contractions,
-# repeated spaces, newlines, tabs and non-ASCII are where pre-tokenizer regexes differ.
-PROBE_TEXT = ("Hello world! It's 2024: 3.14159 + 42 = 45.14159...  Don't   stop;\n\n\tindent (x) [y] {z} "
-              "naïve café, Zürich — “quotes” 日本語 😀 ok?!")
-
-
 def check_type(gguf_type: str) -> str:
     if gguf_type not in TYPES:
         raise UsageError(f"GGUF type {gguf_type!r} is not one of {', '.join(TYPES)}")
@@ -178,13 +177,11 @@ def requantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None)
 
     import llama_cpp
 
-    from llmkit.generation import _native_stderr_silenced, physical_cores
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = TYPES[check_type(gguf_type)]
     params.nthread = threads or physical_cores()
     # llama.cpp logs a line per tensor and one per row-width fallback, from C and through llama-cpp-python's logger
-    with _native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()):
+    with native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.exists():
         dst.unlink(missing_ok=True)
@@ -228,122 +225,6 @@ def _permute_rope(w: Any, n_head: int, n_head_kv: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# ----------------------------------------------------------------------------------------- tokenizer
-
-
-def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | None) -> None:
-    """The tokenizer goes into the file: copied from the source GGUF when there is one, else from tokenizer.json.
-
-    The chat template is always the HF tokenizer's when it has one: a fine-tuned adapter folder may carry a
-    template other than its base GGUF's, and it is the one the model was trained with.
-    """
-    import gguf
-
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: llama.cpp reads the default one
-        template = template.get("default")
-    if source_gguf is not None:
-        reader = gguf.GGUFReader(str(source_gguf))
-        fields = {f.name: f for f in reader.fields.values() if f.name.startswith("tokenizer.")}
-        tokens = fields.get("tokenizer.ggml.tokens")
-        if tokens is not None and len(tokens.data) >= len(tokenizer):  # no tokens were added since: same vocabulary
-            for name, field in fields.items():
-                if not (template and name == "tokenizer.chat_template"):
-                    _copy_field(writer, field)
-            if template:
-                writer.add_chat_template(template)
-            return
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise UsageError("GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3 style); "
-                         f"this one is {model.get('type')}")
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
-    tokens_list = [f"[PAD{i}]" for i in range(size)]
-    for tok, i in vocab.items():
-        tokens_list[i] = tok
-    special = set(tokenizer.all_special_ids) | {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(size)]
-    for i, tok in enumerate(tokens_list):
-        if tok.startswith("[PAD") and tok not in vocab:
-            types[i] = gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(data.get("pre_tokenizer"), arch))
-    writer.add_token_list(tokens_list)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    # llama.cpp adds BOS / EOS to a plain prompt exactly when the HF tokenizer does, so both backends see the same ids
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    writer.add_add_bos_token(len(ids) > len(plain) and ids[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id)
-    if template:
-        writer.add_chat_template(template)
-
-
-def _pre_tokenizer(pre: dict[str, Any] | None, arch: str) -> str:
-    """llama.cpp's name for the regex that splits text before BPE, read from tokenizer.json's pre_tokenizer.
-
-    GPT-2: ByteLevel with its own regex; SmolLM2: single digits first, then GPT-2's regex. Anything else gets
-    llama.cpp's default; `tokenizer_mismatch` catches the cases where that splits text differently.
-    """
-    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre or {}]
-    kinds = [(s.get("type"), s.get("use_regex", True), s.get("individual_digits")) for s in steps or []]
-    if kinds == [("ByteLevel", True, None)]:
-        return "gpt-2"
-    if kinds == [("Digits", True, True), ("ByteLevel", True, None)]:
-        return "smollm"
-    if len(kinds) == 2 and kinds[0][0] == "Split" and kinds[1][:2] == ("ByteLevel", False) and "\\p{N}{1,3}" in json.dumps(steps[0]):
-        return "llama-bpe"  # Llama-3's regex (numbers in groups of up to three)
-    return "gpt-2" if arch == "gpt2" else "default"
-
-
-def _copy_field(writer: Any, field: Any) -> None:
-    import gguf
-
-    kind = field.types[0]
-    if kind == gguf.GGUFValueType.ARRAY:
-        sub = field.types[1]
-        if sub == gguf.GGUFValueType.STRING:
-            values = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        else:
-            values = [field.parts[i].tolist()[0] for i in field.data]
-        writer.add_array(field.name, values)
-    elif kind == gguf.GGUFValueType.STRING:
-        writer.add_string(field.name, bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace"))
-    else:
-        writer.add_key_value(field.name, field.parts[field.data[0]].tolist()[0], kind)
-
-
-def tokenizer_mismatch(path: Path, tokenizer: Any, texts: tuple[str, ...] = (PROBE_TEXT,)) -> str | None:
-    """None when llama.cpp tokenizes `texts` with the file's tokenizer exactly as `tokenizer` does; else the first difference."""
-    import llama_cpp
-
-    from llmkit.generation import _native_stderr_silenced
-
-    # llama.cpp warns about the (unused) context of a vocabulary-only load, from C and through Python's logger
-    with _native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()):
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try:
-        for text in texts:
-            ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-            theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if ours != theirs:
-                at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-                return f"llama.cpp splits {text!r} differently from the model's tokenizer (token {at}: {ours[at:at + 3]} vs {theirs[at:at + 3]})"
-    finally:
-        llm.close()
-    return None
-
-
 # --------------------------------------------------------------------------------------------- cache
 
 
@@ -370,7 +251,7 @@ def cache_type(requested: str | None = None) -> str | None:
 
 def why_not_exportable(ref: ModelRef) -> str | None:
     """None when `ref` (an HF folder, or a LoRA adapter on a folder or GGUF) can be exported for llama.cpp; else why not."""
-    from llmkit.models import _read_json, adapter_task
+    from llmkit.models import adapter_task
 
     if adapter_task(ref) == "seq-cls":
         return "it is a classification adapter (llama.cpp runs text generation)"
@@ -379,7 +260,7 @@ def why_not_exportable(ref: ModelRef) -> str | None:
             return None  # already a GGUF file: nothing to export
         arch = _gguf_arch(ref.path)
     else:
-        cfg = _read_json(ref.path / "config.json")
+        cfg = read_json(ref.path / "config.json")
         arch = cfg.get("model_type", "?")
         if cfg.get("quantization_config"):
             return f"it is quantized ({cfg['quantization_config'].get('quant_method')}); llama.cpp needs the fp32 / bf16 original"
@@ -390,7 +271,7 @@ def why_not_exportable(ref: ModelRef) -> str | None:
     tok_dir = ref.adapter if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists() else ref.path
     if ref.is_gguf and tok_dir == ref.path:
         return None  # the tokenizer comes from the GGUF file itself
-    tokenizer = _read_json(tok_dir / "tokenizer.json")
+    tokenizer = read_json(tok_dir / "tokenizer.json")
     kind = (tokenizer.get("model") or {}).get("type")
     if kind != "BPE" and not (kind is None and (tok_dir / "vocab.json").exists() and (tok_dir / "merges.txt").exists()):
         return f"its tokenizer is {kind or 'not a tokenizer.json'}; llmkit's GGUF export needs a byte-level BPE one"
@@ -472,6 +353,23 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
     say(f"converted in {time.perf_counter() - start:.1f} s: {path} ({path.stat().st_size / 1e6:.0f} MB)")
     return path
 
+
+
+def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool = True) -> tuple[ModelRef, int | None]:
+    """`ref` as a GGUF file llama.cpp loads: itself when it is one, else its export from the cache (`cached_gguf`).
+
+    Also returns the context the model was trained for where the export may not record it (an HF folder's
+    config.json), else None: the file says. Raises GgufUnusable like `cached_gguf`.
+    """
+    from types import SimpleNamespace
+
+    from llmkit.models import ModelRef, context_length
+
+    if ref.is_gguf and ref.adapter is None:
+        return ref, None
+    path = cached_gguf(ref, gguf_type, progress=progress)
+    trained = None if ref.is_gguf else context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
+    return ModelRef(ref.name, "gguf", path, ref.source), trained
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

@@ -10,12 +10,12 @@ Kept apart from `llmkit.quantization` (which makes these folders, measures them 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UsageError
 from llmkit.machine import cpu_has_amx
+from llmkit.runfolder import read_json
 
 QUANT_METHOD = "llmkit-int8"  # quantization_config.quant_method in config.json
 # From this many rows (tokens) on, int8 layers on a CPU without AMX widen their weights to fp32 for the matmul
@@ -120,7 +120,8 @@ class TiedInt8Head(_torch().nn.Module):
         return int8_matmul(x, self.embedding.weight, self.embedding.scale)
 
 
-def _set_module(model: Any, name: str, new: Any) -> None:
+def set_module(model: Any, name: str, new: Any) -> None:
+    """Put `new` at the dotted module path `name` of `model` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -128,10 +129,7 @@ def _set_module(model: Any, name: str, new: Any) -> None:
 
 def quantized_method(path: Path) -> str | None:
     """The quant_method of a model folder's config.json, or None if it is not quantized."""
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    cfg = read_json(path / "config.json", strict=False)
     return (cfg.get("quantization_config") or {}).get("quant_method")
 
 
@@ -147,7 +145,7 @@ def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
     from transformers.initialization import no_init_weights
 
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_json(folder / "config.json")
     quant = raw.pop("quantization_config")
     modules = quant["modules"]
     raw["model_type"] = quant["base_model_type"]
@@ -162,14 +160,14 @@ def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
         old = model.get_submodule(name)
         if kind == "embedding":
             emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
-            _set_module(model, name, emb)
+            set_module(model, name, emb)
         elif kind == "conv1d":
-            _set_module(model, name, Int8Linear(old.weight.shape[0], old.weight.shape[1], old.bias is not None))
+            set_module(model, name, Int8Linear(old.weight.shape[0], old.weight.shape[1], old.bias is not None))
         elif kind == "linear":
-            _set_module(model, name, Int8Linear(old.in_features, old.out_features, old.bias is not None))
+            set_module(model, name, Int8Linear(old.in_features, old.out_features, old.bias is not None))
     for name, kind in modules.items():
         if kind == "tied_head":
-            _set_module(model, name, TiedInt8Head(emb))
+            set_module(model, name, TiedInt8Head(emb))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith(("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias"))]

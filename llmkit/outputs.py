@@ -1,39 +1,22 @@
-"""The run folder: refuse to clobber what is not ours, then write a normal Hugging Face model folder.
-
-    OUT/
-      config.json, model.safetensors       (full / merged)   or   adapter_config.json, adapter_model.safetensors (LoRA)
-      tokenizer files
-      llmkit.json       the resolved recipe + run facts (llmkit loads adapters' base models from it)
-      metrics.jsonl     one JSON object per logged step and per evaluation
-      loss.png          train / eval loss curves
-      README.md         model card: final metrics, the command that made it, how to load it
-      checkpoints/      resumable checkpoints (step-*) and the best weights (best/)
+"""The run folder's life: refuse to clobber what is not ours, mark a run started / stopped, and publish the
+finished model as a normal Hugging Face model folder (the layout itself is llmkit/runfolder.py's).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmkit import __version__
+from llmkit.checkpoints import complete_checkpoints, remove_best
 from llmkit.errors import UsageError
-
-RUN_FILE = "llmkit.json"
-
-
-def read_run(out: Path) -> dict[str, Any] | None:
-    """The llmkit.json of a run folder, or None if `out` is not an llmkit run."""
-    try:
-        data = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and "llmkit" in data else None
+from llmkit.runfolder import CHECKPOINTS, LOSS_PLOT, METRICS, RECORD, TMP_MODEL, read_json, read_metrics, read_record, write_json
 
 
 def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -43,9 +26,9 @@ def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
     if resume:
-        if read_run(out) is None:
+        if read_record(out) is None:
             raise UsageError(f"--resume: {out} is not an llmkit run folder; run without --resume to start one")
-        if read_run(out).get("llmkit", {}).get("status") == "done":
+        if read_record(out).get("llmkit", {}).get("status") == "done":
             raise UsageError(f"--resume: the run in {out} has finished; there is nothing to resume (use --overwrite to train again)")
         return
     if not out.exists() or not any(out.iterdir()):
@@ -55,7 +38,7 @@ def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
         if out.resolve() in (here, *here.parents, Path.home().resolve()):
             raise UsageError(f"--overwrite refuses to delete {out}: it is the current folder, one of its parents or your home")
         return
-    if read_run(out) is not None:
+    if read_record(out) is not None:
         raise UsageError(f"{out} already holds an llmkit run; pass --resume to continue it or --overwrite to start over")
     raise UsageError(f"--out {out} exists and is not an llmkit run; choose another folder or pass --overwrite to replace it")
 
@@ -66,8 +49,8 @@ def start_run(out: Path, overwrite: bool, resume: bool, record: dict[str, Any]) 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    write_json(out / RUN_FILE, {**record, "llmkit": {"version": __version__, "status": "running", "command": command_line()}})
+        (out / METRICS).unlink(missing_ok=True)
+    write_json(out / RECORD, {**record, "llmkit": {"version": __version__, "status": "running", "command": command_line()}})
 
 
 @contextmanager
@@ -82,9 +65,8 @@ def run_guard(out: Path, *, resume: bool, main: bool) -> Iterator[None]:
     except BaseException as e:
         if main:
             from llmkit.errors import Interrupted
-            from llmkit.train import CHECKPOINTS, complete_checkpoints
 
-            shutil.rmtree(out / ".tmp-model", ignore_errors=True)
+            shutil.rmtree(out / TMP_MODEL, ignore_errors=True)
             kept = complete_checkpoints(out / CHECKPOINTS)
             if kept:
                 if not isinstance(e, Interrupted):  # its message already says how to continue
@@ -101,21 +83,57 @@ def _mark_stopped(out: Path, error: BaseException, checkpoint: Path) -> None:
     from llmkit.errors import Interrupted
 
     try:
-        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        run = read_json(out / RECORD)
+        state = read_json(checkpoint / "state.json")
         interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
         message = (str(error).splitlines() or [type(error).__name__])[0]
         run["llmkit"] = {**run.get("llmkit", {}), "status": "interrupted" if interrupted else "failed", "error": message,
                          "checkpoint": checkpoint.name, "step": state.get("step")}
-        write_json(out / RUN_FILE, run)
-    except (OSError, ValueError):  # the disk that failed the run may fail this too: the checkpoints still say it all
+        write_json(out / RECORD, run)
+    except (OSError, ValueError, UsageError):  # the disk that failed the run may fail this too: the checkpoints still say it all
         pass
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+@dataclass
+class Card:
+    """What an objective says on its model card beyond the facts every run has (base, task, metrics, command)."""
+
+    base: str  # the base as the Hub knows it (models.base_model_id)
+    plot_title: str
+    method: str
+    merged: bool = False
+    intro: str | None = None  # replaces the card's "Fine-tuned from ..." sentence
+    extra: str = ""  # markdown before the loss curves (distill: the teacher-vs-student table)
+    peft_base: str | None = None  # LoRA: the base folder plain peft loads
+    num_labels: int | None = None
+
+
+def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """llmkit.json's "llmkit" section of a finished training run."""
+    state = result.state
+    return {"status": "done", "steps": state.step, "total_steps": result.total_steps, "epochs": state.epoch,
+            "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
+            "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+            "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
+            "peak_memory_gb": result.peak_memory_gb, "metrics": metrics}
+
+
+def publish(tmp: Path, out: Path, cfg: Any, record: dict[str, Any], result: Any, card: Card) -> None:
+    """Finish the model folder staged in `tmp` (weights and tokenizer already there): llmkit.json, loss.png and
+    README.md, then move it all into `out`, llmkit.json ("status: done") last. Main process only."""
+    metrics = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
+    run = {**record, "llmkit": {**run_summary(result, metrics), "command": command_line(), "version": __version__}}
+    plotted = plot_losses(out, tmp / LOSS_PLOT, card.plot_title)
+    text = model_card(title=out.name, base=card.base, task=cfg.task, method=card.method, merged=card.merged, metrics=metrics,
+                      steps=result.state.step, command=command_line(), data=cfg.data.train, intro=card.intro, out=cfg.out,
+                      extra=card.extra + (f"![loss curves]({LOSS_PLOT})\n" if plotted else ""), peft_base=card.peft_base,
+                      num_labels=card.num_labels)
+    (tmp / "README.md").write_text(text, encoding="utf-8")
+    write_json(tmp / RECORD, run)
+    for stale in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / stale).unlink(missing_ok=True)  # an --overwrite'd or resumed folder must not mix full and adapter files
+    install_files(tmp, out)  # everything was written above; now only renames
+    remove_best(out / CHECKPOINTS)  # the folder's model *is* the best one now
 
 
 def command_line() -> str:
@@ -131,14 +149,14 @@ def install_files(tmp: Path, out: Path) -> None:
 
     Until llmkit.json says "done", the folder is a run in progress (resumable), never a finished-looking model.
     """
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == RUN_FILE):
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == RECORD):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-def plot_losses(metrics_path: Path, png: Path, title: str) -> bool:
+def plot_losses(out: Path, png: Path, title: str) -> bool:
     """loss.png: training loss per logged step, eval loss per evaluation. False if there is nothing to plot."""
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()] if metrics_path.exists() else []
+    rows = read_metrics(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:

@@ -36,6 +36,7 @@ from llmkit.datafiles import Source, find_sources, scan_text
 from llmkit.datarows import Plan, make_plan, normalize, read_arrow
 from llmkit.encoding import Assembler, run_tasks
 from llmkit.errors import UsageError
+from llmkit.runfolder import read_json
 
 FORMAT_VERSION = 1  # bump when what a key's folder holds changes
 META = "meta.json"
@@ -223,7 +224,7 @@ def load_or_build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, 
     say = (lambda msg: None) if quiet or not say_where else (lambda msg: print(msg, file=sys.stderr))
     meta_path = folder / META
     if meta_path.exists() and not rebuild:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json(meta_path)
         say(f"prepared data: {folder} (cached; built in {meta['seconds']:.1f} s; --rebuild-data to build again)")
     elif not main:
         raise UsageError(f"the main process did not prepare the data in {folder}; see its error")

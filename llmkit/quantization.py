@@ -47,12 +47,12 @@ from llmkit.int8 import (  # noqa: F401  (re-exported: `from llmkit.quantization
     Int8Embedding,
     Int8Linear,
     TiedInt8Head,
-    _set_module,
-    _torch,
     int8_matmul,
     load_int8,
     quantized_method,
+    set_module,
 )
+from llmkit.runfolder import read_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type
 METHODS = ("int8", "bnb-int8", *GGUF_METHODS)
@@ -66,7 +66,7 @@ KEEP_FP32 = ("score", "classifier", "qa_outputs")
 
 def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
     """Replace linear, Conv1D and token-embedding layers by int8 ones in place; returns {module name: kind}."""
-    torch = _torch()
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     keep = (*KEEP_FP32, *keep)
@@ -88,11 +88,11 @@ def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
             new, kind = Int8Linear.from_float(module.weight, module.bias), "linear"
         else:
             continue
-        _set_module(model, name, new)
+        set_module(model, name, new)
         modules[name] = kind
     if tied and int8_emb is not None:
         head = names[id(out_emb)]
-        _set_module(model, head, TiedInt8Head(int8_emb))
+        set_module(model, head, TiedInt8Head(int8_emb))
         modules[head] = "tied_head"
     return modules
 
@@ -107,7 +107,7 @@ def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
     # model_type "llmkit-int8": plain transformers then refuses the folder loudly ("does not recognize this
     # architecture") instead of loading int8 codes as float weights, which it would otherwise do without a word.
     path = folder / "config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path)
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "base_model_type": cfg["model_type"], "bits": 8,
                                   "scheme": "symmetric per-channel weight-only", "modules": modules,
                                   "load_with": "from llmkit.quantization import load_int8; model = load_int8(folder)"}
@@ -149,7 +149,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     if gguf_type and out.suffix != ".gguf":
         raise UsageError(f"--out {out}: for {method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
     if gguf_type in LLAMA_CPP_TYPES:
-        from llmkit.generation import llama_cpp_available
+        from llmkit.backends import llama_cpp_available
 
         if not llama_cpp_available():
             raise UsageError(f"--method {method} uses llama.cpp's quantizer: pip install 'llmkit[edge]' (or pip install llama-cpp-python)")
@@ -175,13 +175,14 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
 
         from llmkit.models import context_length
 
-        ctx = context_length(SimpleNamespace(**json.loads((ref.path / "config.json").read_text(encoding="utf-8"))))
+        ctx = context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
         block_size = min(block_size, ctx or block_size)
     blocks, eval_name = _eval_blocks(eval_data, tokenizer, block_size, max_blocks, task)  # a too-short file fails here
 
     # ---- before
-    from llmkit.metrics import generation_speed, weight_bytes
+    from llmkit.evaluation import default_max_length, generation_speed, weight_bytes
 
+    max_length = default_max_length(None if ref.is_gguf else ref.path)  # seq-cls: as the run was trained
     say(f"loading {ref.name} (fp32)")
     model = _load_fp32(ref, task, progress)
     if gguf_type and model.config.model_type not in GGUF_ARCHS:
@@ -191,7 +192,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     say("measuring the fp32 model")
     fp32_bytes = weight_bytes(model)  # what save_pretrained writes and what sits in memory
     before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(ref),
-              **_quality(model, blocks, task, eval_data, tokenizer)}
+              **_quality(model, blocks, task, eval_data, tokenizer, max_length)}
     prompt = blocks[0][:32] if blocks else tokenizer("Once upon a time")["input_ids"]
     if task == "causal-lm":
         before["tokens_per_s"] = round(generation_speed(model, prompt), 2)
@@ -231,7 +232,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             torch.set_num_threads(_threads())
             after["memory_bytes"] = weight_bytes(qmodel)
             with _no_bnb_cast_log():
-                after.update(_quality(qmodel, blocks, task, eval_data, tokenizer))
+                after.update(_quality(qmodel, blocks, task, eval_data, tokenizer, max_length))
                 if task == "causal-lm":
                     after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
         else:
@@ -297,7 +298,7 @@ def _report_path(out: Path) -> Path:
 
 
 def _threads() -> int:
-    from llmkit.generation import physical_cores
+    from llmkit.machine import physical_cores
 
     return physical_cores()
 
@@ -363,61 +364,40 @@ def default_eval_text() -> str:
     return (Path(__file__).parent / "heldout.txt").read_text(encoding="utf-8")
 
 
-def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | None, tokenizer: Any) -> dict[str, Any]:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from llmkit.data import Collator, ExampleSet, Labels
-    from llmkit.metrics import evaluate_model
+def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | None, tokenizer: Any, max_length: int) -> dict[str, Any]:
+    from llmkit.data import ExampleSet, Labels
+    from llmkit.evaluation import evaluate_examples
     from llmkit.prepare import prepare_eval
 
     if task == "causal-lm":
-        loader = DataLoader(ExampleSet(blocks), batch_size=4, collate_fn=Collator(tokenizer.pad_token_id, True))
-        with torch.inference_mode():
-            m = evaluate_model(model, loader, task)
+        m = evaluate_examples(model, ExampleSet(blocks), task, tokenizer.pad_token_id)
         return {"perplexity": round(m["perplexity"], 4), "eval_tokens": m["tokens"]}
     labels = Labels.from_config(model.config.id2label)
-    examples, _ = prepare_eval(str(eval_data), tokenizer, task=task, block_size=512, max_length=512, labels=labels)
+    examples, _ = prepare_eval(str(eval_data), tokenizer, task=task, block_size=max_length, max_length=max_length, labels=labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    loader = DataLoader(examples, batch_size=32, collate_fn=Collator(tokenizer.pad_token_id, False))
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        m = evaluate_model(model, loader, task, num_labels=len(labels.names))
+    m = evaluate_examples(model, examples, task, tokenizer.pad_token_id, num_labels=len(labels.names))
     return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], "samples_per_s": round(m["samples"] / (time.perf_counter() - t0), 1)}
 
 
 def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int]) -> dict[str, Any]:
     """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself."""
-    import numpy as np
+    import math
 
-    from llmkit.generation import LlamaCppBackend
+    from llmkit.backends.llama_cpp import LlamaCppBackend
     from llmkit.models import resolve
 
     n_new = 32
     backend = LlamaCppBackend(resolve(str(path)), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
-    llm = backend.llm
     nll, count = 0.0, 0
     for block in blocks:
-        llm.reset()
-        llm.eval(block)
-        logits = np.asarray(llm.scores[: len(block) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        targets = np.asarray(block[1:])
-        nll -= float(logp[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-    llm.reset()
+        nll += backend.nll(block)
+        count += len(block) - 1
     t0 = time.perf_counter()
-    made = 0
-    for _ in llm.generate(prompt, temp=0.0, top_k=1):
-        made += 1
-        if made >= n_new:
-            break
+    made = len(backend.greedy_token_ids(prompt, n_new))
     speed = made / (time.perf_counter() - t0)
-    llm.close()
-    import math
-
+    backend.close()
     return {"perplexity": round(math.exp(nll / count), 4), "eval_tokens": count, "tokens_per_s": round(speed, 2)}
 
 

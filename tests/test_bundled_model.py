@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from llmkit.generation import SamplingOptions, llama_cpp_available, open_backend
+from llmkit.backends import llama_cpp_available, open_backend
+from llmkit.generation import SamplingOptions
 from llmkit.models import alias_path, resolve
 
 pytestmark = [

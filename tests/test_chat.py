@@ -294,7 +294,8 @@ def test_serving_renders_prompts_exactly_as_training_did(chat_run):
     """The saved folder carries the training template: generate / serve render a conversation's prompt to the same text."""
     from transformers import AutoTokenizer
 
-    from llmkit.generation import SamplingOptions, TransformersBackend
+    from llmkit.backends.transformers import TransformersBackend
+    from llmkit.generation import SamplingOptions
     from llmkit.models import resolve
 
     tok = AutoTokenizer.from_pretrained(chat_run)
@@ -326,8 +327,7 @@ def test_sparse_loss_equals_the_models_own_loss_and_gradients(arch, packed, tiny
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.finetune import keeps_logits
-    from llmkit.losses import sparse_causal_lm_loss
+    from llmkit.losses import keeps_logits, sparse_causal_lm_loss
 
     folder = tiny_llama if arch == "llama" else tiny_gpt2
     tok = AutoTokenizer.from_pretrained(folder)

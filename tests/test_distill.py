@@ -65,7 +65,7 @@ def _flags(teacher: Path, out: Path, data: Path, **extra: str) -> list[str]:
 
 
 def test_kept_layers_are_evenly_spaced_with_first_and_last():
-    from llmkit.distill import kept_layers
+    from llmkit.students import kept_layers
 
     assert kept_layers(6, 3) == [0, 2, 5]  # the layers the no-KD baseline keeps
     assert kept_layers(12, 6) == [0, 2, 4, 7, 9, 11]
@@ -79,7 +79,7 @@ def test_layer_extraction_copies_exactly_the_kept_layers(teachers, arch):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from llmkit.distill import layer_stack, student_from_layers
+    from llmkit.students import layer_stack, student_from_layers
 
     auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
     teacher = auto.from_pretrained(teachers[arch])
@@ -110,7 +110,7 @@ def test_importance_drops_the_layer_that_changes_nothing(teachers):
     from transformers import AutoModelForCausalLM
 
     from llmkit.data import Collator, ExampleSet
-    from llmkit.distill import choose_layers, layer_importance, student_from_layers
+    from llmkit.students import choose_layers, layer_importance, student_from_layers
 
     teacher = AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()
     with torch.no_grad():

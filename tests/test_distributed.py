@@ -53,7 +53,7 @@ from llmkit.config import load_recipe
 from llmkit.data import Collator, EpochSampler
 from llmkit.distill import IndexedExamples
 from llmkit.prepare import prepare_data
-from llmkit.train import make_accelerator
+from llmkit.run import make_accelerator
 
 model, data, out = sys.argv[1:4]
 cfg = load_recipe(None, [], {"data.train": data, "data.block_size": 8})

@@ -196,12 +196,12 @@ def _train_cfg(model: Path, data: Path, out: Path, **train):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import llmkit.train as train
+    import llmkit.checkpoints as checkpoints
     from llmkit.finetune import finetune
 
     finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "a"))
 
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(accelerator, root, state, *args, **kwargs):
         path = real_save(accelerator, root, state, *args, **kwargs)
@@ -209,10 +209,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_da
             raise KeyboardInterrupt  # the user pressed Ctrl-C right after the step-4 checkpoint
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "b"))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
     cfg = _train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "b")
@@ -229,8 +229,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_da
 
 
 def test_checkpoint_rotation_keeps_the_newest(tiny_gpt2, toy_data, tmp_path):
+    from llmkit.checkpoints import complete_checkpoints
     from llmkit.finetune import finetune
-    from llmkit.train import complete_checkpoints
 
     out = tmp_path / "run"
     finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", out, keep_checkpoints=2, max_steps=9))

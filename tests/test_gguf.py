@@ -47,7 +47,8 @@ def _rel_err(a, b) -> float:
 
 def _greedy(ref, backend: str, n: int = 12, gguf_type: str | None = None) -> list[int]:
     """The first n greedy token ids of a continuation, from either backend."""
-    from llmkit.generation import SamplingOptions, open_backend
+    from llmkit.backends import open_backend
+    from llmkit.generation import SamplingOptions
 
     opts = SamplingOptions(max_new_tokens=n, temperature=0)
     engine = open_backend(ref, ["Once upon a time"], opts, backend, progress=False, gguf_type=gguf_type)
@@ -148,7 +149,7 @@ def test_smollm2_every_type_within_the_gate_of_fp32(tmp_path):
     tok = load_tokenizer(ref)
     model = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
     blocks, _ = qz._eval_blocks(None, tok, 128, 8, "causal-lm")
-    fp32 = qz._quality(model, blocks, "causal-lm", None, tok)["perplexity"]
+    fp32 = qz._quality(model, blocks, "causal-lm", None, tok, max_length=128)["perplexity"]
     source_template = _field(ref.path, "tokenizer.chat_template")
     sizes = {}
     for gguf_type in TYPES:
@@ -299,7 +300,7 @@ def _alive(pid: int) -> bool:
 
 def test_auto_runs_a_folder_on_llama_cpp_with_the_same_greedy_tokens(tiny_llama):
     """f16: on a random tiny model Q8_0 rounding can flip near-tied logits; f16 keeps the comparison exact."""
-    from llmkit.generation import choose_backend
+    from llmkit.backends import choose_backend
     from llmkit.models import resolve
 
     ref = resolve(str(tiny_llama))
@@ -328,7 +329,7 @@ def test_generate_cli_auto_matches_transformers(cli, tiny_gpt2, monkeypatch):
 
 
 def test_what_stays_on_transformers(cli, tiny_llama, tiny_bert, tmp_path, monkeypatch):
-    from llmkit.generation import choose_backend
+    from llmkit.backends import choose_backend
     from llmkit.models import resolve
 
     code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", tmp_path / "q8", "--quiet")
@@ -340,7 +341,7 @@ def test_what_stays_on_transformers(cli, tiny_llama, tiny_bert, tmp_path, monkey
     assert choose_backend(resolve(str(tiny_bert))) == "transformers"
     monkeypatch.setenv("LLMKIT_GGUF_TYPE", "off")
     assert choose_backend(resolve(str(tiny_llama))) == "transformers"
-    import llmkit.generation as gen
+    import llmkit.backends as gen
 
     monkeypatch.delenv("LLMKIT_GGUF_TYPE")
     monkeypatch.setattr(gen, "llama_cpp_available", lambda: False)
@@ -353,7 +354,8 @@ def test_a_tokenizer_llama_cpp_splits_differently_falls_back_to_transformers(tmp
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from llmkit.generation import SamplingOptions, open_backend
+    from llmkit.backends import open_backend
+    from llmkit.generation import SamplingOptions
     from llmkit.models import resolve
     from tests.conftest import CORPUS
 

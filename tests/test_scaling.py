@@ -28,7 +28,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(request, arch,
     from transformers import AutoModelForCausalLM
 
     from llmkit.config import FinetuneConfig
-    from llmkit.finetune import add_lora
+    from llmkit.lora import add_lora
     from llmkit.train import enable_gradient_checkpointing
 
     folder = request.getfixturevalue(f"tiny_{arch}")
@@ -135,7 +135,7 @@ def test_qlora_gradients_survive_an_eval_forward(llama64):
     import torch
 
     from llmkit.config import FinetuneConfig
-    from llmkit.finetune import add_lora
+    from llmkit.lora import add_lora
     from llmkit.qlora import load_4bit
 
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_qlora_merge_goes_into_the_full_precision_base(cli, llama64, toy_data, t
     from transformers import AutoModelForCausalLM
 
     from llmkit.config import FinetuneConfig
-    from llmkit.finetune import add_lora
+    from llmkit.lora import add_lora
     from llmkit.qlora import load_4bit, merge_into_full_precision
 
     torch.manual_seed(0)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.generation import Generation, SamplingOptions, TransformersBackend, open_backend
+from llmkit.backends import open_backend
+from llmkit.backends.transformers import TransformersBackend
+from llmkit.generation import Generation, SamplingOptions
 from llmkit.models import ModelRef, resolve
 
 openai = pytest.importorskip("openai")
@@ -314,7 +316,7 @@ class _FakeBackend(TransformersBackend):
 
 
 def test_worker_batches_compatible_requests_only():
-    from llmkit.serve import Engine
+    from llmkit.serving.engine import Engine
     from llmkit.serving.protocol import CompletionRequest
 
     backend = _FakeBackend()

@@ -40,7 +40,7 @@ def evaluate(
 
       llmkit evaluate --model runs/chat --data chat-val.jsonl --generate-answers --max-examples 200   # conversations
     """
-    from llmkit.metrics import evaluate_data
+    from llmkit.evaluate import evaluate_data
 
     result = evaluate_data(model, data, task=task, block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
                            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,

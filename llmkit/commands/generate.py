@@ -82,7 +82,8 @@ def generate(
 
         llmkit generate "Hello" --model openai-community/gpt2   # wherever the Hub is reachable
     """
-    from llmkit.generation import Generation, SamplingOptions, open_backend
+    from llmkit.backends import open_backend
+    from llmkit.generation import Generation, SamplingOptions
     from llmkit.models import resolve
 
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

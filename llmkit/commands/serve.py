@@ -71,7 +71,8 @@ def serve(
 
     import uvicorn
 
-    from llmkit.serve import Engine, create_app
+    from llmkit.serve import create_app
+    from llmkit.serving.engine import Engine
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535 (got {port})")

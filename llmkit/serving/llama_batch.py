@@ -1,11 +1,12 @@
 """Continuous batching on llama.cpp: many sequences in one context, one decode call per step for all of them.
 
-`BatchedLlama` owns a second llama.cpp context on the backend's already-loaded model (the weights are shared),
-with `parallel` sequence slots and one more sequence that caches the most recent prompt. The serve worker
-calls `add()` for new sequences and `step()` in a loop; each step puts into ONE `llama_decode` batch the next
-token of every running sequence plus prompt tokens of sequences still being prefilled (chunked to `n_batch`),
-then samples every sequence that got logits. On a small model one token for 16 sequences costs far less than
-16 single-token decodes (the weights are read once per step, not once per sequence), which is the whole gain.
+`BatchedLlama` owns a second llama.cpp context on the backend's already-loaded model (the weights are shared;
+`LlamaCppBackend.native_llama()` hands it over), with `parallel` sequence slots and one more sequence that caches
+the most recent prompt. The serve worker calls `add()` for new sequences and `step()` in a loop; each step puts
+into ONE `llama_decode` batch the next token of every running sequence plus prompt tokens of sequences still
+being prefilled (chunked to `n_batch`), then samples every sequence that got logits. On a small model one token
+for 16 sequences costs far less than 16 single-token decodes (the weights are read once per step, not once per
+sequence), which is the whole gain.
 
 Prompt prefix sharing: the KV cache is unified (one pool of cells for all sequences), so `llama_memory_seq_cp`
 only tags the cells of the cached prompt with the new sequence's id: a chat prompt that starts like the previous
@@ -30,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.backends.llama_cpp import NativeLlama
 from llmkit.chat import Prompt
-from llmkit.generation import Generation, LlamaCppBackend, SamplingOptions, StopScanner
+from llmkit.generation import Generation, SamplingOptions, StopScanner
 
 PENALTY_LAST_N = 64  # llama-cpp-python's window for repeat_penalty (last_n_tokens_size)
 MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth the bookkeeping
@@ -69,25 +71,25 @@ class Sequence:
 
 
 class BatchedLlama:
-    """A multi-sequence llama.cpp context on `backend`'s model; used from one thread only (the serve worker)."""
+    """A multi-sequence llama.cpp context on `native`'s model; used from one thread only (the serve worker)."""
 
-    def __init__(self, backend: LlamaCppBackend, parallel: int, n_ctx: int, n_batch: int = 512) -> None:
+    def __init__(self, native: NativeLlama, parallel: int, n_ctx: int, n_batch: int = 512) -> None:
         import llama_cpp
 
         self._ll = llama_cpp
-        self.backend, self.parallel, self.n_batch = backend, max(1, parallel), n_batch
-        self.model = backend.llm._model.model
-        self.vocab = backend.llm._model.vocab
+        self.native, self.parallel, self.n_batch = native, max(1, parallel), n_batch
+        self.model = native.model
+        self.vocab = native.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch + self.parallel  # a prefill chunk plus one token per sequence
         params.n_seq_max = self.parallel + 1  # + the prefix cache
-        params.n_threads = params.n_threads_batch = backend.threads
+        params.n_threads = params.n_threads_batch = native.threads
         # one pool of cells: seq_cp of a shared prefix tags cells instead of copying them between streams
         params.kv_unified = True
         # the single-sequence context's attention kernel: a sequence decoded alone from cell 0 gets its logits bit for bit
-        params.flash_attn_type = backend.llm.context_params.flash_attn_type
+        params.flash_attn_type = native.flash_attn_type
         params.embeddings = False
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -253,7 +255,7 @@ class BatchedLlama:
         if self._ll.llama_vocab_is_eog(self.vocab, tok):
             seq.finish = "stop"
             return True
-        if shown := seq.scanner.feed(seq.utf8.decode(self.backend.llm.detokenize([tok]))):
+        if shown := seq.scanner.feed(seq.utf8.decode(self.native.detokenize([tok]))):
             seq.on_text(shown)
         if seq.scanner.stopped:
             seq.finish = "stop"

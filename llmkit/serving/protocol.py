@@ -1,6 +1,10 @@
 """OpenAI's wire format for `llmkit serve`: request bodies (pydantic), errors, responses and stream chunks.
 
-Only shapes live here; what happens to a request is in `llmkit.serve`.
+Only shapes live here; what happens to a request is in `llmkit.serving.engine`, the routes in `llmkit.serve`.
+
+    >>> req = ChatRequest.model_validate_json('{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}')
+    >>> req.prompts(), req.options(chat=True, max_tokens=8)
+    >>> Output("smollm2-135m", True, req, job).final(gens)         # the response body, from a Job's Generations
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,9 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmkit.chat import Prompt
 from llmkit.generation import Generation, SamplingOptions
-
-if TYPE_CHECKING:
-    from llmkit.serve import Job
+from llmkit.serving.job import Job
 
 _ERROR_TYPES = {429: "requests", 500: "server_error", 503: "server_error"}  # the rest: "invalid_request_error", as OpenAI
 
@@ -122,6 +124,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         problems.append(f"{where or 'body'}: {err.get('msg')}")
     return "; ".join(dict.fromkeys(problems))[:1000], param
 
+
+# ------------------------------------------------------------------------------------------ responses
 
 
 class Output:

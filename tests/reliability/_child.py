@@ -18,6 +18,7 @@ import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import llmkit.checkpoints as checkpoints
 import llmkit.train as train
 
 delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0"))
@@ -42,7 +43,7 @@ if kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_open(file, mode, *args, **kwargs)
 
-    real_fsync_tree = train._fsync_tree
+    real_fsync_tree = checkpoints._fsync_tree
 
     def killing_fsync_tree(folder):
         if filename == "COMPLETE" and folder.name == f".tmp-{step}":
@@ -52,7 +53,7 @@ if kill_at:
     import builtins
 
     builtins.open = killing_open
-    train._fsync_tree = killing_fsync_tree
+    checkpoints._fsync_tree = killing_fsync_tree
 
 from llmkit.cli import main  # noqa: E402
 

@@ -61,7 +61,7 @@ def finetune_argv(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("target,when,has_ckpt", [
-    ("llmkit.finetune.prepare_data", 1, False),  # reading the data
+    ("llmkit.run.prepare_data", 1, False),  # reading the data
     ("llmkit.finetune.build_model", 1, False),  # loading the model
     ("llmkit.train._default_loss", 1, False),  # the first training step
     ("llmkit.train._default_loss", 4, True),  # after the step-2 checkpoint

@@ -15,7 +15,7 @@ def tripwire(monkeypatch):
     """Counts model loads; any forward pass of the test models fails the test."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-    import llmkit.generation as generation
+    from llmkit.backends.transformers import TransformersBackend
 
     calls = {"forward": 0, "load": 0}
 
@@ -25,13 +25,13 @@ def tripwire(monkeypatch):
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", forward)
     monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
-    real_load = generation.TransformersBackend.__init__
+    real_load = TransformersBackend.__init__
 
     def counting_init(self, *a, **k):
         calls["load"] += 1
         real_load(self, *a, **k)
 
-    monkeypatch.setattr(generation.TransformersBackend, "__init__", counting_init)
+    monkeypatch.setattr(TransformersBackend, "__init__", counting_init)
     return calls
 
 

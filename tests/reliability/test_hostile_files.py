@@ -78,12 +78,12 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, t
     """Checkpoints are loaded with weights_only: a swapped-in optimizer.pt cannot run code either."""
     import torch
 
-    from llmkit import train
+    from llmkit import checkpoints
 
     out = tmp_path / "run"
     argv = ["finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--out", out, "--block-size", "16",
             "--max-steps", "6", "--save-every", "2", "--quiet"]
-    real_save_checkpoint = train.save_checkpoint
+    real_save_checkpoint = checkpoints.save_checkpoint
 
     def stop_after_4(*a, **k):  # Ctrl-C right after the step-4 checkpoint
         path = real_save_checkpoint(*a, **k)
@@ -91,7 +91,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, t
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", stop_after_4)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", stop_after_4)
     assert cli(*argv)[0] == 130
     monkeypatch.undo()
     torch.save(Payload(f"open({str(marker)!r}, 'w').write('pwned')"), out / "checkpoints" / "step-00000004" / "optimizer.pt")

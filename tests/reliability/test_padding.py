@@ -79,7 +79,8 @@ def test_classification_logits(request, arch):
 def test_generation_scores_and_tokens(request, arch):
     import torch
 
-    from llmkit.generation import SamplingOptions, TransformersBackend
+    from llmkit.backends.transformers import TransformersBackend
+    from llmkit.generation import SamplingOptions
 
     ref, _ = setup(request.getfixturevalue(f"tiny_{arch}"))
     backend = TransformersBackend(ref, device="cpu", dtype="fp32", batch_size=len(TEXTS), progress=False)
