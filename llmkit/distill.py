@@ -4,12 +4,13 @@
     >>> from llmkit.distill import distill
     >>> distill(load_recipe("recipes/distill-smollm2-135m-shakespeare.yaml", ["out=runs/student"], cls=DistillConfig))
 
-The student is the teacher with some layers dropped (`--student-layers N`; by default the N layers that change
-the hidden states most, `--layer-selection even` for evenly spaced ones as DistilBERT / DistilGPT2; embeddings,
-norms and heads copied: llmkit/students.py) or any model built from `--student-config` that shares the teacher's
-tokenizer. `Distill` is an objective on the shared run lifecycle (llmkit/run.py): training is `train.fit` with
-`DistillLoss` as the loss; the teacher runs in eval mode under no_grad, or not at all when its top-k logits are
-cached on disk.
+The student is the teacher with some layers dropped (`--student-layers N`; `--layer-selection auto`, the
+default, keeps the N layers that change the hidden states most for causal LMs and evenly spaced ones, as
+DistilBERT, for classifiers, where importance cost accuracy; llmkit.json records what `auto` resolved to;
+embeddings, norms and heads copied: llmkit/students.py) or any model built from `--student-config` that shares
+the teacher's tokenizer. `Distill` is an objective on the shared run lifecycle (llmkit/run.py): training is
+`train.fit` with `DistillLoss` as the loss; the teacher runs in eval mode under no_grad, or not at all when its
+top-k logits are cached on disk.
 
 Teacher logit cache (`distill.cache_top_k=K`): the teacher runs once over the training set and its K largest
 logits per token are stored as fp16 values + int32 ids, 6*K bytes per token (K=32: ~192 MB per million tokens,
@@ -36,8 +37,8 @@ from llmkit.models import ModelRef, base_model_id
 from llmkit.outputs import Card
 from llmkit.progress import bar as progress_bar
 from llmkit.run import Objective, Run, run
-from llmkit.runfolder import write_json
-from llmkit.students import aligned_layers, check_vocab, choose_layers, count_layers, student_from_config, student_from_layers
+from llmkit.runfolder import read_record, write_json
+from llmkit.students import aligned_layers, check_vocab, choose_layers, count_layers, resolve_selection, student_from_config, student_from_layers
 from llmkit.train import TrainJob, TrainResult
 
 REPORT = "distill_report.json"
@@ -245,7 +246,8 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 class Distill(Objective):
-    resume_keys = ("task", "student.layers", "student.layer_selection", "student.config", "data.block_size", "data.max_length",
+    # student.layer_selection is checked as resolved (check_resumed_selection): `auto` is recorded as importance / even
+    resume_keys = ("task", "student.layers", "student.config", "data.block_size", "data.max_length",
                    "train.batch_size", "train.grad_accum", "train.seed")
 
     def model_config(self) -> ModelConfig:
@@ -263,12 +265,15 @@ class Distill(Objective):
         cfg, teacher, tokenizer = self.cfg, self.teacher, run.tokenizer
         self.collate = Collator(tokenizer.pad_token_id, cfg.task == "causal-lm")
         self.kept = None
+        self.selection = None if cfg.student.config else resolve_selection(cfg.student.layer_selection, cfg.task)
+        if cfg.resume:
+            self.check_resumed_selection(run.out)
         if cfg.student.config:
             student = student_from_config(cfg.student.config, teacher, cfg.task, tokenizer, run.progress)
         else:
             n = cfg.student.layers or max(1, count_layers(teacher) // 2)
             chosen = None
-            if cfg.student.layer_selection == "importance":
+            if self.selection == "importance":
                 chosen = choose_layers(teacher, run.data.train, self.collate, n, cfg.student.selection_samples, run.accelerator.device)
             student, self.kept = student_from_layers(teacher, n, chosen)
         check_vocab(teacher, student, tokenizer)
@@ -281,8 +286,17 @@ class Distill(Objective):
             student.config.pad_token_id = tokenizer.pad_token_id
         self.student = student.to(run.accelerator.device)
 
+    def check_resumed_selection(self, out: Path) -> None:
+        """`auto` is recorded as what it resolved to, so a resume compares that (resume_keys compare the flags as given)."""
+        before = ((read_record(out) or {}).get("student") or {}).get("layer_selection")
+        if self.selection is not None and before not in (None, self.selection):
+            raise UsageError(f"--resume: student.layer_selection was {before!r} in the run in {out}, now {self.selection!r}; "
+                             f"resume with --layer-selection {before}")
+
     def amend_record(self, record: dict[str, Any]) -> None:
         record["student"]["kept_layers"] = self.kept
+        if self.selection is not None:
+            record["student"]["layer_selection"] = self.selection  # what `auto` resolved to
 
     def job(self, run: Run) -> TrainJob:
         """Measure the teacher, cache its logits if asked, then train the student with `DistillLoss`."""

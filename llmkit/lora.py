@@ -8,7 +8,6 @@ QLoRA's 4-bit base is llmkit/qlora.py's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -69,31 +68,18 @@ def peft_base(ref: ModelRef) -> str:
 
 
 def base_folder(ref: ModelRef) -> Path:
-    """`$LLMKIT_CACHE/bases/NAME-KEY`: keyed by the files it comes from, so a changed file gets a new folder."""
-    import hashlib
+    """`$LLMKIT_CACHE/bases/NAME-KEY`: keyed by the files it comes from, so a changed file gets a new folder.
 
+    A GGUF base without adapter: the same folder every transformers load of that file reads (llmkit.gguf_base).
+    """
+    from llmkit.gguf_base import kept_folder
     from llmkit.models import cache_root
 
-    sources = [ref.path] + ([ref.adapter / "adapter_model.safetensors"] if ref.adapter is not None else [])
-    facts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources]
-    key = hashlib.sha1("|".join(facts).encode()).hexdigest()[:12]
-    name = (ref.adapter.name if ref.adapter is not None else ref.path.stem).split(".")[0]
-    return cache_root() / "bases" / f"{name}-{key}"
+    return kept_folder(cache_root(), ref.path, ref.adapter)
 
 
 def keep_base(ref: ModelRef, model: Any, tokenizer: Any) -> None:
     """Write the base a LoRA adapter is trained on to `base_folder(ref)` (once; fp32, exactly the trained-on weights)."""
-    import shutil
+    from llmkit.gguf_base import save_kept
 
-    folder = base_folder(ref)
-    if (folder / "config.json").exists():
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")  # torchrun: every process may get here first
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process installed it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_kept(base_folder(ref), model, tokenizer)

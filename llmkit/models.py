@@ -15,17 +15,15 @@ that ships its own Python (`auto_map` in its config) is refused unless `trust_re
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import UsageError
+from llmkit.gguf_base import is_kept, kept_base, kept_folder, load_gguf
 from llmkit.runfolder import RECORD, read_json
 
 if TYPE_CHECKING:  # heavy imports stay out of `llmkit --help`
@@ -320,6 +318,8 @@ def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedToke
 
     where, kwargs = source_kwargs(ref)
     kwargs.pop("use_safetensors", None)
+    if ref.is_gguf and is_kept(kept_folder(cache_root(), ref.path)):  # the GGUF's own tokenizer, saved, read in no time
+        where, kwargs = str(kept_folder(cache_root(), ref.path)), {}
     if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists():
         where, kwargs = str(ref.adapter), {}
     try:
@@ -343,7 +343,7 @@ def architectures(ref: ModelRef) -> list[str]:
 
 def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "auto",
                    progress: bool = True) -> PreTrainedModel:
-    """A causal LM in eval mode on `device`; GGUF files are dequantized by transformers' GGUF loader."""
+    """A causal LM in eval mode on `device`; a GGUF file is de-quantized once and kept (llmkit.gguf_base)."""
     from transformers import AutoModelForCausalLM
 
     if adapter_task(ref) == "seq-cls":
@@ -398,18 +398,24 @@ def _int8_folder(ref: ModelRef) -> bool:
 
 
 def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:
+    """`auto_cls.from_pretrained` on `ref`, its errors in one line. A GGUF file is de-quantized once into a kept fp32
+    folder (llmkit.gguf_base.kept_base) and read back from there as plain safetensors, in `extra`'s dtype."""
     from transformers.utils import logging as hf_logging
 
-    where, kwargs = source_kwargs(ref)
     from llmkit.progress import tty_bars
 
+    where, kwargs = source_kwargs(ref)
     hf_logging.set_verbosity_error()  # GGUF loading logs a line per tensor; new heads log a load report
     bars = tty_bars(progress)
     if not bars:
         hf_logging.disable_progress_bar()
     try:
-        with _gguf_bar(bars and ref.is_gguf):
-            model = auto_cls.from_pretrained(where, **kwargs, **extra)
+        if ref.is_gguf:
+            kept = kept_base(ref.path, cache_root(), progress, bars)
+            if kept is None:
+                return load_gguf(auto_cls, ref.path, bars, **extra)
+            where, kwargs = str(kept), {"use_safetensors": True}
+        return auto_cls.from_pretrained(where, **kwargs, **extra)
     except ValueError as e:
         first = str(e).splitlines()[0]
         if "Unrecognized configuration class" in first or "not supported" in first.lower():
@@ -418,27 +424,6 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
         raise UsageError(f"cannot load {ref.name}: {first}") from None
     except OSError as e:
         raise UsageError(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
-    if ref.is_gguf:
-        # The weights are dequantized fp32 now; without this, save_pretrained refuses ("quantized with gguf").
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
-
-
-@contextlib.contextmanager
-def _gguf_bar(show: bool) -> Iterator[None]:
-    """transformers' "Converting and de-quantizing GGUF tensors" bar ignores its own progress-bar switch: silence it here."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    original = gguf_utils.tqdm
-    if not show:
-        gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
 
 
 def apply_adapter(model: PreTrainedModel, ref: ModelRef, merge: bool) -> PreTrainedModel:

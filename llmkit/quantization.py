@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UsageError
-from llmkit.gguf import GGUF_ARCHS, LLAMA_CPP_TYPES, k_quant_fallbacks
+from llmkit.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.gguf import TYPES as GGUF_TYPES
 from llmkit.gguf import export as export_gguf
 from llmkit.int8 import (  # noqa: F401  (re-exported: `from llmkit.quantization import load_int8` is documented)
@@ -185,9 +185,9 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     max_length = default_max_length(None if ref.is_gguf else ref.path)  # seq-cls: as the run was trained
     say(f"loading {ref.name} (fp32)")
     model = _load_fp32(ref, task, progress)
-    if gguf_type and model.config.model_type not in GGUF_ARCHS:
-        raise UsageError(f"GGUF export supports the {', '.join(GGUF_ARCHS)} architectures; {model_name} is {model.config.model_type} "
-                         "(use --method int8 or bnb-int8)")
+    why = gguf_type and unsupported(model.config.architectures or [type(model).__name__], model.config.model_type)
+    if why:
+        raise UsageError(f"--method gguf-{gguf_type} cannot export {model_name}: {why} (use --method int8 or bnb-int8)")
     torch.set_num_threads(_threads())
     say("measuring the fp32 model")
     fp32_bytes = weight_bytes(model)  # what save_pretrained writes and what sits in memory

@@ -135,6 +135,30 @@ def test_importance_drops_the_layer_that_changes_nothing(teachers):
         assert got[i] == pytest.approx(expect, rel=1e-4)
 
 
+def test_layer_extraction_takes_any_block_list(teachers):
+    """GPT-NeoX was refused when the stacks were a table of names; the block list is now found from the config."""
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.students import layer_stack, student_from_layers
+
+    student, kept = student_from_layers(AutoModelForCausalLM.from_pretrained(teachers["neox"]), 1)
+    assert kept == [0] and student.config.num_hidden_layers == 1 and layer_stack(student)[0] == "gpt_neox.layers"
+
+
+def test_resume_compares_the_resolved_selection(tmp_path):
+    from llmkit.config import DistillConfig
+    from llmkit.distill import Distill
+    from llmkit.errors import UsageError
+
+    (tmp_path / "llmkit.json").write_text(json.dumps({"llmkit": {}, "student": {"layer_selection": "even"}}))
+    objective = Distill(DistillConfig(task="seq-cls"))
+    objective.selection = "even"  # what `auto` resolves to for a classifier: the recorded run matches
+    objective.check_resumed_selection(tmp_path)
+    objective.selection = "importance"
+    with pytest.raises(UsageError, match="resume with --layer-selection even"):
+        objective.check_resumed_selection(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ loss
 
 
@@ -217,6 +241,8 @@ def test_distill_llama_with_hidden_state_loss(cli, teachers, toy_data, tmp_path)
     assert code == 0, err
     rows = [r for r in _metrics(out) if "hidden_loss" in r]
     assert rows and all(0 <= r["hidden_loss"] <= 2 for r in rows)
+    # the default selection (auto) is recorded as what it resolved to: importance for a causal LM
+    assert json.loads((out / "llmkit.json").read_text())["student"]["layer_selection"] == "importance"
 
 
 def test_distill_seq_cls_with_teacher_cache(cli, teachers, toy_data, tmp_path):
@@ -231,6 +257,9 @@ def test_distill_seq_cls_with_teacher_cache(cli, teachers, toy_data, tmp_path):
     report = json.loads((tmp_path / "a" / "distill_report.json").read_text())
     assert report["student"]["metrics"]["accuracy"] >= 0 and report["teacher"]["inference_samples_per_s"] > 0
     assert report["settings"]["cache_top_k"] == 5
+    # a classifier's default selection (auto) is even: first and last layer kept (issue 27), and llmkit.json says so
+    assert report["student"]["kept_layers"] == [0, 3]
+    assert json.loads((tmp_path / "a" / "llmkit.json").read_text())["student"]["layer_selection"] == "even"
 
     # a second student on the same teacher and data reuses the cache instead of running the teacher again
     args[args.index(tmp_path / "a")] = tmp_path / "b"
@@ -254,7 +283,7 @@ def other_vocab_config(tmp_path) -> Path:
     return tmp_path / "small"
 
 
-@pytest.mark.parametrize("case", ["vocab", "too_many_layers", "zero_layers", "temperature", "alpha", "architecture", "both_students",
+@pytest.mark.parametrize("case", ["vocab", "too_many_layers", "zero_layers", "temperature", "alpha", "selection", "both_students",
                                   "untrained_classifier"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, teachers, toy_data, tmp_path, other_vocab_config, tiny_bert, case):
     out = tmp_path / "out"
@@ -269,8 +298,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, teachers, toy_dat
         extra, expect = {"temperature": "0"}, "--temperature must be > 0"
     elif case == "alpha":
         extra, expect = {"alpha": "1.5"}, "--alpha must be in [0, 1]"
-    elif case == "architecture":
-        teacher, extra, expect = teachers["neox"], {"student_layers": "1"}, "--student-config"
+    elif case == "selection":
+        extra, expect = {"layer_selection": "best"}, "--layer-selection 'best' is not one of auto, importance, even"
     elif case == "both_students":
         extra, expect = {"student_layers": "2", "student_config": other_vocab_config}, "exclude each other"
     elif case == "untrained_classifier":

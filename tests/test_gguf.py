@@ -257,16 +257,16 @@ def test_a_failed_or_killed_conversion_leaves_nothing_that_is_picked_up(tiny_lla
     import llmkit.gguf as g
     from llmkit.models import resolve
 
-    real_write = g.write
+    real_convert = g.convert_folder
     ref = resolve(str(tiny_llama))
 
-    def dies_half_way(model, tokenizer, path, *a, **k):
-        real_write(model, tokenizer, path, *a, **k)
+    def dies_half_way(folder, path, *a, **k):
+        real_convert(folder, path, *a, **k)
         with open(path, "r+b") as f:  # a half-written file, then the failure
             f.truncate(path.stat().st_size // 2)
         raise OSError("disk full")
 
-    monkeypatch.setattr(g, "write", dies_half_way)
+    monkeypatch.setattr(g, "convert_folder", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
         g.cached_gguf(ref, progress=False)
     assert list(cache.iterdir()) == []

@@ -194,28 +194,29 @@ def test_quality_gate_refuses_and_force_keeps(cli, tiny_llama, tmp_path, monkeyp
 
 
 @pytest.fixture(scope="module")
-def tiny_neox(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+def tiny_opt(tmp_path_factory) -> Path:
+    """OPT: a causal LM transformers runs and llama.cpp's converter does not know."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
     from tests.conftest import make_tokenizer
 
     tok = make_tokenizer(["<|endoftext|>"])
     tok.eos_token = "<|endoftext|>"
-    out = tmp_path_factory.mktemp("neox")
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=64)).save_pretrained(out)
+    out = tmp_path_factory.mktemp("opt")
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=1, word_embed_proj_dim=32,
+                             num_attention_heads=4, max_position_embeddings=64)).save_pretrained(out)
     tok.save_pretrained(out)
     assert AutoTokenizer.from_pretrained(out)
     return out
 
 
 @pytest.mark.parametrize("case", ["gguf_arch", "already_quantized", "no_bitsandbytes", "short_eval", "out_exists", "gguf_suffix"])
-def test_bad_input(cli, tiny_llama, tiny_neox, tmp_path, monkeypatch, case):
+def test_bad_input(cli, tiny_llama, tiny_opt, tmp_path, monkeypatch, case):
     import sys
 
     model, method, out, extra, expect = tiny_llama, "int8", tmp_path / "out", [], ""
     if case == "gguf_arch":
-        model, method, out, expect = tiny_neox, "gguf-q8_0", tmp_path / "out.gguf", "supports the gpt2, llama architectures"
+        model, method, out, expect = tiny_opt, "gguf-q8_0", tmp_path / "out.gguf", "llama.cpp's converter does not support opt"
     elif case == "already_quantized":
         code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", tmp_path / "q8", "--quiet")
         assert code == 0, err

@@ -92,7 +92,8 @@ def llama_cpp_available() -> bool:
 
 def choose_backend(ref: ModelRef, backend: str = "auto", *, device: str | None = None) -> str:
     """`auto`: llama.cpp when llama-cpp-python is installed, for GGUF files and for HF folders / LoRA adapters
-    that llmkit can export to GGUF (llama and gpt2 causal LMs: `open_backend` converts them once, into a cache);
+    that llmkit can export to GGUF (causal LMs of every family llama.cpp's converter knows: `open_backend` converts
+    them once, into a cache);
     transformers for everything else, and for folders sent to a `device` other than the CPU.
 
     `LLMKIT_GGUF_TYPE=off` keeps folders on transformers under `auto`.

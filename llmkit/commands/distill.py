@@ -21,7 +21,9 @@ def distill(
     out: str = typer.Option(None, "--out", "-o", help="Output folder for the student (a Hugging Face model folder).", show_default=False),
     student_layers: int = typer.Option(None, "--student-layers", help="Keep N of the teacher's layers [default: half].", show_default=False),
     layer_selection: str = typer.Option(None, "--layer-selection", help="importance (drop the layer that changes the hidden states least, "
-                                        "re-measure, repeat) | even (evenly spaced) [default: importance].", show_default=False),
+                                        "re-measure, repeat) | even (evenly spaced, first and last kept) | auto: importance for causal LMs, "
+                                        "even for classifiers (importance drops an encoder's first layer, which the rest need) [default: auto].",
+                                        show_default=False),
     student_config: str = typer.Option(None, "--student-config", help="Student from a config.json or model folder (same tokenizer).", show_default=False),
     temperature: float = typer.Option(None, "--temperature", help="Softmax temperature T [default: 2.0].", show_default=False),
     alpha: float = typer.Option(None, "--alpha", help="Weight of the KD term; 1 - alpha goes to the label loss [default: 0.5].", show_default=False),
