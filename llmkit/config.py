@@ -138,6 +138,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """--gradient-checkpointing: keep only each block's input and recompute the rest in backward: far less
     activation memory (long sequences, big batches) for about a third more compute."""
+    chunked_loss: bool = True
+    """Causal LMs: the LM head and cross-entropy a chunk of tokens at a time (llmkit/chunked_loss.py), never the
+    tokens x vocabulary logits (1 GB at 4 x 256 tokens of a 262k vocabulary). Same loss and gradients."""
 
 
 @dataclass
@@ -146,8 +149,10 @@ class LoraConfig:
     """--lora-r: adapter rank."""
     alpha: int = 16
     """--lora-alpha: scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
+    dropout: float = 0.0
+    """LoRA dropout on each adapted layer's input. 0 by default: peft then keeps no dropped-out copy of every
+    adapted layer's input (SmolLM2 LoRA at 8 x 256: 6.26 vs 8.14 GB, 246 vs 161 tokens/s) and 30 steps on
+    Shakespeare reach the same held-out perplexity (40.93 vs 40.97 at 0.05); unsloth and TRL default to 0 too."""
     target_modules: list[str] | None = None
     """--lora-targets: module names to adapt, or ["all-linear"]; None = all-linear for causal LMs, the attention
     projections for classifiers (query/value, q/k/v/o_proj, c_attn/c_proj)."""

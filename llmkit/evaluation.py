@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmkit.chunked_loss import chunked_causal_lm_nll, supports_chunked_loss
 from llmkit.data import Collator
 from llmkit.progress import bar as progress_bar
 from llmkit.runfolder import read_record
@@ -104,9 +105,15 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 
 
 def causal_lm_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Per-example summed NLL and predicted-token counts (labels -100 are not predicted)."""
+    """Per-example summed NLL and predicted-token counts (labels -100 are not predicted).
+
+    Models that take it get the chunked head (llmkit.chunked_loss): no tokens x vocabulary logits for the batch.
+    """
     import torch
     import torch.nn.functional as F
+
+    if supports_chunked_loss(model):
+        return chunked_causal_lm_nll(model, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch})
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")).logits
     labels = batch["labels"][:, 1:]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.chat import ChatEncoder
+from llmkit.chunked_loss import supports_chunked_loss
 from llmkit.config import FinetuneConfig
 from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
@@ -53,9 +54,12 @@ class Finetune(Objective):
                 f"{machine_summary(run.record['machine'])}")
         # prompt/response and chat rows learn a few tokens each: run the LM head only where a label is
         sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
+        sparse = sparse and keeps_logits(model)
+        # no tokens x vocabulary logits (FSDP shards the head: the model's own loss there)
+        chunked = not sparse and cfg.task == "causal-lm" and cfg.train.chunked_loss and not cfg.train.fsdp and supports_chunked_loss(model)
         return TrainJob(model, data.train, data.eval, Collator(run.tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
                         cfg.train, run.out, num_labels=len(data.labels.names) if data.labels else 2, quiet=not run.progress,
-                        resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse and keeps_logits(model) else None,
+                        resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse else None, chunked_loss=chunked,
                         rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, data.labels, False, grow_vocab=bool(data.added_tokens)))
 
     def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from llmkit.chunked_loss import CHUNK_ELEMENTS
 from llmkit.config import FinetuneConfig
 
 GB = 1e9
@@ -100,8 +101,12 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
         blocks_bytes = tokens * (shape.layers * shape.hidden * act_bytes + per_token_block)
     else:
         blocks_bytes = tokens * shape.layers * per_token_block
-    # causal LM: fp32 logits, their log-softmax and its gradient over the whole vocabulary; a classifier's are tiny
+    # causal LM: fp32 logits, their log-softmax and its gradient over the whole vocabulary; a classifier's are tiny.
+    # The chunked loss (train.chunked_loss, not under FSDP) holds that for one chunk of tokens, plus the hidden
+    # states' gradient it computes in forward.
     logits = 3 * tokens * shape.vocab * 4 if cfg.task == "causal-lm" else 0
+    if logits and t.chunked_loss and not t.fsdp:
+        logits = 3 * min(tokens * shape.vocab, CHUNK_ELEMENTS) * 4 + tokens * shape.hidden * 4
     if cfg.method == "full":
         trainable, weights = shape.params, shape.params * 4
     else:
@@ -151,7 +156,9 @@ def estimate_run(cfg: FinetuneConfig) -> str:
              f"  gradients        {est.gradients:8.2f} GB   {trainable / 1e6:,.2f}M trainable parameters x 4 bytes",
              f"  optimizer state  {est.optimizer:8.2f} GB   AdamW: 2 x 4 bytes per trainable parameter",
              f"  activations      {est.activations:8.2f} GB   {shape.layers} blocks"
-             + (" (checkpointed)" if cfg.train.gradient_checkpointing else "") + (" + logits over the vocabulary" if cfg.task == "causal-lm" else ""),
+             + (" (checkpointed)" if cfg.train.gradient_checkpointing else "")
+             + ((" + logits, a chunk of tokens at a time" if cfg.train.chunked_loss and not cfg.train.fsdp else " + logits over the vocabulary")
+                if cfg.task == "causal-lm" else ""),
              f"  runtime          {est.runtime:8.2f} GB   Python, torch, kernels",
              f"  total            {est.total:8.2f} GB   ({where})"]
     if est.total <= 0.9 * have:

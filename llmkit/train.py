@@ -27,6 +27,7 @@ What can go wrong while training, and what happens (llmkit/errors.py lists the e
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.checkpoints import Checkpointer, TrainState, max_over_processes
+from llmkit.chunked_loss import chunked_causal_lm_loss
 from llmkit.config import TrainConfig
 from llmkit.data import Collator, EpochSampler, ExampleSet
 from llmkit.errors import Diverged, Interrupted, UsageError
@@ -57,7 +59,8 @@ class TrainJob:
     cfg: TrainConfig
     out: Path
     num_labels: int = 2
-    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None  # default: the model's own loss
+    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None  # default: the model's own loss, or the chunked one
+    chunked_loss: bool = False  # causal LMs: the LM head + cross-entropy in chunks of tokens (llmkit/chunked_loss.py)
     log_extra: Callable[[], dict[str, Any]] | None = None  # more values to log (e.g. distillation's loss parts)
     quiet: bool = False
     resume: bool = False
@@ -77,14 +80,15 @@ class TrainResult:
     peak_memory_gb: float | None = None  # the largest process's training peak: GPU memory on GPUs, resident memory on CPU
 
 
-def _default_loss(model: Any, batch: dict[str, Any]) -> Any:
-    return model(**batch).loss
+def _default_loss(model: Any, batch: dict[str, Any], chunked: bool = False) -> Any:
+    """The model's own loss; for a causal LM with `chunked`, the same loss without tokens x vocabulary logits."""
+    return chunked_causal_lm_loss(model, batch) if chunked else model(**batch).loss
 
 
 def fit(job: TrainJob, accelerator: Any) -> TrainResult:
     """Train `job.model`; writes metrics.jsonl and checkpoints under `job.out`; returns the final state."""
     cfg = job.cfg
-    loss_fn = job.loss_fn or _default_loss
+    loss_fn = job.loss_fn or functools.partial(_default_loss, chunked=job.chunked_loss)
     model, optimizer, train_loader, evals = prepare(job, accelerator, *make_loaders(job, accelerator.num_processes))
     batches = None if job.streaming else len(train_loader)  # per epoch, per process
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, math.ceil(batches / cfg.grad_accum))))

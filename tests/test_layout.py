@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "llmkit"
 LAYERS = {
     # low-level: no llmkit imports beyond this layer
     "llmkit": 0, "llmkit.errors": 0, "llmkit.machine": 0, "llmkit.progress": 0, "llmkit.config": 0, "llmkit.runfolder": 0,
-    "llmkit.losses": 0,
+    "llmkit.losses": 0, "llmkit.chunked_loss": 0,
     # models: resolving and loading them
     "llmkit.int8": 1, "llmkit.gguf_base": 1, "llmkit.models": 1, "llmkit.qlora": 1,
     # shared machinery: data, the run lifecycle and loop, evaluation, generation backends, GGUF, serving engine

@@ -85,9 +85,9 @@ def test_resumed_stream_gives_the_same_batches_and_weights(tiny_gpt2, tmp_path, 
     seen: list[list[list[int]]] = []
     real = llmkit.train._default_loss
 
-    def recording(model, batch):
+    def recording(model, batch, **kw):
         seen.append(batch["input_ids"].tolist())
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(llmkit.train, "_default_loss", recording)
 
@@ -104,11 +104,11 @@ def test_resumed_stream_gives_the_same_batches_and_weights(tiny_gpt2, tmp_path, 
 
     calls = {"n": 0}
 
-    def dying(model, batch):
+    def dying(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == 6:  # during step 6: the newest checkpoint is step 4's
             raise KeyboardInterrupt
-        return recording(model, batch)
+        return recording(model, batch, **kw)
 
     monkeypatch.setattr(llmkit.train, "_default_loss", dying)
     assert run(tmp_path / "cut") == 130

@@ -27,9 +27,9 @@ kill_at = os.environ.get("LLMKIT_TEST_KILL_AT", "")
 if delay:
     real_loss = train._default_loss
 
-    def slow_loss(model, batch):
+    def slow_loss(model, batch, **kw):
         time.sleep(delay)
-        return real_loss(model, batch)
+        return real_loss(model, batch, **kw)
 
     train._default_loss = slow_loss
 

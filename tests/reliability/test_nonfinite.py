@@ -23,9 +23,9 @@ def inject(monkeypatch, bad_steps: set[int], value: float) -> None:
     real = train._default_loss
     calls = {"n": 0}
 
-    def loss(model, batch):
+    def loss(model, batch, **kw):
         calls["n"] += 1
-        out = real(model, batch)
+        out = real(model, batch, **kw)
         return out * value if calls["n"] in bad_steps else out  # NaN / inf flows into every gradient
 
     monkeypatch.setattr(train, "_default_loss", loss)
