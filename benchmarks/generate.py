@@ -7,7 +7,12 @@ Runs, in one go, on the bundled SmolLM2-135M GGUF:
 and prints each one's wall time, load seconds and tokens/s, then the ratios against the targets
 (llmkit wall <= 1.1x raw llama.cpp; >= 3x faster than plain transformers).
 
-Usage: python benchmarks/generate.py [--repeats 3] [--new 64] [--prompt "Once upon a time"]
+Then the same on a busy machine: a `llmkit finetune` LoRA run on the bundled SmolLM2 (both cores, as a user's
+training run) is started, and once it trains, `llmkit generate PROMPT -n 16` runs with its default threads
+(the cores other processes leave idle), with `--threads N` (every core: the default before issue 30) and with
+`--threads 1`. On an idle machine the default must stay within 5% of `--threads N`.
+
+Usage: python benchmarks/generate.py [--repeats 3] [--new 64] [--prompt "Once upon a time"] [--busy-new 16] [--no-busy]
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import time
 from pathlib import Path
 
 from _common import first_line
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_generate.py"
@@ -55,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("--busy-new", type=int, default=16, help="tokens per generation while the fine-tuning run competes")
+    ap.add_argument("--no-busy", action="store_true", help="skip the busy-machine measurements")
     args = ap.parse_args()
     print(first_line(), flush=True)
 
@@ -68,6 +77,8 @@ def main() -> None:
     raw_cmd = [sys.executable, "-c", RAW_LLAMA, str(gguf), args.prompt, str(args.new)]
 
     walls: dict[str, list[float]] = {"llmkit": [], "raw_llama_cpp": []}
+    speeds: dict[str, list[float]] = {"default": [], "all_cores": []}
+    cores = str(len(os.sched_getaffinity(0)))
     llmkit_row: dict = {}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         wall, proc = timed(llmkit_cmd)
@@ -75,6 +86,9 @@ def main() -> None:
             sys.exit(f"llmkit failed: {proc.stderr.strip()[-400:]}")
         walls["llmkit"].append(wall)
         llmkit_row = json.loads(proc.stdout.splitlines()[-1])
+        speeds["default"].append(llmkit_row["tokens_per_s"])
+        _, proc = timed([*llmkit_cmd, "--threads", cores])  # the default before issue 30: every core
+        speeds["all_cores"].append(json.loads(proc.stdout.splitlines()[-1])["tokens_per_s"])
         wall, proc = timed(raw_cmd)
         if proc.returncode != 0:
             sys.exit(f"raw llama-cpp-python script failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
@@ -103,6 +117,47 @@ def main() -> None:
               f"{llmkit_row['tokens_per_s'] / float(tf.group(2)):.2f}")
     print(f"same greedy text as raw llama.cpp: {llmkit_row['text'].strip()[:40] == raw_text[:40]}")
     print(f"(peer_generate.py total wall {peer_wall:.1f} s)")
+    idle = {k: statistics.median(v) for k, v in speeds.items()}
+    print(f"idle: llmkit default threads {idle['default']:.1f} tok/s, --threads {cores} {idle['all_cores']:.1f} tok/s: "
+          f"ratio {idle['default'] / idle['all_cores']:.2f} (target >= 0.95)")
+    if not args.no_busy:
+        busy(args, cores)
+
+
+def busy(args: argparse.Namespace, cores: str) -> None:
+    """`llmkit generate` while a `llmkit finetune` LoRA run keeps every core busy."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmkit-bench-busy-"))
+    log = tmp / "finetune.log"
+    cmd = [sys.executable, "-m", "llmkit", "finetune", "--recipe", str(ROOT / "recipes" / "smollm2-135m-shakespeare-lora.yaml"),
+           "--max-steps", "100000", "--out", str(tmp / "run")]
+    with open(log, "w") as f:
+        trainer = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while "fine-tuning " not in log.read_text():  # its start line: the model is loaded, training begins
+            if trainer.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the competing fine-tuning run did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(1)
+        time.sleep(5)
+        base = [sys.executable, "-m", "llmkit", "generate", args.prompt, "--max-new-tokens", str(args.busy_new), "--temperature", "0", "--json"]
+        rows: dict[str, list[tuple[float, float]]] = {"default": [], f"--threads {cores}": [], "--threads 1": []}
+        for _ in range(2):
+            for label in rows:
+                wall, proc = timed(base + ([] if label == "default" else label.split()))
+                if proc.returncode != 0:
+                    sys.exit(f"llmkit generate {label} failed: {proc.stderr.strip()[-400:]}")
+                rows[label].append((wall, json.loads(proc.stdout.splitlines()[-1])["tokens_per_s"]))
+        alive = trainer.poll() is None
+    finally:
+        trainer.kill()
+        trainer.wait()
+    print(f"busy (a llmkit finetune LoRA run on smollm2-135m competing{'' if alive else ', which ENDED early'}), "
+          f"{args.busy_new} new tokens, median of 2:")
+    for label, runs in rows.items():
+        print(f"busy: llmkit generate {label:<12} wall_s={statistics.median(r[0] for r in runs):.2f} "
+              f"tok_per_s={statistics.median(r[1] for r in runs):.1f}")
 
 
 if __name__ == "__main__":

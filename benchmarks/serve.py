@@ -9,8 +9,13 @@ ratios against the targets (llmkit >= 1.0x the peer at concurrency 1, >= 1.5x at
 
 `--parallel N` (N > 1) runs llmkit with continuous batching on llama.cpp (`llmkit serve --parallel N`): up to N
 sequences decoded together in one context, the cached prompt prefix shared; 1 is serve's default path.
+Without `--threads`, llmkit runs at its default (the cores other processes leave idle) and the peer on every core.
 
-Usage: python benchmarks/serve.py [--requests 32] [--max-tokens 32] [--concurrency 1 4 16] [--threads N] [--parallel N] [--budget 900]
+`--busy`: the machine is kept busy by a `llmkit finetune` LoRA run on the bundled SmolLM2 (both cores), and the
+two servers compared are `llmkit serve` at its default threads and `llmkit serve --threads N` (every core: the
+default before issue 30); defaults become 8 requests per level, concurrency 1 and 4, max_tokens 16.
+
+Usage: python benchmarks/serve.py [--requests 32] [--max-tokens 32] [--concurrency 1 4 16] [--threads N] [--parallel N] [--busy] [--budget 900]
 Needs: pip install -e '.[bench]'  (llama-cpp-python[server], the peer) and openai.
 """
 
@@ -93,6 +98,24 @@ class Server:
                 self.proc.wait()
 
 
+def start_competitor(logs: Path) -> subprocess.Popen:
+    """A `llmkit finetune` LoRA run on the bundled SmolLM2 that keeps every core busy, returned once it trains."""
+    root = Path(__file__).resolve().parents[1]
+    log = logs / "finetune.log"
+    with open(log, "w") as f:
+        trainer = subprocess.Popen([sys.executable, "-m", "llmkit", "finetune", "--recipe", str(root / "recipes" / "smollm2-135m-shakespeare-lora.yaml"),
+                                    "--max-steps", "100000", "--out", str(logs / "run")], stdout=f, stderr=subprocess.STDOUT, cwd=root,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while "fine-tuning " not in log.read_text():  # its start line: the model is loaded, training begins
+        if trainer.poll() is not None or time.monotonic() > deadline:
+            trainer.kill()
+            sys.exit(f"the competing fine-tuning run did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(1)
+    time.sleep(5)
+    return trainer
+
+
 def run_level(server: Server, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
     import openai
 
@@ -116,14 +139,18 @@ def run_level(server: Server, model: str, concurrency: int, requests: int, max_t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="llama.cpp threads, the same for both [default: every core this process may use, llmkit's default]")
+    ap.add_argument("--requests", type=int, default=None, help="per level [default: 32; 8 with --busy]")
+    ap.add_argument("--max-tokens", type=int, default=None, help="[default: 32; 16 with --busy]")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="[default: 1 4 16; 1 4 with --busy]")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads, the same for both [default: llmkit's own default; every core for the peer]")
+    ap.add_argument("--busy", action="store_true", help="compete with a llmkit finetune run; compare llmkit's default threads with every core")
     ap.add_argument("--parallel", type=int, default=1, help="llmkit: sequences decoded together on llama.cpp (1 = one request at a time)")
     ap.add_argument("--budget", type=int, default=900, help="seconds before the whole run gives up (servers are stopped)")
     args = ap.parse_args()
+    args.requests = args.requests or (8 if args.busy else 32)
+    args.max_tokens = args.max_tokens or (16 if args.busy else 32)
+    args.concurrency = args.concurrency or ([1, 4] if args.busy else [1, 4, 16])
     print(first_line(), flush=True)
 
     def give_up(signum: int, frame: object) -> None:  # SystemExit unwinds through `finally`, which stops both servers
@@ -137,18 +164,25 @@ def main() -> None:
     from llmkit.models import resolve
 
     gguf = str(resolve("smollm2-135m").path)
-    threads = str(args.threads)
+    cores = str(len(os.sched_getaffinity(0)))
+    threads = str(args.threads) if args.threads else cores  # the peer's
+    ours = ["--threads", str(args.threads)] if args.threads else []
     logs = Path(tempfile.mkdtemp(prefix="llmkit-bench-serve-"))
     servers: dict[str, Server] = {}
+    trainer = None
     try:
+        if args.busy:
+            trainer = start_competitor(logs)
+        llmkit = [sys.executable, "-m", "llmkit", "serve", "--model", gguf, "--max-concurrency", "256", "--parallel", str(args.parallel), "--quiet"]
         port = free_port()
-        servers["llmkit"] = Server("llmkit serve", [sys.executable, "-m", "llmkit", "serve", "--model", gguf, "--port", str(port),
-                                                    "--threads", threads, "--max-concurrency", "256", "--parallel", str(args.parallel),
-                                                    "--quiet"], port, logs / "llmkit.log")
+        servers["llmkit"] = Server("llmkit serve", [*llmkit, "--port", str(port), *ours], port, logs / "llmkit.log")
         port = free_port()
-        servers["peer"] = Server("llama_cpp.server", [sys.executable, "-c", PEER, "--model", gguf, "--port", str(port), "--n_ctx", "4096",
-                                                      "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False",
-                                                      "--interrupt_requests", "False"], port, logs / "peer.log")
+        if args.busy:  # the peer here is llmkit as it was: every core
+            servers["peer"] = Server(f"llmkit --threads {cores}", [*llmkit, "--port", str(port), "--threads", cores], port, logs / "peer.log")
+        else:
+            servers["peer"] = Server("llama_cpp.server", [sys.executable, "-c", PEER, "--model", gguf, "--port", str(port), "--n_ctx", "4096",
+                                                          "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False",
+                                                          "--interrupt_requests", "False"], port, logs / "peer.log")
         models = {"llmkit": gguf, "peer": gguf}
         for key, srv in servers.items():  # warm-up: first-request costs are not what is measured
             run_level(srv, models[key], 1, 2, 8)
@@ -162,10 +196,16 @@ def main() -> None:
     finally:
         for srv in servers.values():
             srv.stop()
+        if trainer is not None:
+            alive = trainer.poll() is None
+            trainer.kill()
+            trainer.wait()
+            print(f"(busy: the competing llmkit finetune run {'trained throughout' if alive else 'ENDED early'})")
 
-    print(f"\n{args.requests} chat requests per level, max_tokens {args.max_tokens}, temperature 0, threads {threads}, "
-          f"llmkit --parallel {args.parallel}, same GGUF: {gguf}")
-    targets = {1: 1.0, 16: 1.5}
+    print(f"\n{args.requests} chat requests per level, max_tokens {args.max_tokens}, temperature 0, "
+          f"threads: llmkit {args.threads or 'default'}{'' if args.busy else ', the peer ' + threads}, "
+          f"llmkit --parallel {args.parallel}{', machine busy with llmkit finetune' if args.busy else ''}, same GGUF: {gguf}")
+    targets = {1: 1.0, 16: 1.5} if not args.busy else {}
     for c in args.concurrency:
         ours, peer = results["llmkit", c], results["peer", c]
         same = sum(a == b for a, b in zip(ours["texts"], peer["texts"], strict=True))

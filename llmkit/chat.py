@@ -49,6 +49,7 @@ Prompt = str | list[dict[str, str]]
 class Conversation:
     messages: list[dict[str, str]]
     where: str  # "chat.jsonl:line 7", for error messages
+    first: int = 0  # assistant turns from this message on are learned (a preference pair: its response, not the prompt's)
 
 
 CHAT_COLUMNS = {"messages": "messages", "sharegpt": "conversations", "prompt-completion": "prompt"}
@@ -69,9 +70,12 @@ def detect_format(first: dict[str, Any] | None, fmt: str, prompt_column: str | N
 
 
 def row_format(record: Any) -> str | None:
-    """Which chat format a row is in (the first of messages, sharegpt, prompt-completion whose field it fills)."""
+    """Which chat format a row is in (preference pairs first, then the first of messages, sharegpt, prompt-completion
+    whose field it fills)."""
     if not isinstance(record, dict):
         return None
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     for name, col in CHAT_COLUMNS.items():
         if record.get(col) is not None and (name != "prompt-completion" or "completion" in record):
             return name
@@ -262,7 +266,7 @@ class ChatEncoder:
             closing = self._closing(msgs, full)
             spans = []
             for i, m in enumerate(msgs):
-                if m["role"] != "assistant":
+                if m["role"] != "assistant" or i < conv.first:
                     continue
                 before = self.render(msgs[:i], add_generation_prompt=True)
                 through = full if i == len(msgs) - 1 else self.render(msgs[: i + 1])  # the last reply: the whole rendering

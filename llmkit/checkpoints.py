@@ -42,6 +42,21 @@ class TrainState:
     stopped_early: bool = False
 
 
+def cached_tensors(path: Path, accelerator: Any, compute: Any) -> dict[str, Any]:
+    """Tensors computed once and kept at `path` (safetensors): the main process computes and writes them atomically
+    when absent; the other processes wait, then every process loads them."""
+    from safetensors.torch import load_file, save_file
+
+    with accelerator.main_process_first():
+        if not path.exists() and accelerator.is_main_process:
+            tensors = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        return load_file(str(path))
+
+
 def max_over_processes(accelerator: Any, values: list[float]) -> list[float]:
     if accelerator.num_processes == 1:
         return values

@@ -14,6 +14,7 @@ import threading
 import typer
 
 from llmkit import __version__
+from llmkit.commands.chat import chat
 from llmkit.commands.distill import distill
 from llmkit.commands.evaluate import evaluate
 from llmkit.commands.finetune import finetune
@@ -34,6 +35,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(generate)
+app.command()(chat)
 app.command()(prepare)
 app.command()(finetune)
 app.command()(distill)

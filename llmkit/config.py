@@ -29,7 +29,10 @@ TASKS = ("causal-lm", "seq-cls")
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
-DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion")  # llmkit.chat.FORMATS
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb", "trackio")  # llmkit.trackers
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion", "preference")  # llmkit.chat.FORMATS
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # objectives that need no reference model
 
 
 @dataclass
@@ -65,7 +68,8 @@ class DataConfig:
     block_size: int = 256
     """--block-size: causal-lm text is packed into blocks of this many tokens (chat: conversations are cut to it)."""
     format: str = "auto"
-    """--format: auto (from the columns), text, messages (OpenAI), sharegpt, prompt-completion (chat data)."""
+    """--format: auto (from the columns), text, messages (OpenAI), sharegpt, prompt-completion (chat data), preference
+    (prompt/chosen/rejected pairs, for --objective dpo|ipo|simpo|orpo)."""
     chat_template: str | None = None
     """--chat-template: chatml or a Jinja file, for chat data; None = the model's own template (never guessed)."""
     train_on_prompt: bool = False
@@ -141,6 +145,10 @@ class TrainConfig:
     chunked_loss: bool = True
     """Causal LMs: the LM head and cross-entropy a chunk of tokens at a time (llmkit/chunked_loss.py), never the
     tokens x vocabulary logits (1 GB at 4 x 256 tokens of a 262k vocabulary). Same loss and gradients."""
+    report_to: list[str] = field(default_factory=list)
+    """--report-to: experiment trackers (tensorboard, mlflow, wandb, trackio; a list or comma-separated; none = only
+    metrics.jsonl) that get the resolved recipe, every metrics.jsonl value at its step, the model card and loss.png;
+    their logs go under OUT/tracking/ unless their own environment says otherwise (llmkit/trackers.py)."""
 
 
 @dataclass
@@ -158,6 +166,22 @@ class LoraConfig:
     projections for classifiers (query/value, q/k/v/o_proj, c_attn/c_proj)."""
     merge: bool = False
     """--merge: save a merged full model instead of the adapter (merged in full precision)."""
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float | None = None
+    """--beta: how far the policy may move from the reference (DPO/IPO), the reward scale (SimPO), the weight of the
+    odds-ratio term (ORPO). None = each objective's usual value: 0.1 (DPO, IPO, ORPO; TRL's default), 2.0 (SimPO's paper)."""
+    sft_weight: float = 0.0
+    """--sft-weight: add this times the chosen responses' NLL (RPO): what keeps chosen rewards from falling with DPO."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (TRL's simpo_gamma)."""
+    disable_dropout: bool = True
+    """Dropout off in the policy (every nn.Dropout at p=0): step 0 then has loss ln 2 and rewards 0, and the
+    policy's log-probs are comparable with the reference's, which had no dropout (TRL does the same)."""
+    cache_dir: str | None = None
+    """Where reference log-probs are cached; None = $LLMKIT_CACHE/reference-logps."""
 
 
 @dataclass
@@ -183,10 +207,15 @@ class RunConfig:
 class FinetuneConfig(RunConfig):
     method: str = "full"
     """--method: full (every weight), lora (small adapters, base frozen) or qlora (lora on a 4-bit NF4 base)."""
+    objective: str = "sft"
+    """--objective: sft (next-token loss on the data) or a preference objective on prompt/chosen/rejected pairs:
+    dpo, ipo (both against a reference: the starting model's log-probs, computed once and cached), simpo, orpo
+    (no reference)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def validate(self) -> None:
         """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
@@ -214,6 +243,7 @@ class FinetuneConfig(RunConfig):
              "all rows to know its labels; prepare the data instead (the cache is used without --streaming)")
         need(self.method != "qlora" or not t.fsdp, "--method qlora cannot be combined with --fsdp (4-bit weights do not shard); "
              "use --method lora with --fsdp, or qlora on one process per GPU")
+        problems.extend(preference_problems(self))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -290,6 +320,27 @@ class DistillConfig(RunConfig):
             raise UsageError("; ".join(problems))
 
 
+def preference_problems(cfg: FinetuneConfig) -> list[str]:
+    p, d, obj = cfg.preference, cfg.data, cfg.objective
+    if obj not in OBJECTIVES:
+        return [f"--objective {obj!r} is not one of {', '.join(OBJECTIVES)}"]
+    if obj == "sft":
+        changed = [flag for flag, on in (("--beta", p.beta is not None), ("--sft-weight", p.sft_weight != 0)) if on]
+        return [f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for preference objectives; add --objective dpo "
+                "(or ipo, simpo, orpo)"] if changed else []
+    problems = [f"{flag} is not for --objective {obj}: {why}" for flag, on, why in (
+        ("--task seq-cls", cfg.task != "causal-lm", "preference tuning trains a causal LM (--task causal-lm)"),
+        ("--packing", d.packing, "each pair is scored as one row"),
+        ("--streaming", d.streaming, "the reference log-probs are computed once over the whole data; prepare it instead"),
+        ("--train-on-prompt", d.train_on_prompt, "only the responses are compared"),
+        (f"--format {d.format}", d.format not in ("auto", "preference"), "the data must be prompt/chosen/rejected pairs")) if on]
+    if p.beta is not None and p.beta <= 0:
+        problems.append(f"--beta must be > 0, got {p.beta}")
+    if p.sft_weight < 0:
+        problems.append(f"--sft-weight must be >= 0, got {p.sft_weight}")
+    return problems
+
+
 def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     """The checks finetune and distill share: output folder, data and training settings."""
     problems: list[str] = []
@@ -316,6 +367,9 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    for tracker in t.report_to:
+        need(tracker in REPORT_TO, f"--report-to {tracker!r} is not one of {', '.join(REPORT_TO)}")
+    need("none" not in t.report_to or set(t.report_to) == {"none"}, "--report-to none cannot be combined with a tracker")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     problems.extend(data_problems(d))
     need(t.early_stopping == 0 or bool(d.eval) or d.eval_split > 0,

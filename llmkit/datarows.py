@@ -1,6 +1,6 @@
 """The first pass over the user's data: every row checked and written to Arrow in a fixed shape, or one error.
 
-    >>> plan = make_plan(sources, task="causal-lm", data=cfg.data)     # text-files | text-rows | prompt-response | chat | seq-cls
+    >>> plan = make_plan(sources, task="causal-lm", data=cfg.data)     # text-files | text-rows | prompt-response | chat | preference | seq-cls
     >>> rows = normalize(name, sources, plan, Path("rows.arrow"))      # rows.count, rows.labels
 
 One streaming pass, memory flat in the file's size. Errors are reported as a whole-file check would report them:
@@ -23,6 +23,7 @@ from llmkit.chat import CHAT_COLUMNS, conversation, detect_format, format_mismat
 from llmkit.data import Labels, LabelStats, label_name
 from llmkit.datafiles import Source, iter_records
 from llmkit.errors import UsageError
+from llmkit.pairs import pair as preference_pair
 
 BATCH_ROWS = 8192
 
@@ -34,7 +35,7 @@ SHAPE, FORMAT, COLUMN, TEXT, EMPTY, PAIR_COLUMN, LABEL_COLUMN, LABEL = range(8)
 class Plan:
     """How the rows become examples."""
 
-    kind: str  # text-files | text-rows | prompt-response | chat | seq-cls
+    kind: str  # text-files | text-rows | prompt-response | chat | preference | seq-cls
     fmt: str = "text"  # the chat format (messages | sharegpt | prompt-completion) for kind "chat"
     detected: bool = False  # the format was read off the first row (--format auto): every row must match it
     text_column: str = "text"
@@ -56,6 +57,8 @@ def make_plan(sources: list[Source], task: str, data: Any) -> Plan:
         return Plan("text-files", **common)
     fmt = detect_format(first_record(sources), data.format, data.prompt_column)
     detected = data.format == "auto" and not data.prompt_column
+    if fmt == "preference":
+        return Plan("preference", fmt, data.format == "auto", **common)
     if fmt != "text":
         return Plan("chat", fmt, detected, **common)
     return Plan("prompt-response" if data.prompt_column else "text-rows", detected=detected, **common)
@@ -151,9 +154,11 @@ def schema_for(plan: Plan) -> Any:
         return pa.schema([("text", text)])
     if plan.kind == "prompt-response":
         return pa.schema([("prompt", text), ("text", text), ("where", pa.string())])
+    turns = pa.list_(pa.struct([("role", pa.string()), ("content", text)]))
     if plan.kind == "chat":
-        turn = pa.struct([("role", pa.string()), ("content", text)])
-        return pa.schema([("messages", pa.list_(turn)), ("where", pa.string())])
+        return pa.schema([("messages", turns), ("where", pa.string())])
+    if plan.kind == "preference":
+        return pa.schema([("prompt", turns), ("chosen", turns), ("rejected", turns), ("where", pa.string())])
     return pa.schema([("text", text), ("pair", text), ("label", pa.string()), ("where", pa.string())])
 
 
@@ -202,7 +207,7 @@ def normalize(name: str, sources: list[Source], plan: Plan, path: Path, labels: 
             if column not in keys:
                 found = ", ".join(keys) or "none"
                 problems.add(kind, f"{name} has no column '{column}' (columns found: {found}); pass {flag} with one of them")
-    if texts == 0 and plan.kind != "chat":
+    if texts == 0 and plan.kind not in ("chat", "preference"):
         problems.add(EMPTY, f"{name}: every row of column '{plan.text_column}' is empty; there is nothing to train on")
     problems.raise_first()
     if stats is not None:
@@ -211,6 +216,8 @@ def normalize(name: str, sources: list[Source], plan: Plan, path: Path, labels: 
 
 
 def _needed_columns(plan: Plan) -> list[tuple[str, int, str]]:
+    if plan.kind == "preference":
+        return [("chosen", COLUMN, "--format"), ("rejected", COLUMN, "--format")]
     if plan.kind == "chat":
         if plan.fmt != "prompt-completion":
             return [(CHAT_COLUMNS[plan.fmt], COLUMN, "--format")]
@@ -231,6 +238,17 @@ def check_row(plan: Plan, record: dict[str, Any], where: str, first_where: str, 
          stats: LabelStats | None, labels: Labels | None, lookup: dict[str, int] | None) -> int:
     """Check one row and write it when usable; returns 1 when the row has text (0 for an empty one)."""
     here = row_format(record)
+    if plan.kind == "preference":
+        if plan.detected and here != "preference":
+            problems.add(FORMAT, format_mismatch(here, plan.fmt, first_where, where))
+            return 0
+        try:
+            p = preference_pair(record, where)
+        except UsageError as e:
+            problems.add(TEXT, str(e))
+            return 0
+        writer.append(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, where=where)
+        return 1
     if plan.kind == "chat":
         if plan.detected and here != plan.fmt:
             problems.add(FORMAT, format_mismatch(here, plan.fmt, first_where, where))

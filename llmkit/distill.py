@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.checkpoints import cached_tensors
 from llmkit.config import DistillConfig, KDConfig, ModelConfig
 from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
-from llmkit.models import ModelRef, base_model_id
+from llmkit.models import ModelRef, base_model_id, weights_fingerprint
 from llmkit.outputs import Card
 from llmkit.progress import bar as progress_bar
 from llmkit.run import Objective, Run, run
@@ -118,34 +118,16 @@ class TeacherCache:
     def key(teacher_ref: ModelRef, task: str, k: int, examples: Any) -> str:
         """Teacher, task, k and the examples (by their prepared-data key: a content hash, not a pass over every token)."""
         h = hashlib.sha256()
-        h.update(json.dumps([task, k, teacher_ref.name, _fingerprint(teacher_ref), examples.key, len(examples)]).encode())
+        h.update(json.dumps([task, k, teacher_ref.name, weights_fingerprint(teacher_ref), examples.key, len(examples)]).encode())
         return h.hexdigest()[:24]
 
     @classmethod
     def build_or_load(cls, path: Path, teacher: Any, examples: Any, collate: Any, task: str, k: int, batch_size: int,
                       accelerator: Any, progress: bool) -> TeacherCache:
         """Load `path`, or (main process) compute it and write it atomically; other processes wait, then load."""
-        from safetensors.torch import load_file, save_file
-
-        with accelerator.main_process_first():
-            if not path.exists() and accelerator.is_main_process:
-                tensors = _teacher_logits(teacher, examples, collate, task, k, batch_size, accelerator, progress)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                save_file(tensors, str(tmp))
-                os.replace(tmp, path)
-            tensors = load_file(str(path))
+        tensors = cached_tensors(path, accelerator,
+                                 lambda: _teacher_logits(teacher, examples, collate, task, k, batch_size, accelerator, progress))
         return cls(tensors["values"], tensors.get("indices"))
-
-
-def _fingerprint(ref: ModelRef) -> list[Any]:
-    """What identifies the teacher's weights without hashing them: each weight file's name, size and mtime."""
-    folders = [p for p in (ref.adapter, ref.path) if p is not None]
-    files = []
-    for p in folders:
-        candidates = [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.gguf"))
-        files += [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in candidates]
-    return files
 
 
 def _teacher_logits(teacher: Any, examples: Any, collate: Any, task: str, k: int, batch_size: int, accelerator: Any,

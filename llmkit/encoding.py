@@ -62,7 +62,6 @@ def _worker_init() -> None:
 
 def _encode(item: tuple[int, Any]) -> tuple[Path, dict[str, Any]]:
     """One task in a worker: its rows (or text pieces) encoded, written as a part file."""
-    import pyarrow as pa
 
     k, task = item
     job = _JOB
@@ -72,14 +71,25 @@ def _encode(item: tuple[int, Any]) -> tuple[Path, dict[str, Any]]:
     else:
         cols = read_arrow(job["rows"]).slice(task[0], task[1] - task[0]).to_pydict()
     out, stats = encode(job["kind"], cols, job)
-    ints = pa.list_(pa.int32())
-    schema = {"text": pa.schema([("ids", ints), ("doc_start", pa.bool_())]),
-              "seq-cls": pa.schema([("input_ids", ints), ("labels", pa.int32())])}.get(
-        "text" if "ids" in out else job["kind"], pa.schema([("input_ids", ints), ("labels", ints)]))
+    schema = part_schema("text" if "ids" in out else job["kind"])
     writer = ArrowRows(path, schema)
     writer.write_batch(out)
     writer.close()
     return path, stats
+
+
+def part_schema(kind: str) -> Any:
+    """The Arrow shape of encoded rows: what `encode` returns for `kind` ("text": document pieces before packing)."""
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    if kind == "text":
+        return pa.schema([("ids", ints), ("doc_start", pa.bool_())])
+    if kind == "seq-cls":
+        return pa.schema([("input_ids", ints), ("labels", pa.int32())])
+    if kind == "preference":
+        return pa.schema([("input_ids", ints), ("labels", ints), ("rejected_ids", ints), ("rejected_labels", ints)])
+    return pa.schema([("input_ids", ints), ("labels", ints)])
 
 
 def encode(kind: str, cols: dict[str, list[Any]], job: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
@@ -87,10 +97,11 @@ def encode(kind: str, cols: dict[str, list[Any]], job: dict[str, Any]) -> tuple[
 
     Text: `ids` per document piece and `doc_start` (packing puts EOS between documents). Chat / prompt-response:
     `input_ids` + per-token `labels` of the rows whose learned part survives the cut to --block-size (the others
-    are counted as dropped). seq-cls: `input_ids` + class id `labels`.
+    are counted as dropped). Preference pairs: the chosen side as `input_ids` + `labels`, the rejected side as
+    `rejected_ids` + `rejected_labels` (llmkit/pairs.py). seq-cls: `input_ids` + class id `labels`.
     """
     tok = job["tokenizer"]
-    stats: dict[str, Any] = {"tokens": 0, "dropped": 0, "first_dropped": None, "end_of_turn": []}
+    stats: dict[str, Any] = {"tokens": 0, "dropped": 0, "first_dropped": None, "end_of_turn": [], "identical": 0}
     if kind in ("text-files", "text-rows"):
         starts = cols.get("doc_start") or [True] * len(cols["text"])
         # a document's first piece gets the tokenizer's special tokens (BOS), as one call on the whole file would
@@ -105,6 +116,19 @@ def encode(kind: str, cols: dict[str, list[Any]], job: dict[str, Any]) -> tuple[
         out = {"input_ids": ids, "labels": [job["labels"].id_of(v) for v in cols["label"]]}
     else:
         where = cols["where"]
+        if kind == "preference":
+            from llmkit.pairs import Pair, encode_pairs
+
+            pairs = [Pair(p, c, r) for p, c, r in zip(cols["prompt"], cols["chosen"], cols["rejected"], strict=True)]
+            out, kept, stats["identical"] = encode_pairs(job["chat"], pairs, where, job["block_size"])
+            ids = out["input_ids"] + out["rejected_ids"]
+            stats["end_of_turn"] = sorted(job["chat"].end_of_turn)
+            identical = {k for k, p in enumerate(pairs) if p.chosen == p.rejected}
+            kept_set = set(kept) | identical  # identical pairs are counted on their own, not as cut off
+            stats["dropped"] = len(where) - len(kept_set)
+            stats["first_dropped"] = next((w for i, w in enumerate(where) if i not in kept_set), None)
+            stats["tokens"] = sum(len(x) for x in ids)
+            return out, stats
         if kind == "chat":
             from llmkit.chat import Conversation, encode_conversations
 
@@ -212,15 +236,14 @@ class Assembler:
         self.count = self.tokens = self.dropped = 0
         self.first_dropped: str | None = None
         self.end_of_turn: set[int] = set()
+        self.identical = 0
         ints = pa.list_(pa.int32())
         if self.packer.text:
             schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
-        elif self.kind == "seq-cls":
-            schema = pa.schema([("input_ids", ints), ("labels", pa.int32())])
         elif s.packing:
             schema = pa.schema([("input_ids", ints), ("labels", ints), ("position_ids", ints), ("n_convs", pa.int32())])
         else:
-            schema = pa.schema([("input_ids", ints), ("labels", ints)])
+            schema = part_schema(self.kind)
         self.out = ArrowRows(path, schema)
 
     def full(self) -> bool:
@@ -234,6 +257,7 @@ class Assembler:
         self.dropped += stats["dropped"]
         self.first_dropped = self.first_dropped or stats["first_dropped"]
         self.end_of_turn |= set(stats["end_of_turn"])
+        self.identical += stats.get("identical", 0)
         if self.packer.text:
             for batch in table.to_batches():
                 ids = batch.column("ids")  # as numpy slices of the Arrow buffer: no Python int per token
@@ -270,7 +294,11 @@ class Assembler:
         if self.packer.text and self.count == 0:
             raise UsageError(f"{s.spec} has {self.packer.text_tokens} tokens, fewer than one block of {self.block}; "
                              "lower --block-size or add text")
-        if self.count == 0 and self.kind in ("chat", "prompt-response"):
+        if self.count == 0 and self.kind == "preference" and self.identical and not self.dropped:
+            raise UsageError(f"{s.spec}: every pair's chosen response is identical to its rejected one, so there is no "
+                             "preference to learn; check the 'chosen' and 'rejected' fields")
+        if self.count == 0 and self.kind in ("chat", "prompt-response", "preference"):
             raise UsageError(f"{s.spec}: every prompt fills all {self.block} tokens of --block-size, so no response "
                              "token is left to learn; raise --block-size or shorten the prompts")
-        return {"examples": self.count, "tokens": self.tokens, "dropped": self.dropped, "first_dropped": self.first_dropped}
+        return {"examples": self.count, "tokens": self.tokens, "dropped": self.dropped, "first_dropped": self.first_dropped,
+                **({"identical": self.identical} if self.identical else {})}

@@ -18,11 +18,13 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
                   text_pair_column: str | None = None, label_column: str = "label", max_length: int | None = None,
                   device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                   progress: bool = False, data_format: str = "auto", chat_template: str | None = None,
-                  answers: bool = False, max_new_tokens: int = 64, max_examples: int | None = None) -> dict[str, Any]:
+                  answers: bool = False, max_new_tokens: int = 64, max_examples: int | None = None,
+                  reference: str | None = None) -> dict[str, Any]:
     """Perplexity (causal-lm) or accuracy / F1 (seq-cls) of any model llmkit can load, on a data file.
 
     Conversations (chat data) give the perplexity of the assistant tokens only, and with `answers` the
     exact-match / contains-match of greedy answers to each conversation's last user turn (`evaluate_chat`).
+    Preference pairs give `evaluate_preference`'s accuracies.
 
         >>> evaluate_data("runs/shakespeare", "../shared/data/tinyshakespeare/validation.txt", block_size=256)
         {'perplexity': 21.3, 'tokens': 32640, 'blocks': 128, 'block_size': 256, ...}
@@ -47,6 +49,10 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
         raise UsageError(f"--max-blocks must be >= 1, got {max_blocks}")
     _, sources = find_sources(data, task=task, what="--data")  # a missing file before the (slow) model load
     plan = make_plan(sources, task, DataConfig(format=data_format, text_column=text_column))
+    if plan.kind == "preference":
+        return evaluate_preference(ref, data, reference=reference, chat_template=chat_template, block_size=block_size or 1024,
+                                   batch_size=batch_size, max_examples=max_examples, device=device,
+                                   progress=progress) | {"model": model_name, "data": data}
     if plan.kind == "chat":
         return evaluate_chat(ref, data, data_format=data_format, chat_template=chat_template, block_size=block_size or 1024,
                              batch_size=batch_size, max_examples=max_examples, answers=answers, max_new_tokens=max_new_tokens,
@@ -135,6 +141,56 @@ def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_templa
                       backend=backend.name, examples=[
                           {"prompt": p[-1]["content"], "reference": r, "answer": o, "exact": e}
                           for p, r, o, e in list(zip(prompts, refs, outs, exact, strict=True))[:3]])
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def evaluate_preference(ref: Any, data: str, *, reference: str | None = None, chat_template: str | None = None,
+                        block_size: int = 1024, batch_size: int = 8, max_examples: int | None = None, device: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """Does the model prefer the chosen responses? On prompt/chosen/rejected pairs:
+
+    logp_accuracy        share of pairs whose chosen response is more likely than the rejected one
+    preference_accuracy  share of pairs whose implicit reward, log p(model) - log p(reference), is higher for the chosen
+                         response (DPO's reward accuracy). The reference: `reference`, else an adapter's base (the
+                         adapter off), else the model a llmkit run started from (its llmkit.json); without one, omitted.
+    """
+    from dataclasses import replace
+
+    from llmkit.chat import ChatEncoder, resolve_template
+    from llmkit.errors import UsageError
+    from llmkit.models import load_causal_lm, load_tokenizer, resolve
+    from llmkit.preference import PreferenceCollator, pair_logps
+    from llmkit.prepare import prepare_eval
+    from llmkit.runfolder import read_record
+
+    if max_examples is not None and max_examples < 1:
+        raise UsageError(f"--max-examples must be >= 1, got {max_examples}")
+    if reference:
+        base = resolve(reference, allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code)
+    elif ref.adapter is not None:
+        base = replace(ref, adapter=None)
+    else:
+        started = ((read_record(ref.path) or {}).get("model") or {}).get("name") if not ref.is_gguf else None
+        base = resolve(started, allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code) if started else None
+    tokenizer = load_tokenizer(ref)
+    encoder = ChatEncoder(tokenizer, resolve_template(tokenizer, chat_template, ref.name))
+    examples, _ = prepare_eval(data, tokenizer, task="causal-lm", block_size=block_size, max_length=block_size, labels=None,
+                               chat=encoder, data_format="preference", limit=max_examples or 0, quiet=not progress)
+    start = time.perf_counter()
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    model = load_causal_lm(ref, device=device, dtype="float32", progress=progress)
+    logps = pair_logps(model, examples, collate, batch_size=batch_size, progress=progress, what="scoring pairs")
+    del model
+    result: dict[str, Any] = {"task": "preference", "pairs": len(examples),
+                              "logp_accuracy": float((logps[:, 0] > logps[:, 1]).float().mean()),
+                              "logps_chosen": float(logps[:, 0].mean()), "logps_rejected": float(logps[:, 1].mean())}
+    if base is not None:
+        ref_model = load_causal_lm(base, device=device, dtype="float32", progress=progress)
+        ref_logps = pair_logps(ref_model, examples, collate, batch_size=batch_size, progress=progress, what="scoring pairs (reference)")
+        margin = (logps[:, 0] - ref_logps[:, 0]) - (logps[:, 1] - ref_logps[:, 1])
+        result.update(preference_accuracy=float((margin > 0).float().mean()), logratio_margin=float(margin.mean()),
+                      reference=reference or str(base.path))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 

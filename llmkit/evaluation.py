@@ -162,7 +162,7 @@ def evaluate_model(model: Any, loader: Any, task: str, accelerator: Any = None, 
 
 
 # Which eval metric decides "best" and early stopping, and whether lower is better.
-BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True)}
+BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True), "preference": ("loss", False)}
 
 
 def generation_speed(model: Any, prompt_ids: list[int], new_tokens: int = 32) -> float:

@@ -5,8 +5,9 @@
     >>> finetune(load_recipe("recipes/minilm-l6-sentiment-lora.yaml", ["out=runs/sentiment"]))
 
 What is particular to fine-tuning: the model to train (a base with a new head for seq-cls, LoRA adapters, a
-4-bit QLoRA base), the sparse causal-LM loss for prompt/response and chat rows, and what is saved (an adapter or
-a merged model, with the chat template it was trained with).
+4-bit QLoRA base), the loss (the sparse causal-LM loss for prompt/response and chat rows; a preference objective,
+llmkit/preference.py, for --objective dpo|ipo|simpo|orpo), and what is saved (an adapter or a merged model, with
+the chat template it was trained with).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.lora import add_lora, base_folder, keep_base, peft_base
 from llmkit.losses import keeps_logits, sparse_causal_lm_loss
-from llmkit.models import ModelRef, base_model_id, resolve
+from llmkit.models import ModelRef, base_model_id, resolve, weights_fingerprint
 from llmkit.outputs import Card
 from llmkit.prepare import Prepared
 from llmkit.run import Objective, Run, run
@@ -35,7 +36,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 class Finetune(Objective):
-    resume_keys = ("task", "method", "data.block_size", "data.max_length", "data.packing", "data.format", "data.chat_template",
+    resume_keys = ("task", "method", "objective", "preference.beta", "preference.sft_weight",
+                   "data.block_size", "data.max_length", "data.packing", "data.format", "data.chat_template",
                    "data.train_on_prompt", "train.batch_size", "train.grad_accum", "train.seed")
 
     def build(self, run: Run) -> None:
@@ -44,14 +46,21 @@ class Finetune(Objective):
             raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {run.ref.name}'s tokenizer lacks; new "
                              "token embeddings must be trained, so use --method full, or a template made of the model's own tokens")
         self.model = build_model(cfg, run.ref, run.tokenizer, data.labels, run.progress, grow_vocab=bool(data.added_tokens))
+        if cfg.objective != "sft" and cfg.preference.disable_dropout:
+            from llmkit.preference import disable_dropout
+
+            disable_dropout(self.model)  # step 0: loss ln 2, rewards 0; log-probs comparable with the reference's
 
     def job(self, run: Run) -> TrainJob:
         from llmkit.machine import summary as machine_summary
 
         cfg, data, model = self.cfg, run.data, self.model
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        run.say(f"fine-tuning {run.ref.name} ({cfg.task}, {cfg.method}, {n:,} trainable parameters) on {_describe_data(cfg, data)}, "
+        what = cfg.task if cfg.objective == "sft" else cfg.objective
+        run.say(f"fine-tuning {run.ref.name} ({what}, {cfg.method}, {n:,} trainable parameters) on {_describe_data(cfg, data)}, "
                 f"{machine_summary(run.record['machine'])}")
+        if cfg.objective != "sft":
+            return self.preference_job(run)
         # prompt/response and chat rows learn a few tokens each: run the LM head only where a label is
         sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
         sparse = sparse and keeps_logits(model)
@@ -62,8 +71,43 @@ class Finetune(Objective):
                         resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse else None, chunked_loss=chunked,
                         rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, data.labels, False, grow_vocab=bool(data.added_tokens)))
 
+    def preference_job(self, run: Run) -> TrainJob:
+        """DPO and relatives: pairs in, [chosen; rejected] rows through the model; the reference's log-probs (DPO, IPO)
+        computed once with the model as built, before any step, and cached."""
+        from llmkit.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference, reference_key, reference_logps
+
+        cfg, data, p, model = self.cfg, run.data, self.cfg.preference, self.model
+        collate = PreferenceCollator(run.tokenizer.pad_token_id)
+        loss = PreferenceLoss(cfg.objective, p.beta, p.sft_weight, p.simpo_gamma, model)
+        sets = [data.train, data.eval]
+        if cfg.objective in NEEDS_REFERENCE:
+            device = run.accelerator.device
+            if device.type != "cpu" and cfg.method != "qlora" and not cfg.train.fsdp:
+                model.to(device)  # where training puts it anyway; a 4-bit base is already placed
+            for i, examples in enumerate(sets):
+                if examples is None:
+                    continue
+                key = reference_key(weights_fingerprint(run.ref), run.ref.name, cfg.method, run.accelerator.mixed_precision, examples)
+                path = reference_dir(p.cache_dir) / f"{key}.safetensors"
+                run.say(f"reference log-probs of the {'training' if i == 0 else 'eval'} pairs: {path}"
+                        + (" (found)" if path.exists() else " (computing once)"))
+                logps = reference_logps(model, examples, collate, run.accelerator, path,
+                                        cfg.train.eval_batch_size or 2 * cfg.train.batch_size, run.progress)
+                sets[i] = WithReference(examples, logps)
+        return TrainJob(model, sets[0], sets[1], collate, "preference", cfg.train, run.out, quiet=not run.progress, resume=cfg.resume,
+                        loss_fn=loss, log_extra=loss.log_extra, eval_fn=loss.evaluate,
+                        rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, None, False, grow_vocab=bool(data.added_tokens)))
+
     def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:
         return save_model(self.cfg, run.ref, result.model, run.tokenizer, tmp, run.data.chat)
+
+
+def reference_dir(option: str | None) -> Path:
+    if option:
+        return Path(option).expanduser()
+    from llmkit.models import cache_root
+
+    return cache_root() / "reference-logps"
 
 
 def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool,
@@ -148,6 +192,8 @@ def keep_chat_format(chat: ChatEncoder, tokenizer: Any, model: Any) -> None:
 
 def _describe_data(cfg: FinetuneConfig, data: Prepared) -> str:
     d = cfg.data
+    if cfg.objective != "sft":
+        return f"{len(data.train)} preference pairs"
     if d.streaming:
         return f"a stream of {d.train} ({'conversations' if data.chat is not None else f'blocks of {d.block_size} tokens'})"
     what = f"{len(data.train)} blocks of {d.block_size} tokens" if cfg.task == "causal-lm" else f"{len(data.train)} examples"
@@ -179,6 +225,7 @@ def save_model(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, t
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    return Card(base=base_model_id(ref), plot_title=f"{ref.name} - {cfg.task} {cfg.method}", method=cfg.method, merged=merged,
+    what = cfg.task if cfg.objective == "sft" else cfg.objective
+    return Card(base=base_model_id(ref), plot_title=f"{ref.name} - {what} {cfg.method}", method=cfg.method, merged=merged,
                 peft_base=peft_base(ref) if adapters else None,
                 num_labels=len(model.config.id2label) if cfg.task == "seq-cls" else None)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.errors import UsageError
 from llmkit.gguf_convert import convert, converter_problem, supported_architectures
 from llmkit.gguf_tokenizer import tokenizer_mismatch
-from llmkit.machine import native_stderr_silenced, physical_cores
+from llmkit.machine import idle_threads, native_stderr_silenced, physical_cores, torch_threads
 from llmkit.runfolder import read_json
 
 if TYPE_CHECKING:
@@ -255,8 +255,10 @@ def cached_path(ref: ModelRef, gguf_type: str) -> Path:
 
 
 def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool = True,
-                say: Callable[[str], None] | None = None) -> Path:
+                say: Callable[[str], None] | None = None, threads: int | None = None) -> Path:
     """The GGUF export of `ref` (adapter merged in fp32), from the cache, or converted now and cached.
+
+    `threads`: for torch and llama.cpp's quantizer while converting; default: the cores other processes leave idle.
 
     Raises GgufUnusable when the model cannot be run this way (remembered, so the next run does not retry).
     """
@@ -281,18 +283,21 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     say(f"converting {ref.name} to GGUF {gtype} for llama.cpp (once; cached in {path.parent})")
     start = time.perf_counter()
+    threads = threads or idle_threads()  # torch's threads, like llama.cpp's, stall when another process takes a core
     try:
         from llmkit.models import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(ref)
         try:
             if ref.adapter is None and not ref.is_gguf:  # a plain folder: converted as it is, nothing to load
-                convert_folder(ref.path, tmp, gtype, progress=progress)
+                with torch_threads(threads):
+                    convert_folder(ref.path, tmp, gtype, progress=progress, threads=threads)
             else:
                 # fp32 whatever the folder's dtype, so a LoRA adapter is merged in full precision (transformers#31293);
                 # no loading bars: the two lines around this say what is happening
-                model = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
-                export(model, tokenizer, tmp, gtype, source_gguf=ref.path if ref.is_gguf else None)
+                with torch_threads(threads):
+                    model = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
+                    export(model, tokenizer, tmp, gtype, source_gguf=ref.path if ref.is_gguf else None, threads=threads)
                 del model
             problem = load_problem(tmp) or tokenizer_mismatch(tmp, tokenizer)
         except UsageError as e:  # the converter refused this model
@@ -308,7 +313,8 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
 
 
 
-def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool = True) -> tuple[ModelRef, int | None]:
+def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool = True,
+                  threads: int | None = None) -> tuple[ModelRef, int | None]:
     """`ref` as a GGUF file llama.cpp loads: itself when it is one, else its export from the cache (`cached_gguf`).
 
     Also returns the context the model was trained for where the export may not record it (an HF folder's
@@ -320,7 +326,7 @@ def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool
 
     if ref.is_gguf and ref.adapter is None:
         return ref, None
-    path = cached_gguf(ref, gguf_type, progress=progress)
+    path = cached_gguf(ref, gguf_type, progress=progress, threads=threads)
     trained = None if ref.is_gguf else context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
     return ModelRef(ref.name, "gguf", path, ref.source), trained
 

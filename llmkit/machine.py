@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import platform
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,136 @@ def physical_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- threads on a shared machine
+#
+# llama.cpp (and torch) split every matrix product across their threads and wait at a barrier after each step,
+# spinning rather than sleeping. When another process holds one of the cores, the thread that lost it stalls every
+# barrier until the scheduler gives it back: measured here with a LoRA run on both cores, SmolLM2's 16 tokens
+# took 12 s on 2 threads and 1 s on 1. So the default is the cores other processes leave idle, measured from
+# /proc/stat, and long generations measure again as they go (`CoreWatch`).
+
+# A core counts as ours when less than this share of it is busy with other processes: an idle machine's
+# background (logs, a shell) must not cost half the speed, a steady competitor on a core must.
+_SPARE = 0.3
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Jiffies of the cores this process may use, and this process's own CPU seconds, at one moment."""
+
+    when: float  # time.monotonic()
+    busy: int  # jiffies spent busy (user, nice, system, irq, softirq, steal) on those cores
+    total: int  # all their jiffies
+    own: float  # this process's CPU seconds, all threads
+    cores: int
+
+
+def parse_proc_stat(text: str, cpus: set[int] | None = None) -> tuple[int, int, int]:
+    """(busy jiffies, total jiffies, cores counted) from /proc/stat's text, over `cpus` (None: all of them)."""
+    busy = total = n = 0
+    for line in text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in fields[:8]] + [0] * (8 - len(fields[:8]))
+        user, nice, system, idle, iowait, irq, softirq, steal = v
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + idle + iowait + irq + softirq + steal
+        n += 1
+    return busy, total, n
+
+
+def cpu_sample() -> CpuSample | None:
+    """Now's CpuSample, or None where there is no /proc/stat (not Linux)."""
+    try:
+        text = Path("/proc/stat").read_text()
+        cpus = set(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return None
+    busy, total, n = parse_proc_stat(text, cpus)
+    if not n:  # a /proc/stat without per-core lines
+        return None
+    t = os.times()
+    return CpuSample(time.monotonic(), busy, total, t.user + t.system, n)
+
+
+def idle_cores(before: CpuSample, after: CpuSample, hz: int | None = None) -> float | None:
+    """Cores that processes other than this one left idle between two samples; None when too close to tell."""
+    hz = hz or os.sysconf("SC_CLK_TCK")
+    total = after.total - before.total
+    if total < 4 * after.cores:  # under ~40 ms per core: a few jiffies would swing the answer
+        return None
+    others = max(0.0, (after.busy - before.busy) - (after.own - before.own) * hz)
+    return max(0.0, after.cores * (1 - min(1.0, others / total)))
+
+
+def threads_for(idle: float | None, cores: int) -> int:
+    """Threads to compute with when `idle` of `cores` cores are free: every core when unknown, never fewer than 1."""
+    if idle is None:
+        return cores
+    return max(1, min(cores, math.floor(idle + _SPARE)))
+
+
+class CoreWatch:
+    """The thread count for this machine as it is now: `choose()` once at start, `recheck()` as work goes on.
+
+        >>> watch = CoreWatch()                  # first sample
+        >>> load_model(...)                      # anything; its own CPU time does not count as busy
+        >>> n = watch.choose()                   # waits out the rest of `window` s if less has passed
+        >>> if (m := watch.recheck()) is not None: set_threads(m)   # at most every `every` s, None when unchanged
+    """
+
+    def __init__(self, cores: int | None = None, *, window: float = 0.1, every: float = 1.0,
+                 sample: Callable[[], CpuSample | None] = cpu_sample) -> None:
+        self._sample, self.window, self.every = sample, window, every
+        self.cores = cores or physical_cores()
+        self.last = sample()
+        self.threads = self.cores
+
+    def choose(self) -> int:
+        if self.last is not None:
+            time.sleep(max(0.0, self.window - (time.monotonic() - self.last.when)))
+        self.recheck(force=True)
+        return self.threads
+
+    def recheck(self, force: bool = False) -> int | None:
+        """A new thread count when it changed since the last check (at most every `every` s), else None."""
+        if self.last is None or (not force and time.monotonic() - self.last.when < self.every):
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        idle = idle_cores(self.last, now)
+        if idle is None:
+            return None
+        self.last = now
+        threads = min(threads_for(idle, now.cores), self.cores)
+        if threads == self.threads:
+            return None
+        self.threads = threads
+        return threads
+
+
+def idle_threads(cores: int | None = None) -> int:
+    """Threads for work starting now (a 0.1 s look at the machine): the cores other processes leave idle."""
+    return CoreWatch(cores).choose()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch computes with at most `n` threads for a while (a conversion on a busy machine), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ _PICKLE_NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng
 # Files worth fetching from a Hub repo: no pickles, so a download can never bring one in by accident.
 HUB_SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Names ending like a file are paths, never Hub ids (`Qwen/Qwen2.5-0.5B` has a "suffix" too: only these count)
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,9 @@ class ModelRef:
 def base_model_id(ref: ModelRef) -> str:
     """The base as the Hub knows it (model card metadata): a Hub id, else an absolute path."""
     if ref.source == "alias":
-        return ALIASES[ref.name.lower()].hub_id
+        # an adapter folder keeps its own name on an alias base: the alias is the one whose file it is
+        key = ref.name.lower() if ref.name.lower() in ALIASES else next(k for k in ALIASES if alias_path(k) == ref.path)
+        return ALIASES[key].hub_id
     if ref.source == "hub":
         return ref.name
     return str(ref.path.parent if ref.is_gguf else ref.path)
@@ -149,7 +153,7 @@ def resolve(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = F
                 "or .gguf files: point --model at the folder that holds it"
             )
         raise UsageError(f"{ref} is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
-    if ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+    if ref.lower().endswith(_FILE_SUFFIXES) or ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
         raise UsageError(f"no such file or folder: {ref}; " + _offline_hint())
     parent = path.parent
     if str(parent) != "." and parent.is_dir():  # `runs/sentimnet`: a typo in a local path, not a Hub id
@@ -158,7 +162,9 @@ def resolve(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = F
         close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
         hint = f" (did you mean {parent / close[0]}?)" if close else ""
         raise UsageError(f"no such file or folder: {ref}{hint}; {parent}/ exists here, so this is not read as a Hub id")
-    return _checked(ModelRef(ref, "folder", _hub_snapshot(ref, allow_pickle), "hub", **opts))
+    # `runs/my-run` with no runs/ here is as likely a path as a Hub id: say both
+    maybe_path = "/" in ref or os.sep in ref
+    return _checked(ModelRef(ref, "folder", _hub_snapshot(ref, allow_pickle, maybe_path), "hub", **opts))
 
 
 def _checked(ref: ModelRef) -> ModelRef:
@@ -252,8 +258,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Path:
-    """A local snapshot of a Hub repo: the cache first, then a download of safe files only."""
+def _hub_snapshot(repo_id: str, allow_pickle: bool, maybe_path: bool = False) -> Path:
+    """A local snapshot of a Hub repo: the cache first, then a download of safe files only.
+
+    `maybe_path`: the name could as well be a local path (`runs/my-run`); errors say first that there is none."""
     from huggingface_hub import snapshot_download
 
     patterns = None if allow_pickle else HUB_SAFE_PATTERNS
@@ -263,11 +271,14 @@ def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Path:
         pass
     if hub_offline() or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face Hub is not reachable"
+        if maybe_path:
+            raise UsageError(f"no such file or folder here: {repo_id}; nor could the Hub be asked for it ({why}); " + _offline_hint())
         raise UsageError(f"cannot get '{repo_id}': {why} and it is not cached; " + _offline_hint())
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # RepositoryNotFound, GatedRepo, HTTP errors: all end the same way for the user
-        raise UsageError(f"cannot download '{repo_id}' from the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        where = f"no such file or folder here: {repo_id}; and " if maybe_path else ""
+        raise UsageError(f"{where}cannot download '{repo_id}' from the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -446,3 +457,14 @@ def context_length(config: Any) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- listing
+
+
+def weights_fingerprint(ref: ModelRef) -> list[Any]:
+    """What identifies a model's weights without hashing them: each weight file's name, size and mtime (caches of a
+    model's outputs, distill's teacher logits and preference tuning's reference log-probs, are keyed on it)."""
+    folders = [p for p in (ref.adapter, ref.path) if p is not None]
+    files = []
+    for p in folders:
+        candidates = [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.gguf"))
+        files += [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in candidates]
+    return files

@@ -155,7 +155,8 @@ def install_files(tmp: Path, out: Path) -> None:
 
 
 def plot_losses(out: Path, png: Path, title: str) -> bool:
-    """loss.png: training loss per logged step, eval loss per evaluation. False if there is nothing to plot."""
+    """loss.png: training loss per logged step, eval loss per evaluation (and, for preference tuning, the reward
+    margins and accuracy beside it). False if there is nothing to plot."""
     rows = read_metrics(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -166,7 +167,11 @@ def plot_losses(out: Path, png: Path, title: str) -> bool:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = {name: [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+               for name in ("rewards/margins", "rewards/accuracy", "eval_rewards/margins", "eval_rewards/accuracy")}
+    rewards = {k: v for k, v in rewards.items() if v}
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
     if evals:
@@ -176,6 +181,14 @@ def plot_losses(out: Path, png: Path, title: str) -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        ax = axes[0][1]
+        for name, points in rewards.items():
+            ax.plot(*zip(*points, strict=True), "o-" if name.startswith("eval_") else "-", label=name, lw=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_title("rewards (implicit): margin chosen - rejected, accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

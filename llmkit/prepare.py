@@ -110,8 +110,14 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
     train_name, train_sources = find_sources(d.train, task=task, what="--data")
     eval_spec = find_sources(d.eval, task=task, what="--eval-data") if d.eval else None
     plan = make_plan(train_sources, task, d)
+    objective = getattr(cfg, "objective", "sft")
+    if (plan.kind == "preference") != (objective != "sft"):
+        raise UsageError(f"{d.train} holds preference pairs ('chosen'/'rejected'); train on them with --objective dpo (or ipo, "
+                         "simpo, orpo)" if plan.kind == "preference" else
+                         f"--objective {objective} needs preference pairs: rows with 'prompt', 'chosen' and 'rejected' (or "
+                         f"'chosen'/'rejected' conversations); {d.train} has none")
     chat, added = None, ()
-    if plan.kind == "chat":
+    if plan.kind in ("chat", "preference"):
         model_name = cfg.model.name if hasattr(cfg, "model") else cfg.teacher.name
         template = resolve_template(tokenizer, d.chat_template, model_name)
         added = tuple(add_template_tokens(tokenizer, template))
@@ -127,6 +133,8 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
     splits = [Split("train", train_name, train_sources, plan, labels, d.packing, d.max_train_samples if early else 0)]
     if eval_spec is not None:
         eval_plan = make_plan(eval_spec[1], task, d)
+        if eval_plan.kind != plan.kind and "preference" in (eval_plan.kind, plan.kind):
+            raise UsageError(f"--eval-data {d.eval} and --data {d.train} must both be preference pairs")
         if (eval_plan.kind == "chat") != (plan.kind == "chat"):
             raise UsageError(f"--eval-data {d.eval} and --data {d.train} must both be conversations or both plain text")
         splits.append(Split("eval", eval_spec[0], eval_spec[1], eval_plan, labels, False, d.max_eval_samples))
@@ -187,7 +195,7 @@ def prepare_eval(spec: str, tokenizer: Any, *, task: str, block_size: int, max_l
                    block_size=block_size, max_length=max_length, format=data_format if chat is not None else "text")
     name, sources = find_sources(spec, task=task, what="--data")
     plan = make_plan(sources, task, d)
-    if chat is not None and plan.kind != "chat":
+    if chat is not None and plan.kind not in ("chat", "preference"):
         raise UsageError(f"{spec} holds no conversations (no 'messages', 'conversations' or 'prompt'/'completion' columns)")
     s = Split("eval", name, sources, plan, labels, False, limit)
     key = data_key([s], tokenizer, {"task": task, "block_size": block_size, "max_length": max_length,
@@ -234,6 +242,9 @@ def load_or_build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, 
         say(f"prepared data: {folder} in {meta['seconds']:.1f} s")
     for s in splits:
         info = meta["splits"][s.name]
+        if info.get("identical"):
+            print(f"warning: dropped {info['identical']} of {info['rows']} pairs of {s.spec} whose chosen and rejected responses "
+                  "are identical (no preference to learn)", file=sys.stderr)
         if info.get("dropped"):
             print(f"warning: dropped {info['dropped']} of {info['rows']} rows of {s.spec} whose response is cut off entirely "
                   f"by --block-size {d.block_size} (first: {info['first_dropped']}); raise --block-size to keep them", file=sys.stderr)

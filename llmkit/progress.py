@@ -13,6 +13,15 @@ import time
 from typing import Any, TextIO
 
 
+def plural(unit: str) -> str:
+    """`batch` -> `batches`, `step` -> `steps`, `entry` -> `entries`."""
+    if unit.endswith(("s", "x", "ch", "sh")):
+        return unit + "es"
+    if unit.endswith("y") and unit[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return unit[:-1] + "ies"
+    return unit + "s"
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
@@ -34,10 +43,11 @@ class LogBar:
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = (self.n - self.initial) / elapsed
-        done = f"{self.n}/{self.total} {self.unit}s" if self.total else f"{self.n} {self.unit}s"
+        units = plural(self.unit)
+        done = f"{self.n}/{self.total} {units}" if self.total else f"{self.n} {units}"
         if self.total:
             done += f" ({100 * self.n / self.total:.0f}%)"
-        parts = [f"{self.desc}: {done}", f"{rate:.3g} {self.unit}s/s"]
+        parts = [f"{self.desc}: {done}", f"{rate:.3g} {units}/s"]
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
         elif self.total and self.n >= self.total:

@@ -7,7 +7,7 @@
     train   objective.job -> train.fit (checkpoints, eval, resume), all inside outputs.run_guard
     save    objective.save writes the model into OUT/.tmp-model; outputs.publish adds llmkit.json, loss.png and the
             model card, then renames everything into OUT
-    cleanup accelerator.end_training
+    cleanup accelerator.end_training (finishes --report-to's tracker runs)
 
     >>> from llmkit.config import load_recipe
     >>> from llmkit.finetune import Finetune
@@ -35,6 +35,7 @@ from llmkit.models import ModelRef, resolve
 from llmkit.outputs import Card, check_out_dir, publish, run_guard, start_run
 from llmkit.prepare import Prepared, prepare_data
 from llmkit.runfolder import TMP_MODEL, read_record
+from llmkit.trackers import make_trackers, require_trackers, tracking
 from llmkit.train import TrainJob, TrainResult, fit
 
 
@@ -100,6 +101,7 @@ def run(objective: Objective) -> Path:
     """Run `objective` from validation to the finished model folder; returns the folder."""
     cfg = objective.cfg
     cfg.validate()  # flags, the output folder and the model are checked before torch is even imported
+    require_trackers(cfg.train.report_to)  # --report-to's packages are installed
     out = Path(cfg.out).expanduser()
     check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     m = objective.model_config()
@@ -111,7 +113,7 @@ def run(objective: Objective) -> Path:
     from llmkit.models import load_tokenizer
 
     set_threads(cfg.train.threads)
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, make_trackers(cfg.train.report_to, out, cfg.quiet))
     current = Run(cfg, out, ref, accelerator, load_tokenizer(ref))
     labels = objective.labels(current)
     with accelerator.main_process_first():  # the main process prepares (or finds) the data; the others then open it
@@ -124,7 +126,8 @@ def run(objective: Objective) -> Path:
     if current.main:
         start_run(out, cfg.overwrite, cfg.resume, current.record)
     accelerator.wait_for_everyone()
-    with run_guard(out, resume=cfg.resume, main=current.main):  # from here on a failure cleans up after itself
+    # from here on a failure cleans up after itself; --report-to's trackers log the run (marked failed if it fails)
+    with run_guard(out, resume=cfg.resume, main=current.main), tracking(accelerator, out, current.record, cfg.quiet):
         result = fit(objective.job(current), accelerator)
         if current.main:
             tmp = out / TMP_MODEL
@@ -154,7 +157,7 @@ def resolve_precision(name: str) -> str:
     return "bf16" if cpu_has_amx() else "no"
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
+def make_accelerator(cfg: TrainConfig, log_with: list[Any] | None = None) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
@@ -171,6 +174,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=resolve_precision(cfg.mixed_precision),
         dataloader_config=DataLoaderConfiguration(even_batches=True),
+        log_with=log_with,  # --report-to (llmkit/trackers.py)
     )
 
 

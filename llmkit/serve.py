@@ -6,7 +6,8 @@
     >>> engine = Engine.open("smollm2-135m")   # loads the model; one worker thread owns it from now on
     >>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000)
 
-What this layer does with a request: the event loop parses it (pydantic; a bad body is a 400), checks the key
+What this layer does with a request: a body larger than any prompt the context could hold is refused (413) before
+it is read; the event loop parses the rest (pydantic; a bad body is a 400), checks the key
 (401) and the model name (404), takes a slot from the engine (429 when --max-concurrency are taken), and hands
 it to the engine (`llmkit.serving.engine`: prompt checks, the worker thread, batching); the answer goes back as
 one JSON body or as server-sent chunks (`llmkit.serving.protocol`). A client that disconnects cancels its request.
@@ -45,8 +46,69 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> Any:
-    """The FastAPI app; wrapped with the API-key check when `api_key` is set."""
+class _BodyLimit:
+    """Pure ASGI middleware: a body over `limit` bytes is answered 413 before it is read (by its Content-Length),
+    or as soon as its chunks pass the limit. A 60 MB body was otherwise parsed, validated and tokenized while
+    everyone else waited; no prompt that fits a model's context comes near the limit (`default_body_limit`)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await APIError(400, "Content-Length is not a number").response()(scope, receive, send)
+            elif int(length) > self.limit:
+                await self._refuse(scope, receive, send, f"{int(length):,} bytes")
+            else:
+                await self.app(scope, receive, send)
+            return
+        # chunked: read it here, up to the limit, then hand the app the whole body (it would read it all anyway)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send, f"over {self.limit:,} bytes")
+                return
+            if not message.get("more_body"):
+                break
+        body, given = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal given
+            if given:
+                return await receive()  # after the body: disconnects
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, size: str) -> None:
+        mb = self.limit / 2**20
+        response = APIError(413, f"the request body is {size}: more than this server takes ({mb:.3g} MB, "
+                                 f"--max-body-mb); no prompt that fits the model's context is that long",
+                            code="request_too_large").response()
+        response.headers["Connection"] = "close"  # the rest of the body is never read
+        await response(scope, receive, send)
+
+
+def default_body_limit(window: int | None) -> int:
+    """Bytes a request body may have: 256 per token of the context (JSON escapes take up to 12 bytes a character,
+    a token is a few characters) plus 1 MiB for the rest of the body; 16 MiB when the context is not known."""
+    return 2**20 + 256 * window if window else 16 * 2**20
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int | None = None) -> Any:
+    """The FastAPI app, behind the body-size limit (`max_body_bytes`, default: `default_body_limit` of the model's
+    context) and, when `api_key` is set, the API-key check."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -78,6 +140,19 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Any:
             raise APIError(404, f"the model '{name}' does not exist here; this server serves '{engine.model_name}'",
                            param="model", code="model_not_found")
 
+    @app.get("/")
+    async def chat_page() -> Any:
+        """The chat page: one offline HTML file (no CDN) that talks to /v1/*. Outside /v1, so it is served without
+        the key, which the user types into it; the CSP keeps it from loading or sending anything elsewhere."""
+        from pathlib import Path
+
+        from fastapi.responses import HTMLResponse
+
+        page = (Path(__file__).parent / "serving" / "static" / "chat.html").read_text(encoding="utf-8")
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache", "Content-Security-Policy": (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")})
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, "backend": engine.backend.name,
@@ -100,7 +175,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Any:
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await _complete(engine, req, request, chat=False, check_model=check_model)
 
-    return _ApiKey(app, api_key) if api_key else app
+    limited = _BodyLimit(app, max_body_bytes or default_body_limit(engine.window))
+    return _ApiKey(limited, api_key) if api_key else limited
 
 
 async def _complete(engine: Engine, req: ChatRequest | CompletionRequest, request: Request, *, chat: bool, check_model: Any) -> Any:

@@ -55,13 +55,14 @@ class TrainJob:
     train_set: ExampleSet
     eval_set: ExampleSet | None
     collate: Collator
-    task: str  # "causal-lm" or "seq-cls": which eval metrics
+    task: str  # "causal-lm", "seq-cls" or "preference": which eval metrics (evaluation.BEST_METRIC)
     cfg: TrainConfig
     out: Path
     num_labels: int = 2
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None  # default: the model's own loss, or the chunked one
     chunked_loss: bool = False  # causal LMs: the LM head + cross-entropy in chunks of tokens (llmkit/chunked_loss.py)
     log_extra: Callable[[], dict[str, Any]] | None = None  # more values to log (e.g. distillation's loss parts)
+    eval_fn: Callable[[Any, Any, Any], dict[str, float]] | None = None  # (model, loader, accelerator) -> metrics; default: evaluate_model
     quiet: bool = False
     resume: bool = False
     rebuild: Callable[[], Any] | None = None  # a fresh unsharded model of the same kind, to receive --fsdp's gathered weights
@@ -242,7 +243,8 @@ def evaluate(job: TrainJob, accelerator: Any, model: Any, evals: Any, state: Tra
     """Evaluate the fp32 model on every process's share; keep its weights when it is the best so far."""
     t0 = time.perf_counter()
     with full_precision(accelerator, model) as fp32_model:
-        metrics = evaluate_model(fp32_model, evals, job.task, accelerator, job.num_labels)
+        metrics = (job.eval_fn(fp32_model, evals, accelerator) if job.eval_fn
+                   else evaluate_model(fp32_model, evals, job.task, accelerator, job.num_labels))
     log.pause(time.perf_counter() - t0)  # eval time does not count against training speed
     state.last_eval_step = state.step
     log.append({"step": state.step, "epoch": log.epoch(), **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -304,7 +306,7 @@ def finish(job: TrainJob, accelerator: Any, model: Any, evals: Any, state: Train
 
 
 class StepLog:
-    """metrics.jsonl, the progress bar, and the window of steps since the last log line (losses, tokens, time)."""
+    """metrics.jsonl (and --report-to's trackers), the progress bar, and the window of steps since the last log line."""
 
     def __init__(self, job: TrainJob, accelerator: Any, state: TrainState, total: int, batches: int | None) -> None:
         from llmkit.machine import reset_peak_memory, return_freed_memory
@@ -327,8 +329,7 @@ class StepLog:
         return round(self.state.epoch + self.state.batch_in_epoch / self.batches, 3)
 
     def count(self, tokens: int, examples: int) -> None:
-        self.tokens += tokens
-        self.samples += examples
+        self.tokens, self.samples = self.tokens + tokens, self.samples + examples
 
     def pause(self, seconds: float) -> None:
         self.start += seconds
@@ -381,6 +382,7 @@ class StepLog:
         if self.main:
             with open(self.job.out / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self.accelerator.log(record, step=record["step"])  # its numbers to --report-to's trackers (llmkit/trackers.py)
 
     def postfix(self, text: str) -> None:
         if self.bar is not None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["generate", "prepare", "finetune", "distill", "quantize", "evaluate", "serve", "models"]
+COMMANDS = ["generate", "chat", "prepare", "finetune", "distill", "quantize", "evaluate", "serve", "models"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -121,6 +121,7 @@ def test_prompts_file_and_stdin(cli, tiny_gpt2, tmp_path, monkeypatch):
     (["hi", "--stop", ""], "--stop must not be an empty string"),
     (["-f", "/no/such/prompts.txt"], "does not exist"),
     (["hi " * 40, "-n", "40"], "exceeds the model's context of 64 tokens"),  # tiny GPT-2: n_positions=64
+    (["hi", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, tiny_gpt2, args, message):
     code, out, err = cli("generate", *args, "--model", tiny_gpt2)
@@ -168,3 +169,67 @@ def test_greedy_with_several_sequences_repeats_the_one_greedy_text(tiny_gpt2):
     assert [g.index for g in gens] == [0, 1, 0, 1]
     assert gens[0].text == gens[1].text and gens[2].text == gens[3].text
     assert gens[0].text == next(iter(backend.generate(PROMPTS[:1], _greedy()))).text
+
+
+# ------------------------------------------------------------------------------ threads on a busy machine
+
+
+def _stat(per_cpu: list[tuple[int, int]]) -> str:
+    """/proc/stat text with these (busy, idle) jiffies per core; busy goes in `user`."""
+    lines = [f"cpu  {sum(b for b, _ in per_cpu)} 0 0 {sum(i for _, i in per_cpu)} 0 0 0 0 0 0"]
+    lines += [f"cpu{k} {b} 0 0 {i} 0 0 0 0 0 0" for k, (b, i) in enumerate(per_cpu)]
+    return "\n".join([*lines, "intr 1 2 3", "procs_running 3"])
+
+
+def _sample(when: float, per_cpu: list[tuple[int, int]], own: float = 0.0, cpus: set[int] | None = None):
+    from llmkit.machine import CpuSample, parse_proc_stat
+
+    busy, total, n = parse_proc_stat(_stat(per_cpu), cpus)
+    return CpuSample(when, busy, total, own, n)
+
+
+@pytest.mark.parametrize("others_busy, own, threads", [
+    ((0, 0), 0.0, 2),        # idle machine: every core, today's speed
+    ((1, 0), 0.0, 2),        # a shell blinking on one core: still both
+    ((100, 0), 0.0, 1),      # a training process on one core: the other one only
+    ((100, 100), 0.0, 1),    # both cores busy: one thread, never none
+    ((60, 60), 0.0, 1),      # 1.2 cores busy
+    ((100, 0), 1.0, 2),      # the busy core was this process itself (loading the model): not a competitor
+])
+def test_thread_choice_from_proc_stat(others_busy, own, threads):
+    """Two cores, 1 s (100 jiffies each) between samples; llmkit's own CPU seconds are not someone else's load."""
+    from llmkit.machine import idle_cores, threads_for
+
+    before = _sample(0.0, [(1000, 5000), (2000, 4000)])
+    after = _sample(1.0, [(1000 + others_busy[0], 5100 - others_busy[0]), (2000 + others_busy[1], 4100 - others_busy[1])], own=own)
+    idle = idle_cores(before, after, hz=100)
+    assert threads_for(idle, 2) == threads
+
+
+def test_thread_choice_counts_only_this_process_cores_and_needs_a_long_enough_window():
+    from llmkit.machine import CoreWatch, idle_cores, threads_for
+
+    # cores 0-1 of 4 are ours (affinity); cores 2-3 are saturated by others and must not count
+    before = _sample(0.0, [(0, 0)] * 4, cpus={0, 1})
+    after = _sample(1.0, [(0, 100), (0, 100), (100, 0), (100, 0)], cpus={0, 1})
+    assert after.cores == 2 and threads_for(idle_cores(before, after, hz=100), 2) == 2
+    # 10 ms apart: too few jiffies to tell, so no change from every core
+    close = _sample(0.01, [(1, 0), (0, 1), (0, 0), (0, 0)], cpus={0, 1})
+    assert idle_cores(before, close, hz=100) is None and threads_for(None, 2) == 2
+    assert threads_for(0.0, 16) == 1 and threads_for(13.0, 16) == 13 and threads_for(7.9, 8) == 8
+
+    # CoreWatch re-checks: busy -> 1 thread, quiet again -> back to 2; no change -> None
+    samples = iter([_sample(0.0, [(0, 0), (0, 0)]), _sample(1.0, [(100, 0), (100, 0)]),
+                    _sample(2.0, [(200, 0), (200, 0)]), _sample(3.0, [(200, 100), (200, 100)])])
+    watch = CoreWatch(2, window=0.0, every=0.0, sample=lambda: next(samples))
+    assert watch.recheck() == 1 and watch.recheck() is None and watch.recheck() == 2 and watch.threads == 2
+
+
+def test_progress_lines_say_batches():
+    from llmkit.progress import LogBar, plural
+
+    log = LogBar(18, "evaluating", "batch", every=0, file=io.StringIO())
+    log.update(16)
+    assert "evaluating: 16/18 batches (89%)" in log.line() and "batches/s" in log.line() and "batchs" not in log.line()
+    assert [plural(u) for u in ("step", "batch", "text", "row", "entry", "box", "day")] == \
+        ["steps", "batches", "texts", "rows", "entries", "boxes", "days"]

@@ -20,16 +20,16 @@ LAYERS = {
     # shared machinery: data, the run lifecycle and loop, evaluation, generation backends, GGUF, serving engine
     "llmkit.datafiles": 2, "llmkit.chat": 2, "llmkit.data": 2, "llmkit.datarows": 2, "llmkit.encoding": 2,
     "llmkit.streaming": 2, "llmkit.prepare": 2, "llmkit.sharding": 2, "llmkit.checkpoints": 2, "llmkit.evaluation": 2,
-    "llmkit.train": 2, "llmkit.outputs": 2, "llmkit.run": 2, "llmkit.lora": 2, "llmkit.students": 2,
+    "llmkit.train": 2, "llmkit.outputs": 2, "llmkit.pairs": 2, "llmkit.preference": 2, "llmkit.run": 2, "llmkit.lora": 2, "llmkit.students": 2,
     "llmkit.generation": 2, "llmkit.gguf_tokenizer": 2, "llmkit.gguf_convert": 2, "llmkit.gguf": 2, "llmkit.backends": 2,
     "llmkit.backends.transformers": 2, "llmkit.backends.llama_cpp": 2, "llmkit.serving": 2, "llmkit.serving.job": 2,
-    "llmkit.serving.protocol": 2, "llmkit.serving.llama_batch": 2, "llmkit.serving.engine": 2,
+    "llmkit.serving.protocol": 2, "llmkit.serving.llama_batch": 2, "llmkit.serving.engine": 2, "llmkit.trackers": 2,
     # capabilities: one per command
     "llmkit.finetune": 3, "llmkit.distill": 3, "llmkit.evaluate": 3, "llmkit.quantization": 3, "llmkit.serve": 3,
-    "llmkit.memory": 3, "llmkit.catalog": 3,
+    "llmkit.memory": 3, "llmkit.catalog": 3, "llmkit.terminal_chat": 3,
     # the CLI
     "llmkit.commands": 4, "llmkit.commands.options": 4, "llmkit.cli": 5, "llmkit.__main__": 5,
-    **{f"llmkit.commands.{c}": 4 for c in ("distill", "evaluate", "finetune", "generate", "models", "prepare", "quantize", "serve")},
+    **{f"llmkit.commands.{c}": 4 for c in ("chat", "distill", "evaluate", "finetune", "generate", "models", "prepare", "quantize", "serve")},
 }
 MAX_LINES = 500
 

@@ -127,6 +127,27 @@ def test_encoder_is_not_a_causal_lm(cli):
     assert code == 2 and "not a causal language model" in err
 
 
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_missing_path_says_so_before_the_hub(tmp_path, monkeypatch, offline):
+    """`runs/no-such-run-here` with no runs/ folder: first that nothing is here, then why the Hub could not be asked."""
+    monkeypatch.chdir(tmp_path)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: the Hub is not reachable
+    with pytest.raises(UsageError) as e:
+        resolve("runs/no-such-run-here")
+    message = str(e.value)
+    assert message.startswith("no such file or folder here: runs/no-such-run-here; nor could the Hub be asked for it (")
+    assert ("HF_HUB_OFFLINE is set" if offline else "not reachable") in message and "smollm2-135m" in message
+    for name in ("weights.safetensors", "model.bin", "./run", "~/no-such-llmkit-run"):  # file names and paths: never the Hub
+        with pytest.raises(UsageError, match=r"^no such file or folder: "):
+            resolve(name)
+    with pytest.raises(UsageError, match=r"^cannot get 'gpt2-not-cached-xyz'"):  # a bare name reads as a Hub id
+        resolve("gpt2-not-cached-xyz")
+
+
 def test_typo_in_a_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     (tmp_path / "runs" / "sentiment").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

@@ -202,6 +202,16 @@ def test_bad_requests_get_openai_errors(server):
         assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["type"] == "invalid_request_error"
         assert err["error"]["param"] == param and "\n" not in err["error"]["message"]
     assert server.post("/v1/completions", {"prompt": [1, 2, 3]})[0] == 400
+    for body, param in [({"messages": CHAT, "max_tokens": -1}, "max_tokens"),
+                        ({"messages": CHAT, "temperature": "0.5"}, "temperature"),
+                        ({"messages": CHAT, "top_p": 7}, "top_p"),
+                        ({"messages": CHAT, "n": 100000}, "n"),
+                        ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", None)]:  # deep nesting: no RecursionError
+        status, err = server.post("/v1/chat/completions", body)
+        assert status == 400 and (param is None or err["error"]["param"] == param), (str(body)[:80], err)
+    # 200k characters in a 128-token context: refused by its length, before the tokenizer sees it
+    status, err = server.post("/v1/completions", {"prompt": "x" * 200_000, "max_tokens": 4})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded" and "200,000 characters" in err["error"]["message"]
     with pytest.raises(openai.BadRequestError) as e:  # 128-token context: refused before generating
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "To be " * 40}], max_tokens=100)
     assert e.value.status_code == 400 and e.value.code == "context_length_exceeded" and "context of 128 tokens" in e.value.message
@@ -210,6 +220,78 @@ def test_bad_requests_get_openai_errors(server):
     assert e.value.code == "model_not_found"
     assert server.post("/v1/nowhere", {})[0] == 404
     assert server.health()["in_flight"] == 0  # every refusal gave its slot back
+
+
+def test_null_content_is_400_not_an_empty_message(server):
+    for message in ({"role": "user", "content": None}, {"role": "user"}):
+        status, err = server.post("/v1/chat/completions", {"messages": [message], "max_tokens": 4})
+        assert status == 400 and err["error"]["param"] == "messages.0.content", err
+        assert "messages.0.content is null or missing" in err["error"]["message"]
+    assert server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}], "max_tokens": 4})[0] == 200
+    assert server.health()["in_flight"] == 0
+
+
+def _raw(srv: Server, head: str, body_chunks: Iterator[bytes], sent: list[int]) -> str:
+    """An HTTP request over a bare socket, its body sent while the server will take it; returns the response's text."""
+    import socket
+
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode())
+
+        def feed() -> None:
+            try:
+                for chunk in body_chunks:
+                    sock.sendall(chunk)
+                    sent[0] += len(chunk)
+            except OSError:  # the server answered and closed: it reads no more
+                pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        response = b""
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+        sock.close()
+        feeder.join(30)
+    return response.decode("utf-8", "replace")
+
+
+def test_huge_body_is_413_unread_while_others_are_answered(server):
+    """A 60 MB body (the limit here is ~1 MB: a 128-token context) is refused from its headers, or, chunked, as soon
+    as it passes the limit; a normal request sent meanwhile is answered at once."""
+    big = 60 * 2**20
+    path = "/v1/chat/completions"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    piece = b'{"messages": [{"role": "user", "content": "' + b"a" * (2**20 - 44)
+
+    sized, chunked = [0], [0]
+    with ThreadPoolExecutor(2) as pool:
+        by_length = pool.submit(_raw, server, head + f"Content-Length: {big}\r\n\r\n", iter([piece] * 60), sized)
+        by_chunks = pool.submit(_raw, server, head + "Transfer-Encoding: chunked\r\n\r\n",
+                                (b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(60)), chunked)
+        start = time.monotonic()
+        r = server.client(timeout=30).chat.completions.create(model=server.model, messages=CHAT, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content is not None and time.monotonic() - start < 30
+        for response, sent in ((by_length.result(60), sized), (by_chunks.result(60), chunked)):
+            assert response.startswith("HTTP/1.1 413"), response[:200]
+            err = json.loads(response.split("\r\n\r\n", 1)[1])["error"]
+            assert err["code"] == "request_too_large" and "--max-body-mb" in err["message"]
+            assert sent[0] < big, "the server read the whole body"
+    assert server.health()["in_flight"] == 0
+
+
+def test_max_body_mb_sets_the_limit(chat_model, tmp_path):
+    srv = Server(tmp_path, "--model", str(chat_model), "--backend", "transformers", "--max-body-mb", "0.01")
+    try:
+        status, err = srv.post("/v1/completions", {"prompt": "To be " * 2000, "max_tokens": 4})  # 12 kB
+        assert status == 413 and "0.01 MB" in err["error"]["message"]
+        assert srv.post("/v1/completions", {"prompt": "To be", "max_tokens": 4})[0] == 200
+    finally:
+        srv.stop()
 
 
 def test_api_key(strict):
@@ -270,6 +352,8 @@ def test_help_has_runnable_examples(cli):
 def test_startup_errors_are_one_line_exit_2(cli, tmp_path):
     code, _, err = cli("serve", "--model", str(tmp_path / "missing"))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    code, _, err = cli("serve", "--max-body-mb", "0")
+    assert code == 2 and "--max-body-mb must be more than 0" in err and err.count("\n") == 1
     import socket
 
     with socket.socket() as taken:

@@ -20,6 +20,7 @@ between the two is asked of the backend (`batches`, `torch_model()`, `native_lla
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from llmkit.chat import Prompt
 from llmkit.errors import UsageError
 from llmkit.generation import Generation, OnText, SamplingOptions
 from llmkit.gguf import GgufUnusable, cache_type, for_llama_cpp, why_not_exportable
+from llmkit.machine import CoreWatch
 from llmkit.models import ModelRef
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
@@ -131,7 +133,7 @@ def open_backend(ref: ModelRef, prompts: list[Prompt], opts: SamplingOptions, ba
     choice = choose_backend(ref, backend, device=device)
     if choice == "llama.cpp":
         try:
-            gguf_ref, trained_context = for_llama_cpp(ref, gguf_type, progress=progress)
+            gguf_ref, trained_context = for_llama_cpp(ref, gguf_type, progress=progress, threads=threads)
         except GgufUnusable as e:
             if backend != "auto":
                 raise
@@ -139,8 +141,18 @@ def open_backend(ref: ModelRef, prompts: list[Prompt], opts: SamplingOptions, ba
                 print(f"{e}; running it on transformers", file=sys.stderr, flush=True)
         else:
             return LlamaCppBackend.for_prompts(gguf_ref, prompts, opts, trained_context=trained_context, threads=threads)
-    if threads:
-        import torch
+    watch = CoreWatch() if not threads else None  # the load is the window in which the machine is measured
+    model = TransformersBackend(ref, device=device, dtype=dtype, batch_size=batch_size, progress=progress)
+    import torch
 
-        torch.set_num_threads(threads)
-    return TransformersBackend(ref, device=device, dtype=dtype, batch_size=batch_size, progress=progress)
+    # unless given: torch's own default, lowered to the cores other processes leave idle (its threads wait at
+    # barriers too, if less pathologically than llama.cpp's)
+    torch.set_num_threads(threads or min(_torch_default_threads(), watch.choose()))  # type: ignore[union-attr]
+    return model
+
+
+@functools.cache
+def _torch_default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

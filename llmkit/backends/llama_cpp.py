@@ -26,7 +26,7 @@ from typing import Any
 from llmkit.chat import Prompt, chat_messages, render_chat
 from llmkit.errors import UsageError
 from llmkit.generation import Generation, OnText, SamplingOptions, StopScanner, check_context
-from llmkit.machine import cpu_info, native_stderr_silenced, physical_cores
+from llmkit.machine import CoreWatch, cpu_info, native_stderr_silenced
 from llmkit.models import ModelRef
 
 
@@ -41,6 +41,7 @@ class NativeLlama:
     model: Any  # llama_model *: the weights, which several contexts can share
     vocab: Any  # llama_vocab *
     threads: int
+    auto_threads: bool  # threads were not given: follow the cores other processes leave idle (llmkit.machine.CoreWatch)
     flash_attn_type: int  # the backend's own context's attention kernel, for contexts that must compute like it
     tokens: Callable[[Prompt, SamplingOptions], list[int]]  # a prompt's token ids, exactly as generate() sees them
     detokenize: Callable[[list[int]], bytes]
@@ -51,6 +52,10 @@ class LlamaCppBackend:
 
     The context is sized to the job (prompt + max_new_tokens) rather than the model's full 8k+ window:
     a smaller KV cache loads faster and uses less memory.
+
+    Threads, unless given: the cores other processes leave idle, measured while the model loads and again about
+    every second of generation (llama.cpp's threads spin at barriers, so one whose core is taken stalls all the
+    others: see llmkit.machine). `self.threads` is the count in use.
     """
 
     name = "llama.cpp"
@@ -60,9 +65,14 @@ class LlamaCppBackend:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
-        self.ref, self.threads, self.logits_all = ref, threads or physical_cores(), logits_all  # logits_all: for nll()
+        # measuring starts before the load, so the load's time is the measuring window (its own CPU time is excluded)
+        self.watch = CoreWatch() if not threads else None
+        self.ref, self.logits_all = ref, logits_all  # logits_all: for nll()
+        self.threads = threads or self.watch.cores  # type: ignore[union-attr]
         self._load(n_ctx)
         self.context = self.llm._model.n_ctx_train() or None
+        if self.watch is not None:
+            self._set_threads(self.watch.choose())
 
     @classmethod
     def for_prompts(cls, ref: ModelRef, prompts: list[Prompt], opts: SamplingOptions, *, trained_context: int | None = None,
@@ -111,6 +121,17 @@ class LlamaCppBackend:
         """Free the model and its context now rather than when the object is collected."""
         self.llm.close()
 
+    def _set_threads(self, n: int) -> None:
+        if n != self.llm.context_params.n_threads:
+            self._llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
+            self.llm.context_params.n_threads = self.llm.context_params.n_threads_batch = n
+            self.llm.n_threads = self.llm.n_threads_batch = n
+        self.threads = n
+
+    def _recheck_threads(self) -> None:
+        if self.watch is not None and (n := self.watch.recheck()) is not None:
+            self._set_threads(n)
+
     # -- the Backend interface (llmkit.backends.Backend)
 
     @property
@@ -146,8 +167,8 @@ class LlamaCppBackend:
 
     def native_llama(self) -> NativeLlama:
         model = self.llm._model
-        return NativeLlama(model.model, model.vocab, self.threads, self.llm.context_params.flash_attn_type,
-                           self.tokens, self.llm.detokenize)
+        return NativeLlama(model.model, model.vocab, self.threads, self.watch is not None,
+                           self.llm.context_params.flash_attn_type, self.tokens, self.llm.detokenize)
 
     def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
         encoded = [self.tokens(p, opts) for p in prompts]
@@ -166,12 +187,14 @@ class LlamaCppBackend:
                 emit = (lambda t, i=idx: on_text(i, t)) if on_text else (lambda t: None)
                 n, finish = 0, "length"
                 start = time.perf_counter()
+                self._recheck_threads()
                 for tok in self.llm.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0,
                                              temp=opts.temperature, repeat_penalty=opts.repetition_penalty):
                     if self._llama_cpp.llama_vocab_is_eog(vocab, tok):
                         n, finish = n + 1, "stop"
                         break
                     n += 1
+                    self._recheck_threads()  # at most once a second: another process may have taken a core since
                     if shown := scanner.feed(utf8.decode(self.llm.detokenize([tok]))):
                         emit(shown)
                     if scanner.stopped:

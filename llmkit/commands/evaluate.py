@@ -23,7 +23,9 @@ def evaluate(
     chat_template: str = typer.Option(None, "--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].", show_default=False),
     generate_answers: bool = typer.Option(False, "--generate-answers", help="Chat data: answer each last user turn greedily; report exact / contains match."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="With --generate-answers: tokens per answer."),
-    max_examples: int = typer.Option(None, "--max-examples", help="Chat data: only the first N conversations.", show_default=False),
+    max_examples: int = typer.Option(None, "--max-examples", help="Chat / preference data: only the first N conversations or pairs.", show_default=False),
+    reference: str = typer.Option(None, "--reference", help="Preference data: the model rewards are measured against [default: "
+                                  "an adapter's base, or the model the run started from].", show_default=False),
     device: str = typer.Option(None, "--device", help="cpu, cuda, mps [default: best available].", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -39,6 +41,8 @@ def evaluate(
       llmkit evaluate --model runs/sentiment --data ../shared/data/rt-polarity/validation.csv --json
 
       llmkit evaluate --model runs/chat --data chat-val.jsonl --generate-answers --max-examples 200   # conversations
+
+      llmkit evaluate --model runs/dpo --data pairs-val.jsonl --json   # prompt/chosen/rejected: preference accuracy
     """
     from llmkit.evaluate import evaluate_data
 
@@ -46,9 +50,15 @@ def evaluate(
                            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                            max_length=max_length, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            progress=not quiet, data_format=data_format, chat_template=chat_template,
-                           answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples)
+                           answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples, reference=reference)
     if as_json:
         typer.echo(json.dumps(result))
+    elif result["task"] == "preference":
+        line = f"logp accuracy {result['logp_accuracy']:.4f}"
+        if "preference_accuracy" in result:
+            line = (f"preference accuracy {result['preference_accuracy']:.4f} (log-ratio margin {result['logratio_margin']:.4f}, "
+                    f"reference {result['reference']})  ") + line
+        typer.echo(f"{line} over {result['pairs']} pairs in {result['seconds']} s")
     elif result["task"] == "chat":
         typer.echo(f"assistant-token perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f}) over {result['assistant_tokens']} "
                    f"tokens of {result['conversations']} conversations in {result['seconds']} s")

@@ -10,7 +10,7 @@ from llmkit.commands import options as o
 
 FLAG_KEYS = {**o.TRAIN_KEYS, **o.model_keys("model"), "model": "model.name", "method": "method", "lora_r": "lora.r",
              "lora_alpha": "lora.alpha", "lora_targets": "lora.target_modules", "merge": "lora.merge", "fsdp": "train.fsdp",
-             "streaming": "data.streaming"}
+             "streaming": "data.streaming", "objective": "objective", "beta": "preference.beta", "sft_weight": "preference.sft_weight"}
 
 
 def finetune(
@@ -18,6 +18,12 @@ def finetune(
     task: str = o.TASK,
     method: str = typer.Option(None, "--method", help="full | lora | qlora (LoRA on a 4-bit base) [default: full].", show_default=False),
     data: str = o.DATA,
+    objective: str = typer.Option(None, "--objective", help="sft (next-token loss) | dpo | ipo | simpo | orpo (on prompt/chosen/"
+                                  "rejected pairs) [default: sft].", show_default=False),
+    beta: float = typer.Option(None, "--beta", help="Preference objectives: distance from the reference (DPO/IPO), reward "
+                               "scale (SimPO), odds-ratio weight (ORPO) [default: 0.1; SimPO 2.0].", show_default=False),
+    sft_weight: float = typer.Option(None, "--sft-weight", help="Preference objectives: add W x the chosen responses' NLL "
+                                     "(RPO) [default: 0].", show_default=False),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data, same format (or set data.eval_split).", show_default=False),
     out: str = typer.Option(None, "--out", "-o", help="Output folder (becomes a Hugging Face model folder).", show_default=False),
     epochs: float = o.EPOCHS,
@@ -50,6 +56,7 @@ def finetune(
     fsdp: bool = typer.Option(None, "--fsdp", help="Shard weights, gradients and optimizer state across processes (torchrun).",
                               show_default=False),
     gradient_checkpointing: bool = o.GRADIENT_CHECKPOINTING,
+    report_to: list[str] = o.REPORT_TO,
     estimate_memory: bool = typer.Option(False, "--estimate-memory", help="Print the memory this run needs per process, and "
                                          "what would make it fit, then exit."),
     resume: bool = o.RESUME,
@@ -73,6 +80,8 @@ def finetune(
       llmkit finetune --recipe recipes/smollm2-135m-shakespeare-lora.yaml --set train.max_steps=30 --out runs/shakespeare
 
       llmkit finetune --model smollm2-135m --method lora --data chat.jsonl --packing --out runs/chat   # {"messages": [...]} rows
+
+      llmkit finetune --objective dpo --model runs/chat --method lora --data pairs.jsonl --beta 0.1 --out runs/dpo   # prompt/chosen/rejected
 
       torchrun --nproc_per_node 2 -m llmkit finetune --recipe recipes/minilm-l6-sentiment-full.yaml --out runs/ddp
 

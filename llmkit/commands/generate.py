@@ -61,7 +61,7 @@ def generate(
     device: str = typer.Option(None, "--device", help="transformers backend: cpu, cuda, cuda:1, mps [default: best available].", show_default=False),
     dtype: str = typer.Option("auto", "--dtype", help="transformers backend: auto | float32 | bfloat16 | float16."),
     batch_size: int = typer.Option(8, "--batch-size", help="transformers backend: prompts per batch when not streaming."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads [default: the cores this process may use].", show_default=False),
+    threads: int = typer.Option(None, "--threads", help="CPU threads [default: the cores other processes leave idle].", show_default=False),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt): they can run code. Only for sources you trust."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code (auto_map). Only for sources you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or speed summary on stderr."),
@@ -94,6 +94,8 @@ def generate(
         raise UsageError("--system only applies to chat prompts: add --chat")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads}); leave it out to use the cores other processes leave idle")
     texts = read_prompts(prompts or [], prompts_file)
     ref = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     show_progress = not quiet

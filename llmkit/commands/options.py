@@ -28,7 +28,7 @@ TEXT_COLUMN = _opt("--text-column", help="Text column of CSV/JSONL data [default
 TEXT_PAIR_COLUMN = _opt("--text-pair-column", help="Second text column for pair tasks (seq-cls).")
 PROMPT_COLUMN = _opt("--prompt-column", help="causal-lm: prompt column; only the response is learned.")
 LABEL_COLUMN = _opt("--label-column", help="Label column for seq-cls [default: label].")
-DATA_FORMAT = _opt("--format", help="auto | text | messages | sharegpt | prompt-completion [default: auto, from the columns].")
+DATA_FORMAT = _opt("--format", help="auto | text | messages | sharegpt | prompt-completion | preference [default: auto, from the columns].")
 CHAT_TEMPLATE = _opt("--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].")
 TRAIN_ON_PROMPT = _opt("--train-on-prompt", help="Chat data: learn every token, not only the replies.")
 PACKING = _opt("--packing", help="Chat / prompt-response data: several conversations per --block-size row.")
@@ -47,6 +47,8 @@ EVAL_EVERY = _opt("--eval-every", help="Evaluate every N steps [default: each ep
 SAVE_EVERY = _opt("--save-every", help="Checkpoint every N steps [default: each epoch].")
 THREADS = _opt("--threads", help="CPU threads [default: physical cores / processes].")
 GRADIENT_CHECKPOINTING = _opt("--gradient-checkpointing", help="Recompute activations in backward: far less memory, ~1/3 more compute.")
+REPORT_TO = _opt("--report-to", help="Also log to an experiment tracker: none | tensorboard | mlflow | wandb | trackio "
+                 "(repeatable; pip install 'llmkit[track]'); logs under OUT/tracking/ [default: none].")
 RESUME = _opt("--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = _opt("--overwrite", help="Replace an existing --out folder.")
 
@@ -66,7 +68,7 @@ TRAIN_KEYS = {
     **DATA_KEYS, "out": "out", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum", "lr": "train.lr", "seed": "train.seed", "mixed_precision": "train.mixed_precision",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "threads": "train.threads",
-    "gradient_checkpointing": "train.gradient_checkpointing", "resume": "resume", "overwrite": "overwrite",
+    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to", "resume": "resume", "overwrite": "overwrite",
 }
 
 

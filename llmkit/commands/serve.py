@@ -41,13 +41,16 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar="LLMKIT_API_KEY", show_default=False,
                                 help="Require 'Authorization: Bearer KEY' on /v1/* [env: LLMKIT_API_KEY]."),
     max_concurrency: int = typer.Option(64, "--max-concurrency", help="Requests waiting or running at once; beyond that: HTTP 429."),
+    max_body_mb: float = typer.Option(None, "--max-body-mb", help="Largest request body, in MB; larger ones get HTTP 413 unread "
+                                      "[default: 1 + 256 bytes per token of the model's context, e.g. 2 MB at 4096].", show_default=False),
     backend: str = typer.Option("auto", "--backend", help="auto | transformers | llama.cpp (auto: llama.cpp for .gguf)."),
     batch_size: int = typer.Option(8, "--batch-size", help="transformers backend: most sequences generated together."),
     parallel: int = typer.Option(None, "--parallel", help="llama.cpp backend: requests decoded together (continuous batching); "
                                  "1 = one at a time, texts exactly as `llmkit generate` [default: $LLMKIT_SERVE_PARALLEL or 1].", show_default=False),
     device: str = typer.Option(None, "--device", help="transformers backend: cpu, cuda, cuda:1, mps [default: best available].", show_default=False),
     dtype: str = typer.Option("auto", "--dtype", help="transformers backend: auto | float32 | bfloat16 | float16."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads [default: the cores this process may use].", show_default=False),
+    threads: int = typer.Option(None, "--threads", help="CPU threads [default: the cores other processes leave idle, re-checked as it runs].",
+                                show_default=False),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt): they can run code. Only for sources you trust."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code (auto_map). Only for sources you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No request log on stderr, only the start line and errors."),
@@ -78,8 +81,12 @@ def serve(
         raise UsageError(f"--port must be between 0 and 65535 (got {port})")
     if max_concurrency < 1:
         raise UsageError(f"--max-concurrency must be at least 1 (got {max_concurrency})")
+    if max_body_mb is not None and not max_body_mb > 0:
+        raise UsageError(f"--max-body-mb must be more than 0 (got {max_body_mb})")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads}); leave it out to use the cores other processes leave idle")
     if parallel is not None and parallel < 1:
         raise UsageError(f"--parallel must be at least 1 (got {parallel})")
     if api_key is not None and not api_key.strip():
@@ -102,7 +109,8 @@ def serve(
                 print(f"serving {engine.model_name} on http://{url_host}:{bound_port} ({engine.backend.name})", file=sys.stderr, flush=True)
 
     # uvicorn's own start-up lines would repeat ours; its request log is the only INFO kept (unless --quiet)
-    config = uvicorn.Config(create_app(engine, api_key=api_key), log_level="warning", access_log=not quiet,
+    max_body = int(max_body_mb * 2**20) if max_body_mb is not None else None
+    config = uvicorn.Config(create_app(engine, api_key=api_key, max_body_bytes=max_body), log_level="warning", access_log=not quiet,
                             timeout_graceful_shutdown=30, lifespan="on")
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING if quiet else logging.INFO)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal; ignoring it from here on

@@ -57,6 +57,9 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 # Continuous batching: KV cells shared by all sequences. Each admitted sequence reserves prompt + max_tokens
 # cells, so this bounds how many long requests run together (4 at the full window), not short ones.
 LLAMA_CPP_BATCH_CTX = 4 * LLAMA_CPP_CTX
+# A prompt with more characters than this many per token of the context cannot fit, whatever the tokenizer: the
+# longest tokens of common vocabularies are 16-32 characters (SmolLM2: 32). Refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 128
 
 
 class _Cancelled(Exception):
@@ -144,6 +147,11 @@ class Engine:
         prompts = req.prompts()
         max_tokens = (req.max_completion_tokens if isinstance(req, ChatRequest) else None) or req.max_tokens
         opts = req.options(chat, max_tokens or 1)
+        chars = max(len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p) for p in prompts)
+        if self.window and chars > self.window * MAX_CHARS_PER_TOKEN:
+            raise APIError(400, f"the {'messages are' if chat else 'prompt is'} {chars:,} characters: far more than this model's "
+                           f"context of {self.window} tokens can hold", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
         try:
             opts.validate()
             counts = self._count(prompts, opts)

@@ -34,6 +34,7 @@ from typing import Any
 from llmkit.backends.llama_cpp import NativeLlama
 from llmkit.chat import Prompt
 from llmkit.generation import Generation, SamplingOptions, StopScanner
+from llmkit.machine import CoreWatch
 
 PENALTY_LAST_N = 64  # llama-cpp-python's window for repeat_penalty (last_n_tokens_size)
 MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth the bookkeeping
@@ -86,6 +87,10 @@ class BatchedLlama:
         params.n_batch = params.n_ubatch = n_batch + self.parallel  # a prefill chunk plus one token per sequence
         params.n_seq_max = self.parallel + 1  # + the prefix cache
         params.n_threads = params.n_threads_batch = native.threads
+        # threads the user did not fix follow the cores other processes leave idle, as in LlamaCppBackend
+        self.watch = CoreWatch() if native.auto_threads else None
+        if self.watch is not None:
+            self.watch.threads = native.threads  # what the context starts with: rechecks change it from there
         # one pool of cells: seq_cp of a shared prefix tags cells instead of copying them between streams
         params.kv_unified = True
         # the single-sequence context's attention kernel: a sequence decoded alone from cell 0 gets its logits bit for bit
@@ -225,6 +230,8 @@ class BatchedLlama:
         if n == 0:
             return []
         batch.n_tokens = n
+        if self.watch is not None and (threads := self.watch.recheck()) is not None:
+            ll.llama_set_n_threads(self.ctx, threads, threads)
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc} for {n} tokens over {len(self.active)} sequences")

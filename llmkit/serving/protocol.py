@@ -95,6 +95,11 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
 
     def prompts(self) -> list[Prompt]:
+        for i, m in enumerate(self.messages):
+            if m.content is None:  # OpenAI refuses it too; taking it for "" would answer a question nobody asked
+                raise APIError(400, f"messages.{i}.content is null or missing: give the {m.role} message's text as a string "
+                               "(or a list of text parts)", param=f"messages.{i}.content")
+
         def text(m: Message) -> str:
             return m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
 
