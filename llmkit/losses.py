@@ -71,3 +71,22 @@ def keeps_logits(model: Any) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+class LoggedParts:
+    """A loss (`TrainJob.loss_fn`) that keeps named values of each micro-batch (loss parts, rewards); `log_extra`
+    gives their means since the last call, which train.fit logs beside the loss."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+
+    def keep(self, parts: dict[str, Any]) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def log_extra(self) -> dict[str, Any]:
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means

@@ -30,7 +30,7 @@ from typing import Any
 
 from llmkit.checkpoints import cached_tensors
 from llmkit.data import Collator
-from llmkit.losses import keeps_logits
+from llmkit.losses import LoggedParts, keeps_logits
 from llmkit.progress import bar as progress_bar
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
@@ -119,15 +119,14 @@ class WithReference:
         return self.examples.tokens
 
 
-class PreferenceLoss:
+class PreferenceLoss(LoggedParts):
     """`TrainJob.loss_fn` for preference objectives; keeps the metrics of the batches since the last log line."""
 
     def __init__(self, objective: str, beta: float | None = None, sft_weight: float = 0.0, simpo_gamma: float = 0.5,
                  model: Any = None) -> None:
         self.objective, self.beta, self.sft_weight, self.simpo_gamma = objective, resolved_beta(objective, beta), sft_weight, simpo_gamma
         self.sparse = model is None or keeps_logits(model)
-        self.sums: dict[str, Any] = {}
-        self.count = 0
+        super().__init__()
 
     def terms(self, model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(the batch's loss, per-pair metric tensors)."""
@@ -149,16 +148,8 @@ class PreferenceLoss:
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
         loss, metrics = self.terms(model, batch)
-        for name in METRICS:
-            self.sums[name] = self.sums.get(name, 0.0) + metrics[name].detach().float().mean()
-        self.count += 1
+        self.keep({name: metrics[name].detach().float().mean() for name in METRICS})
         return loss
-
-    def log_extra(self) -> dict[str, Any]:
-        """Mean metrics since the last call (train.fit logs them beside the loss)."""
-        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
 
     def evaluate(self, model: Any, loader: Any, accelerator: Any = None) -> dict[str, float]:
         """Held-out loss and metrics over every pair (means), plus `preference_accuracy` when the reference is known."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
@@ -24,14 +25,15 @@ def conversation(review: str, label: str) -> dict:
                          {"role": "assistant", "content": "positive" if label.strip() == "1" else "negative"}]}
 
 
-def convert(src: Path, dst: Path, limit: int | None) -> int:
+def convert(src: Path, dst: Path, limit: int | None, make: Callable[[str, str], dict] = conversation) -> int:
+    """The first `limit` rows of a text,label CSV, each as `make(review, label)`, into a JSONL file (written atomically)."""
     with open(src, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))[:limit]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(conversation(r["text"], r["label"]), ensure_ascii=False) + "\n")
+            f.write(json.dumps(make(r["text"], r["label"]), ensure_ascii=False) + "\n")
     tmp.replace(dst)
     return len(rows)
 

@@ -15,29 +15,15 @@ one-word answer, "rejected": ...}:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
-from sentiment_chat import QUESTION, SOURCE
+from sentiment_chat import QUESTION, SOURCE, convert
 
 
 def pair(review: str, label: str, variant: str = "label") -> dict:
     right, wrong = ("positive", "negative") if label.strip() == "1" else ("negative", "positive")
     rejected = wrong if variant == "label" else f"The sentiment of this review is {right}."
     return {"prompt": f"Review: {review.strip()}\n{QUESTION}", "chosen": right, "rejected": rejected}
-
-
-def convert(src: Path, dst: Path, limit: int | None, variant: str) -> int:
-    with open(src, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))[:limit]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(pair(r["text"], r["label"], variant), ensure_ascii=False) + "\n")
-    tmp.replace(dst)
-    return len(rows)
 
 
 def main() -> None:
@@ -48,7 +34,8 @@ def main() -> None:
     ap.add_argument("--variant", choices=("label", "format"), default="label", help="what the rejected response gets wrong")
     args = ap.parse_args()
     for split in ("train", "validation"):
-        n = convert(args.source / f"{split}.csv", args.out / f"{split}.jsonl", args.limit, args.variant)
+        n = convert(args.source / f"{split}.csv", args.out / f"{split}.jsonl", args.limit,
+                    lambda review, label: pair(review, label, args.variant))
         print(f"{args.out / f'{split}.jsonl'}: {n} pairs")
 
 
