@@ -16,7 +16,7 @@ preference accuracy (`llmkit evaluate` on pairs; reference = the base) and exact
 (`llmkit evaluate --generate-answers` on the same reviews as chat). Targets: samples/s >= 1.5x TRL's, peak RSS
 <= 0.7x TRL's, preference accuracy >= TRL's - 1 point.
 
-Usage: python benchmarks/preference.py [--train-rows 256] [--eval-rows 200] [--lr 2e-4] [--variant label|format] [--skip-peer]
+Usage: python benchmarks/preference.py [--train-rows 256] [--eval-rows 200] [--lr 5e-5] [--variant label|format] [--skip-peer]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-rows", type=int, default=256)
     p.add_argument("--eval-rows", type=int, default=200)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--variant", choices=("label", "format"), default="label")
     p.add_argument("--skip-peer", action="store_true", help="llmkit only (no TRL run)")
