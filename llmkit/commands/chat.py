@@ -64,6 +64,12 @@ def chat(
     from llmkit.models import resolve
     from llmkit.terminal_chat import ChatSession, run
 
+    if sys.stdin.isatty():
+        # Ctrl-C is this session's key from the start, even when llmkit was started with SIGINT ignored (a shell's
+        # background job, some CI runners): Python then installs no KeyboardInterrupt handler and Ctrl-C does nothing
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed, chat=True)
     opts.validate()
