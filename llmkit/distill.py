@@ -34,7 +34,7 @@ from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
 from llmkit.losses import LoggedParts
-from llmkit.models import ModelRef, base_model_id, weights_fingerprint
+from llmkit.models import ModelRef, base_model_id, cache_folder, weights_fingerprint
 from llmkit.outputs import Card
 from llmkit.progress import bar as progress_bar
 from llmkit.run import Objective, Run, run
@@ -148,14 +148,6 @@ def _teacher_logits(teacher: Any, examples: Any, collate: Any, task: str, k: int
         # packed blocks all have block_size tokens, so the per-example tensors stack without padding
         return {"values": torch.cat(values), "indices": torch.cat(indices)}
     return {"values": torch.cat(values)}
-
-
-def cache_dir(cfg: KDConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    from llmkit.models import cache_root
-
-    return cache_root() / "teacher-logits"
 
 
 class IndexedExamples:
@@ -289,7 +281,7 @@ class Distill(Objective):
         cache = None
         if cfg.distill.cache_top_k:
             k = min(cfg.distill.cache_top_k, student.get_input_embeddings().num_embeddings)
-            path = cache_dir(cfg.distill) / f"{TeacherCache.key(run.ref, cfg.task, k, data.train)}.safetensors"
+            path = cache_folder(cfg.distill.cache_dir, "teacher-logits") / f"{TeacherCache.key(run.ref, cfg.task, k, data.train)}.safetensors"
             run.say(f"teacher logits cache: {path}" + (" (found)" if path.exists() else " (computing once)"))
             cache = TeacherCache.build_or_load(path, teacher, data.train, self.collate, cfg.task, k, self.eval_batch_size,
                                                run.accelerator, run.progress)

@@ -116,34 +116,31 @@ def encode(kind: str, cols: dict[str, list[Any]], job: dict[str, Any]) -> tuple[
         out = {"input_ids": ids, "labels": [job["labels"].id_of(v) for v in cols["label"]]}
     else:
         where = cols["where"]
+        skipped: list[int] = []  # rows counted on their own, not as cut off (identical preference pairs)
         if kind == "preference":
             from llmkit.pairs import Pair, encode_pairs
 
             pairs = [Pair(p, c, r) for p, c, r in zip(cols["prompt"], cols["chosen"], cols["rejected"], strict=True)]
-            out, kept, stats["identical"] = encode_pairs(job["chat"], pairs, where, job["block_size"])
+            out, kept, skipped = encode_pairs(job["chat"], pairs, where, job["block_size"])
             ids = out["input_ids"] + out["rejected_ids"]
+            stats["identical"] = len(skipped)
             stats["end_of_turn"] = sorted(job["chat"].end_of_turn)
-            identical = {k for k, p in enumerate(pairs) if p.chosen == p.rejected}
-            kept_set = set(kept) | identical  # identical pairs are counted on their own, not as cut off
-            stats["dropped"] = len(where) - len(kept_set)
-            stats["first_dropped"] = next((w for i, w in enumerate(where) if i not in kept_set), None)
-            stats["tokens"] = sum(len(x) for x in ids)
-            return out, stats
-        if kind == "chat":
+        elif kind == "chat":
             from llmkit.chat import Conversation, encode_conversations
 
             chat = job["chat"]
             convs = [Conversation(m, w) for m, w in zip(cols["messages"], where, strict=True)]
             ids, labels, kept = encode_conversations(chat, convs, job["block_size"])
             stats["end_of_turn"] = sorted(chat.end_of_turn)
+            out = {"input_ids": ids, "labels": labels}
         else:
             from llmkit.data import encode_prompt_response
 
             ids, labels, kept = encode_prompt_response(tok, cols["prompt"], cols["text"], job["block_size"])
-        kept_set = set(kept)
-        stats["dropped"] = len(where) - len(kept)
+            out = {"input_ids": ids, "labels": labels}
+        kept_set = set(kept) | set(skipped)
+        stats["dropped"] = len(where) - len(kept_set)
         stats["first_dropped"] = next((w for i, w in enumerate(where) if i not in kept_set), None)
-        out = {"input_ids": ids, "labels": labels}
     stats["tokens"] = sum(len(x) for x in ids)
     return out, stats
 

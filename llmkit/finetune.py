@@ -23,7 +23,7 @@ from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
 from llmkit.lora import add_lora, base_folder, keep_base, peft_base
 from llmkit.losses import keeps_logits, sparse_causal_lm_loss
-from llmkit.models import ModelRef, base_model_id, resolve, weights_fingerprint
+from llmkit.models import ModelRef, base_model_id, cache_folder, resolve, weights_fingerprint
 from llmkit.outputs import Card
 from llmkit.prepare import Prepared
 from llmkit.run import Objective, Run, run
@@ -88,7 +88,7 @@ class Finetune(Objective):
                 if examples is None:
                     continue
                 key = reference_key(weights_fingerprint(run.ref), run.ref.name, cfg.method, run.accelerator.mixed_precision, examples)
-                path = reference_dir(p.cache_dir) / f"{key}.safetensors"
+                path = cache_folder(p.cache_dir, "reference-logps") / f"{key}.safetensors"
                 run.say(f"reference log-probs of the {'training' if i == 0 else 'eval'} pairs: {path}"
                         + (" (found)" if path.exists() else " (computing once)"))
                 logps = reference_logps(model, examples, collate, run.accelerator, path,
@@ -100,14 +100,6 @@ class Finetune(Objective):
 
     def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:
         return save_model(self.cfg, run.ref, result.model, run.tokenizer, tmp, run.data.chat)
-
-
-def reference_dir(option: str | None) -> Path:
-    if option:
-        return Path(option).expanduser()
-    from llmkit.models import cache_root
-
-    return cache_root() / "reference-logps"
 
 
 def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool,

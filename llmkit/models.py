@@ -468,3 +468,8 @@ def weights_fingerprint(ref: ModelRef) -> list[Any]:
         candidates = [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.gguf"))
         files += [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in candidates]
     return files
+
+
+def cache_folder(option: str | None, name: str) -> Path:
+    """Where a cache of model outputs lives: the user's `*.cache_dir` setting, else `$LLMKIT_CACHE/NAME`."""
+    return Path(option).expanduser() if option else cache_root() / name

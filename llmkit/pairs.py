@@ -76,16 +76,16 @@ def _messages(value: Any, role: str, where: str, name: str) -> list[dict[str, st
 
 
 def encode_pairs(encoder: ChatEncoder, pairs: list[Pair], wheres: list[str], max_tokens: int
-                 ) -> tuple[dict[str, list[Any]], list[int], int]:
-    """Columns `input_ids` / `labels` (chosen) and `rejected_ids` / `rejected_labels`, the kept row indices, and how
-    many pairs were identical (dropped). A pair whose prompt fills `max_tokens`, so that a response has no token
+                 ) -> tuple[dict[str, list[Any]], list[int], list[int]]:
+    """Columns `input_ids` / `labels` (chosen) and `rejected_ids` / `rejected_labels`, the kept row indices, and the
+    indices of the pairs whose two responses are identical (dropped). A pair whose prompt fills `max_tokens`, so that a response has no token
     left, is dropped too (counted by the caller, as chat SFT's cut-off rows are)."""
     convs = []
-    identical = 0
+    identical = []
     usable = []
     for k, (p, where) in enumerate(zip(pairs, wheres, strict=True)):
         if p.chosen == p.rejected:
-            identical += 1
+            identical.append(k)
             continue
         usable.append(k)
         convs += [Conversation(p.prompt + p.chosen, where, len(p.prompt)), Conversation(p.prompt + p.rejected, where, len(p.prompt))]

@@ -87,7 +87,7 @@ def test_response_masks_are_exactly_the_response_and_its_end_of_turn(name):
               "chosen": [{"role": "assistant", "content": "The quick brown fox jumps."}],
               "rejected": [{"role": "assistant", "content": "To be, or not to be."}]}, "pairs.jsonl:line 1")
     out, kept, identical = encode_pairs(enc, [p], ["pairs.jsonl:line 1"], 512)
-    assert kept == [0] and identical == 0
+    assert kept == [0] and identical == []
     for ids_col, labels_col, reply in (("input_ids", "labels", "The quick brown fox jumps."),
                                        ("rejected_ids", "rejected_labels", "To be, or not to be.")):
         ids, labels = out[ids_col][0], out[labels_col][0]
