@@ -43,6 +43,12 @@ def fields(text: str, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", line)}
 
 
+def estimate_gb(finetune_args: list[object], env: dict[str, str] | None = None) -> float:
+    """`llmkit finetune ARGS --estimate-memory`'s total per process, in GB (the run's own flags; nothing is loaded)."""
+    text = subprocess.run([*LLMKIT, "finetune", *map(str, finetune_args), "--estimate-memory"], capture_output=True, text=True, env=env).stdout
+    return next((float(line.split()[1]) for line in text.splitlines() if line.strip().startswith("total")), float("nan"))
+
+
 def run_facts(out: Path) -> dict:
     return json.loads((out / "llmkit.json").read_text())["llmkit"]
 

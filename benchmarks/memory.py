@@ -9,20 +9,23 @@ whole run's peak with model loading (from the OS, for the peer too). Activation 
 Targets (issue 17): FSDP 2-process peak per process <= 0.65x DDP's; checkpointing activations <= 0.5x at <= 1.4x
 the time; QLoRA base weights <= 0.3x LoRA's.
 
-Usage: python benchmarks/memory.py [--steps 8] [--skip-peer]
+Usage: python benchmarks/memory.py [--steps 8] [--skip-peer] [--rows ddp,fsdp]
+(--rows: only these rows, of full, ddp, fsdp, ckpt, lora, qlora; a ratio is printed when its rows ran)
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import LLMKIT, SHARED, bundled_smollm2, fields, first_line, run, run_facts
+from _common import LLMKIT, SHARED, bundled_smollm2, estimate_gb, fields, first_line, run, run_facts
 
+# --rows keys -> the row names printed
+ROWS = {"full": "full, 1 process", "ddp": "full, DDP 2 processes", "fsdp": "full, FSDP 2 processes",
+        "ckpt": "full + gradient checkpointing", "lora": "LoRA", "qlora": "QLoRA"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmkit"]
 
 
@@ -30,7 +33,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)} (default: all)")
     a = p.parse_args()
+    chosen = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if unknown := [r for r in chosen if r not in ROWS]:
+        sys.exit(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     print(first_line(), flush=True)
     gguf = bundled_smollm2()
     data = SHARED / "data" / "tinyshakespeare"
@@ -43,28 +50,28 @@ def main() -> None:
                "--block-size", 256, "--lr", 1e-4, "--mixed-precision", "no", "--quiet", "--batch-size", batch, *extra]
         _, whole = peak_rss(cmd, name)
         facts = run_facts(out)
-        estimate = subprocess.run([*LLMKIT, "finetune", "--model", "smollm2-135m", "--data", data / "train.txt", "--out", out,
-                                   "--block-size", "256", "--batch-size", str(batch), "--mixed-precision", "no", "--estimate-memory",
-                                   *map(str, extra)], capture_output=True, text=True,
-                                  env=_env(2 if launcher is TORCHRUN else 1)).stdout
-        total = next((float(line.split()[1]) for line in estimate.splitlines() if line.strip().startswith("total")), float("nan"))
+        total = estimate_gb(["--model", "smollm2-135m", "--data", data / "train.txt", "--out", out, "--block-size", 256, "--batch-size", batch,
+                             "--mixed-precision", "no", *extra], env=_env(2 if launcher is TORCHRUN else 1))
         shutil.rmtree(out, ignore_errors=True)
         print(f"  {name}: training peak {facts['peak_memory_gb']:.2f} GB, whole run {whole:.2f} GB, {facts['train_tokens_per_s']} tokens/s",
               flush=True)
         return {"peak": facts["peak_memory_gb"], "whole": whole, "tps": facts["train_tokens_per_s"], "est": total}
 
-    rows = {
-        "full, 1 process": llmkit("full"),
-        "full, DDP 2 processes": llmkit("ddp", batch=2, launcher=TORCHRUN),
-        "full, FSDP 2 processes": llmkit("fsdp", "--fsdp", batch=2, launcher=TORCHRUN),
-        "full + gradient checkpointing": llmkit("ckpt", "--gradient-checkpointing"),
-        "LoRA": llmkit("lora", "--method", "lora"),
-        "QLoRA": llmkit("qlora", "--method", "qlora"),
+    runs = {
+        "full": lambda: llmkit("full"),
+        "ddp": lambda: llmkit("ddp", batch=2, launcher=TORCHRUN),
+        "fsdp": lambda: llmkit("fsdp", "--fsdp", batch=2, launcher=TORCHRUN),
+        "ckpt": lambda: llmkit("ckpt", "--gradient-checkpointing"),
+        "lora": lambda: llmkit("lora", "--method", "lora"),
+        "qlora": lambda: llmkit("qlora", "--method", "qlora"),
     }
-    act = {
-        "full": (rows["full, 1 process"]["peak"] - llmkit("full-b1", batch=1)["peak"]) * 4 / 3,
-        "ckpt": (rows["full + gradient checkpointing"]["peak"] - llmkit("ckpt-b1", "--gradient-checkpointing", batch=1)["peak"]) * 4 / 3,
-    }
+    rows = {ROWS[k]: runs[k]() for k in ROWS if k in chosen}
+    act = {}
+    if {"full", "ckpt"} <= set(chosen):
+        act = {
+            "full": (rows[ROWS["full"]]["peak"] - llmkit("full-b1", batch=1)["peak"]) * 4 / 3,
+            "ckpt": (rows[ROWS["ckpt"]]["peak"] - llmkit("ckpt-b1", "--gradient-checkpointing", batch=1)["peak"]) * 4 / 3,
+        }
     if not a.skip_peer:
         small_eval = work / "eval.txt"
         small_eval.write_text("\n".join((data / "validation.txt").read_text().splitlines()[:40]))
@@ -77,19 +84,21 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<32} {r['peak']:16.2f} {r['est']:11.2f} {r['whole']:17.2f} {r['tps']:9.1f}", flush=True)
 
-    base_ratio, layers_ratio = qlora_base_ratio()
-    full, ddp, fsdp, ckpt = (rows[k] for k in ("full, 1 process", "full, DDP 2 processes", "full, FSDP 2 processes",
-                                               "full + gradient checkpointing"))
-    print(f"ratio FSDP/DDP training peak per process = {fsdp['peak'] / ddp['peak']:.2f} (target <= 0.65); whole run "
-          f"(each process loads the whole model before sharding it) = {fsdp['whole'] / ddp['whole']:.2f}")
-    print(f"ratio activations checkpointing/plain = {act['ckpt'] / act['full']:.2f} ({act['ckpt']:.2f} vs {act['full']:.2f} GB; "
-          f"target <= 0.5) at time x{full['tps'] / ckpt['tps']:.2f} (target <= 1.4)")
-    print(f"ratio QLoRA/LoRA base weight bytes = {base_ratio:.2f} (target <= 0.3); of the blocks' linear layers alone "
-          f"(what NF4 stores; SmolLM2's tied 28M-parameter embedding stays fp32) = {layers_ratio:.2f}")
-    if not a.skip_peer:
+    full, ddp, fsdp, ckpt = (rows.get(ROWS[k]) for k in ("full", "ddp", "fsdp", "ckpt"))
+    if ddp and fsdp:
+        print(f"ratio FSDP/DDP training peak per process = {fsdp['peak'] / ddp['peak']:.2f} (target <= 0.65); whole run "
+              f"(model loading included) = {fsdp['whole'] / ddp['whole']:.2f} (target <= 0.65)")
+    if full and ckpt:
+        print(f"ratio activations checkpointing/plain = {act['ckpt'] / act['full']:.2f} ({act['ckpt']:.2f} vs {act['full']:.2f} GB; "
+              f"target <= 0.5) at time x{full['tps'] / ckpt['tps']:.2f} (target <= 1.4)")
+    if "qlora" in chosen:
+        base_ratio, layers_ratio = qlora_base_ratio()
+        print(f"ratio QLoRA/LoRA base weight bytes = {base_ratio:.2f} (target <= 0.3); of the blocks' linear layers alone "
+              f"(what NF4 stores; SmolLM2's tied 28M-parameter embedding stays fp32) = {layers_ratio:.2f}")
+    if not a.skip_peer and full and ROWS["lora"] in rows:
         print(f"ratio whole-run peak llmkit/peer: full {full['whole'] / rows['peer HF Trainer, full']['whole']:.2f}, "
-              f"LoRA {rows['LoRA']['whole'] / rows['peer HF Trainer, LoRA']['whole']:.2f}; tokens/s llmkit/peer: "
-              f"full {full['tps'] / rows['peer HF Trainer, full']['tps']:.2f}, LoRA {rows['LoRA']['tps'] / rows['peer HF Trainer, LoRA']['tps']:.2f}")
+              f"LoRA {rows[ROWS['lora']]['whole'] / rows['peer HF Trainer, LoRA']['whole']:.2f}; tokens/s llmkit/peer: "
+              f"full {full['tps'] / rows['peer HF Trainer, full']['tps']:.2f}, LoRA {rows[ROWS['lora']]['tps'] / rows['peer HF Trainer, LoRA']['tps']:.2f}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -145,6 +145,14 @@ class TrainConfig:
     chunked_loss: bool = True
     """Causal LMs: the LM head and cross-entropy a chunk of tokens at a time (llmkit/chunked_loss.py), never the
     tokens x vocabulary logits (1 GB at 4 x 256 tokens of a 262k vocabulary). Same loss and gradients."""
+    compile: bool = False
+    """--compile: torch.compile each transformer block (llmkit/speedups.py; on CPU inductor needs a C++ compiler). The
+    first step pays the compile time (llmkit.json: llmkit.compile_seconds); later steps may run faster. Off by default:
+    `benchmarks/levers.py` measures what it is worth on a machine. Not with --fsdp or --method qlora."""
+    liger: str = "auto"
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy in place of the chunked loss) for causal
+    LMs on CUDA: auto (on where the device is CUDA and liger-kernel is installed: pip install 'llmkit[gpu]'; off with
+    --compile, --fsdp, qlora), true (an error where it cannot run), false."""
     report_to: list[str] = field(default_factory=list)
     """--report-to: experiment trackers (tensorboard, mlflow, wandb, trackio; a list or comma-separated; none = only
     metrics.jsonl) that get the resolved recipe, every metrics.jsonl value at its step, the model card and loss.png;
@@ -166,6 +174,10 @@ class LoraConfig:
     projections for classifiers (query/value, q/k/v/o_proj, c_attn/c_proj)."""
     merge: bool = False
     """--merge: save a merged full model instead of the adapter (merged in full precision)."""
+    fused: bool = True
+    """Adapted linear layers add B(A(x)) x scaling to the base output in one addmm instead of peft's three
+    elementwise steps (llmkit/lora.py fuse_lora): same values and gradients, fewer short-lived tensors.
+    `--set lora.fused=false` uses peft's forward as is."""
 
 
 @dataclass
@@ -243,6 +255,9 @@ class FinetuneConfig(RunConfig):
              "all rows to know its labels; prepare the data instead (the cache is used without --streaming)")
         need(self.method != "qlora" or not t.fsdp, "--method qlora cannot be combined with --fsdp (4-bit weights do not shard); "
              "use --method lora with --fsdp, or qlora on one process per GPU")
+        need(self.method != "qlora" or not t.compile, "--compile cannot be combined with --method qlora (bitsandbytes' 4-bit layers are "
+             "not compiled); use --method lora, or qlora without --compile")
+        need(self.method != "qlora" or str(t.liger).lower() != "true", "train.liger=true cannot be combined with --method qlora; use lora")
         problems.extend(preference_problems(self))
         if problems:
             raise UsageError("; ".join(problems))
@@ -306,6 +321,7 @@ class DistillConfig(RunConfig):
              "--max-train-samples for a part of it)")
         need(not self.train.fsdp, "--fsdp is for llmkit finetune: a student is small enough to train whole on each process "
              "(keep the teacher out of memory with distill.cache_top_k instead)")
+        need(str(self.train.liger).lower() != "true", "train.liger=true is for llmkit finetune (distillation needs the student's logits)")
         need(s.layers is None or s.layers >= 1, f"--student-layers must be >= 1, got {s.layers}")
         need(s.layers is None or not s.config, "--student-layers and --student-config exclude each other; pass one")
         need(k.temperature > 0, f"--temperature must be > 0, got {k.temperature}")
@@ -363,6 +379,11 @@ def run_problems(out: str, d: DataConfig, t: TrainConfig) -> list[str]:
     need(t.mixed_precision in PRECISIONS, f"--mixed-precision {t.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
     need(not (t.fsdp and t.mixed_precision == "fp16"), "--fsdp with --mixed-precision fp16 is not supported (its loss scaler does "
          "not see sharded gradients); use --mixed-precision bf16 or no")
+    need(not (t.compile and t.fsdp), "--compile cannot be combined with --fsdp (FSDP's per-block hooks are not compiled here); use one")
+    liger = str(t.liger).lower()
+    need(liger in ("auto", "true", "false"), f"train.liger {t.liger!r} is not one of auto, true, false")
+    need(not (liger == "true" and t.compile), "train.liger=true cannot be combined with --compile (two ways to fuse the same work); use one")
+    need(not (liger == "true" and t.fsdp), "train.liger=true cannot be combined with --fsdp (Liger's fused loss needs the whole LM head)")
     for name in ("eval_every", "eval_batch_size", "early_stopping", "save_every", "threads"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

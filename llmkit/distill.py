@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmkit.checkpoints import cached_tensors
+from llmkit.chunked_loss import supports_chunked_loss
 from llmkit.config import DistillConfig, KDConfig, ModelConfig
 from llmkit.data import Collator, Labels
 from llmkit.errors import UsageError
@@ -52,8 +54,9 @@ class DistillLoss(LoggedParts):
     """`TrainJob.loss_fn`: alpha * T^2 * KL + (1 - alpha) * CE (+ hidden cosine), over real tokens only."""
 
     def __init__(self, task: str, kd: KDConfig, accelerator: Any, teacher: Any = None, cache: TeacherCache | None = None,
-                 align: list[int] | None = None) -> None:
+                 align: list[int] | None = None, chunked: bool = False) -> None:
         self.task, self.kd, self.accelerator, self.teacher, self.cache, self.align = task, kd, accelerator, teacher, cache, align
+        self.chunked = chunked  # causal LMs: `chunked_loss` below, never tokens x vocabulary logits
         super().__init__()
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
@@ -63,6 +66,8 @@ class DistillLoss(LoggedParts):
 
         kd, T = self.kd, self.kd.temperature
         index = batch.pop("index", None)
+        if self.chunked:
+            return self.chunked_loss(model, batch, index)
         hidden = kd.hidden_weight > 0
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     output_hidden_states=hidden)
@@ -88,6 +93,58 @@ class DistillLoss(LoggedParts):
                 parts["hidden_loss"] = h.detach()
         loss = loss + kd.alpha * kd_term
         parts["kd_loss"] = kd_term.detach()
+        self.keep(parts)
+        return loss
+
+    def chunked_loss(self, model: Any, batch: dict[str, Any], index: Any) -> Any:
+        """The same loss (value and gradients) without the student's tokens x vocabulary logits, nor the teacher's.
+
+        The student runs without its LM head (llmkit/chunked_loss.py); CE and the KD term are two chunk losses over
+        the same head outputs, so each chunk of positions runs the head once for both. The KD term reads the cached
+        top-k logits of those positions, or the live teacher's logits, computed a chunk at a time from its last hidden
+        states. CE is over positions 0..S-2 (position s predicts label s+1), KD over every real token (the last one
+        too), as in the plain path: the rows are all positions, with a -100 target at each row's last one.
+        """
+        import torch
+
+        from llmkit.chunked_loss import WeightedChunks, chunked_head, cross_entropy_chunks, head_inputs, head_logits, kd_chunks
+        from llmkit.losses import hidden_cosine_loss
+
+        kd = self.kd
+        hidden = kd.hidden_weight > 0
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student = head_inputs(model, inputs, output_hidden_states=hidden)
+        labels = batch["labels"]
+        targets = torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), -100)], dim=1).reshape(-1)
+        mask = batch["attention_mask"].bool().reshape(-1)
+        # the teacher's side of the KD term, for the flattened positions of a chunk: (values, ids) or (all logits, None)
+        teacher: Callable[[Any], tuple[Any, Any]] | None = None  # None: the no-KD baseline (alpha 0, no hidden loss)
+        live = None
+        if self.cache is not None:
+            values, indices = self.cache.lookup(index, labels.device)
+            values, indices = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+            teacher = lambda rows: (values[rows], indices[rows])  # noqa: E731
+        elif self.teacher is not None:
+            with torch.no_grad(), self.accelerator.autocast():  # the teacher without its head: [B, S, H], not [B, S, V]
+                live = head_inputs(self.teacher, inputs, output_hidden_states=hidden)
+
+            def teacher(rows: Any) -> tuple[Any, Any]:
+                with torch.no_grad(), self.accelerator.autocast():  # as the plain path's teacher forward
+                    return head_logits(live, rows), None
+        ce_valid = targets != -100
+        terms = WeightedChunks({"ce_loss": (1 - kd.alpha, cross_entropy_chunks(targets, ce_valid.sum().clamp(min=1).float()))})
+        if teacher is not None:
+            terms.terms["kd_loss"] = (kd.alpha, kd_chunks(teacher, mask, kd.temperature))
+        h, head = student.hidden, student.head
+        loss = chunked_head()(h.reshape(-1, h.shape[-1]), head.weight, head.bias, student.transform,
+                              ce_valid if teacher is None else ce_valid | mask, terms)
+        parts = {name: torch.as_tensor(terms.totals.get(name, 0.0), device=loss.device).detach() for name in ("ce_loss", "kd_loss")}
+        if hidden and live is not None:  # the cosine loss on hidden states, outside the head: through autograd as usual
+            token_mask = batch["attention_mask"].bool()
+            h_loss = hidden_cosine_loss([student.output.hidden_states[j + 1] for j in range(len(self.align))],
+                                        [live.output.hidden_states[t + 1] for t in self.align], token_mask)
+            loss = loss + kd.hidden_weight * h_loss
+            parts["hidden_loss"] = h_loss.detach()
         self.keep(parts)
         return loss
 
@@ -291,7 +348,11 @@ class Distill(Objective):
             import gc
 
             gc.collect()
-        loss = DistillLoss(cfg.task, cfg.distill, run.accelerator, teacher=teacher, cache=cache, align=self.align)
+        # the chunked head (llmkit/chunked_loss.py) when both sides' logits can come a chunk at a time: the student's
+        # through its head, the teacher's from the cache or its own head (a 262k vocabulary: GBs of logits otherwise)
+        chunked = (cfg.task == "causal-lm" and cfg.train.chunked_loss and supports_chunked_loss(student)
+                   and (cache is not None or teacher is None or supports_chunked_loss(teacher)))
+        loss = DistillLoss(cfg.task, cfg.distill, run.accelerator, teacher=teacher, cache=cache, align=self.align, chunked=chunked)
         run.say(f"distilling {run.ref.name} ({teacher_layers} layers, {teacher_params:,} parameters) into a "
                 f"{count_layers(student)}-layer student ({parameter_count(student):,} parameters)"
                 + (f", layers {self.kept}" if self.kept else "") + f", T={cfg.distill.temperature} alpha={cfg.distill.alpha}, "

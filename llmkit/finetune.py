@@ -46,10 +46,14 @@ class Finetune(Objective):
             raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {run.ref.name}'s tokenizer lacks; new "
                              "token embeddings must be trained, so use --method full, or a template made of the model's own tokens")
         self.model = build_model(cfg, run.ref, run.tokenizer, data.labels, run.progress, grow_vocab=bool(data.added_tokens))
+        self.liger = liger(cfg, run, self.model)
         if cfg.objective != "sft" and cfg.preference.disable_dropout:
             from llmkit.preference import disable_dropout
 
             disable_dropout(self.model)  # step 0: loss ln 2, rewards 0; log-probs comparable with the reference's
+
+    def amend_record(self, record: dict[str, Any]) -> None:
+        record["train"]["liger"] = "true" if self.liger else "false"  # what `auto` resolved to
 
     def job(self, run: Run) -> TrainJob:
         from llmkit.machine import summary as machine_summary
@@ -65,7 +69,9 @@ class Finetune(Objective):
         sparse = data.chat is not None or (cfg.task == "causal-lm" and bool(cfg.data.prompt_column))
         sparse = sparse and keeps_logits(model)
         # no tokens x vocabulary logits (FSDP shards the head: the model's own loss there)
-        chunked = not sparse and cfg.task == "causal-lm" and cfg.train.chunked_loss and not cfg.train.fsdp and supports_chunked_loss(model)
+        # Liger's fused linear cross-entropy does the same inside the model's own loss
+        chunked = (not sparse and cfg.task == "causal-lm" and cfg.train.chunked_loss and not cfg.train.fsdp and not self.liger
+                   and supports_chunked_loss(model))
         return TrainJob(model, data.train, data.eval, Collator(run.tokenizer.pad_token_id, cfg.task == "causal-lm"), cfg.task,
                         cfg.train, run.out, num_labels=len(data.labels.names) if data.labels else 2, quiet=not run.progress,
                         resume=cfg.resume, loss_fn=sparse_causal_lm_loss if sparse else None, chunked_loss=chunked,
@@ -102,12 +108,27 @@ class Finetune(Objective):
         return save_model(self.cfg, run.ref, result.model, run.tokenizer, tmp, run.data.chat)
 
 
+def liger(cfg: FinetuneConfig, run: Run, model: Any) -> bool:
+    """train.liger: Liger's kernels on this model where they can run (llmkit/speedups.py); says why not on a GPU."""
+    from llmkit.speedups import apply_liger, use_liger
+
+    device, why_not = run.accelerator.device.type, []
+    if not use_liger(cfg.train, cfg.task, cfg.method, device, model, why_not):
+        if why_not and device == "cuda":
+            run.say(f"Liger kernels: off ({why_not[0]})")
+        return False
+    apply_liger(model)
+    run.say("Liger kernels: on (RMSNorm, RoPE, SwiGLU; fused linear cross-entropy instead of the chunked loss)")
+    return True
+
+
 def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labels | None, progress: bool,
                 grow_vocab: bool = False) -> Any:
     """The model to train: base weights in fp32, a new head for seq-cls, LoRA adapters when asked.
 
     `grow_vocab`: the chat template added special tokens to the tokenizer; the embeddings grow to match.
     """
+    from llmkit.meta_build import building
     from llmkit.models import architectures, load_seq_cls
 
     if cfg.task == "seq-cls":
@@ -135,11 +156,12 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
             model = from_pretrained_checked(AutoModelForCausalLM, source, progress, dtype=torch.float32)
             if ref.adapter is not None:  # continue training a LoRA run: start from base + its adapter, merged
                 model = apply_adapter(model, ref, merge=True)
+    empty = building()  # --fsdp, not rank 0: parameters on the meta device, rank 0's weights arrive when sharded
     if grow_vocab and model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # new rows start at the mean embedding
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # new rows start at the mean embedding
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if cfg.method in ("lora", "qlora"):
-        if cfg.method == "lora" and (ref.is_gguf or ref.adapter is not None):
+        if cfg.method == "lora" and (ref.is_gguf or ref.adapter is not None) and not empty:
             keep_base(ref, model, tokenizer)  # so that plain peft can load the adapter (peft_base)
         model = add_lora(model, cfg)
     return model

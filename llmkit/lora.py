@@ -52,7 +52,72 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         fan_in_fan_out=mtype == "gpt2",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.lora.fused:
+        fuse_lora(model)
+    return model
+
+
+def fuse_lora(model: Any) -> int:
+    """Each plain LoRA layer (one adapter, no DoRA-like variant) adds its update to the base output in one addmm.
+
+    peft computes `result + lora_B(lora_A(x)) * scaling`: three more tokens x out_features tensors per adapted
+    layer (B's output, its scaled copy, the sum; a fourth, a clone, on a 4-bit base), made and freed in every
+    forward, and two elementwise passes over them. `result.addmm_(A(x), B^T, alpha=scaling)` makes none, with the
+    same value and gradients. What this saves is mostly allocator churn: on CPU those short-lived blocks fragment
+    glibc's heap, which then holds more than the live tensors (SmolLM2 LoRA at 8 x 256, fp32: 6.32 -> 5.00 GB).
+    Returns how many layers were fused; module classes, state dicts and saved adapters stay peft's own.
+    """
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    kinds: dict[type, bool] = {Linear: True}  # class -> whether the base output may be updated in place
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        kinds[Linear4bit] = False  # QLoRA: bitsandbytes' output may be a view of its own (peft clones it); a new tensor
+    except ImportError:
+        pass  # no bitsandbytes: no 4-bit layers either
+    fused = 0
+    for module in model.modules():
+        in_place = kinds.get(type(module))  # exactly these classes: other subclasses keep their own forward
+        if in_place is not None:
+            module.forward = types.MethodType(_fused_forward_in_place if in_place else _fused_forward_new, module)
+            fused += 1
+    return fused
+
+
+def _fused_forward_in_place(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return _fused_forward(self, x, args, kwargs, in_place=True)
+
+
+def _fused_forward_new(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return _fused_forward(self, x, args, kwargs, in_place=False)
+
+
+def _fused_forward(self: Any, x: Any, args: tuple, kwargs: dict, in_place: bool) -> Any:
+    import torch
+
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if self.disable_adapters or self.merged or args or kwargs or name not in self.lora_A or name in self.lora_variant:
+        return type(self).forward(self, x, *args, **kwargs)  # anything unusual: peft's own forward
+    result = self.base_layer(x)
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    h = torch.nn.functional.linear(self.lora_dropout[name](x.to(a.dtype)), a)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and not (result.dtype == h.dtype == b.dtype):
+        return (result + torch.nn.functional.linear(h, b) * self.scaling[name]).to(result.dtype)  # peft's dtype promotion
+    # In place into the base output, which a linear layer's backward does not keep (its input gradient needs the
+    # weight, not the output). In-place ops skip autocast, so the operands are cast here, as autocast would have.
+    flat, dt = result.view(-1, result.shape[-1]), result.dtype
+    update = (h.reshape(-1, h.shape[-1]).to(dt), b.t().to(dt))
+    if in_place:
+        flat.addmm_(*update, alpha=self.scaling[name])
+        return result
+    with torch.autocast(x.device.type, enabled=False):  # the base's output dtype, as peft keeps it
+        return torch.addmm(flat, *update, alpha=self.scaling[name]).view(result.shape)
 
 
 def peft_base(ref: ModelRef) -> str:

@@ -420,7 +420,13 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
     bars = tty_bars(progress)
     if not bars:
         hf_logging.disable_progress_bar()
+    from llmkit.meta_build import building, empty_model
+
     try:
+        if building():  # --fsdp, not rank 0: the model without its weights, which come from rank 0 (llmkit.meta_build)
+            if ref.is_gguf and is_kept(kept_folder(cache_root(), ref.path)):
+                where, kwargs = str(kept_folder(cache_root(), ref.path)), {}
+            return empty_model(auto_cls, where, kwargs, extra)
         if ref.is_gguf:
             kept = kept_base(ref.path, cache_root(), progress, bars)
             if kept is None:
@@ -439,6 +445,11 @@ def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extr
 
 def apply_adapter(model: PreTrainedModel, ref: ModelRef, merge: bool) -> PreTrainedModel:
     from peft import PeftModel
+
+    from llmkit.meta_build import building
+
+    if merge and building():  # an empty model (--fsdp, not rank 0): merged, it has the same layers; rank 0 sends the weights
+        return model
 
     try:
         peft_model = PeftModel.from_pretrained(model, str(ref.adapter))

@@ -115,7 +115,8 @@ def run_summary(result: Any, metrics: dict[str, float]) -> dict[str, Any]:
             "stopped_early": state.stopped_early, "best_step": state.best_step, "train_seconds": round(state.train_seconds, 2),
             "train_tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             "train_samples_per_s": round(state.samples / state.train_seconds, 2) if state.train_seconds else None,
-            "peak_memory_gb": result.peak_memory_gb, "metrics": metrics}
+            "peak_memory_gb": result.peak_memory_gb, "metrics": metrics,
+            **({"compile_seconds": result.compile_seconds} if getattr(result, "compile_seconds", None) is not None else {})}
 
 
 def publish(tmp: Path, out: Path, cfg: Any, record: dict[str, Any], result: Any, card: Card) -> None:

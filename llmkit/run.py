@@ -119,7 +119,10 @@ def run(objective: Objective) -> Path:
     with accelerator.main_process_first():  # the main process prepares (or finds) the data; the others then open it
         current.data = prepare_data(cfg, current.tokenizer, labels, main=current.main)
     set_seed(cfg.train.seed)  # new heads, LoRA matrices and random students start the same on every process and run
-    objective.build(current)
+    from llmkit.sharding import load_once
+
+    with load_once(accelerator, cfg.train.fsdp):  # --fsdp: rank 0 alone reads the weights (llmkit/sharding.py)
+        objective.build(current)
 
     current.record = run_record(cfg, ref, current.data, accelerator)
     objective.amend_record(current.record)
@@ -128,7 +131,10 @@ def run(objective: Objective) -> Path:
     accelerator.wait_for_everyone()
     # from here on a failure cleans up after itself; --report-to's trackers log the run (marked failed if it fails)
     with run_guard(out, resume=cfg.resume, main=current.main), tracking(accelerator, out, current.record, cfg.quiet):
-        result = fit(objective.job(current), accelerator)
+        job = objective.job(current)
+        clock = compile_model(job, current) if cfg.train.compile else None
+        result = fit(job, accelerator)
+        result.compile_seconds = clock.seconds() if clock else None
         if current.main:
             tmp = out / TMP_MODEL
             shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +143,16 @@ def run(objective: Objective) -> Path:
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def compile_model(job: TrainJob, current: Run) -> Any:
+    """--compile: the blocks of what `fit` trains (after the objective's own uses of the model, e.g. preference
+    reference log-probs, which would otherwise compile an inference graph first); returns speedups' clock."""
+    from llmkit.speedups import compile_blocks
+
+    clock = compile_blocks(job.model, current.accelerator.device.type)
+    current.say("--compile: transformer blocks compiled with torch.compile; the first step builds their kernels")
+    return clock
 
 
 def resolve_precision(name: str) -> str:

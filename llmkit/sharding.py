@@ -7,6 +7,11 @@ Every process holds 1/N of the parameters, gradients and AdamW state: each trans
 llmkit applies `fully_shard` itself rather than through Accelerate, whose FSDP plugin is silently ignored on CPU
 processes (`Accelerator(cpu=True)` falls back to plain DDP); the training loop in `train.py` stays the same.
 
+Loading once: under torchrun only rank 0 reads the weights (`load_once`: it goes first, de-quantizing a GGUF once for
+everyone); the other processes build the same model with its parameters on the meta device (shapes, no bytes) and
+receive their shards from rank 0 once the model is sharded (`shard`). So no process but rank 0 ever holds the whole
+fp32 model, and rank 0 only until its weights have been sent.
+
 What changes for the loop, all kept here:
 - weights are gathered (a collective: every process calls it) to save a model or the best weights;
 - checkpoints are sharded with `torch.distributed.checkpoint`: every process writes its own shard file;
@@ -15,7 +20,9 @@ What changes for the loop, all kept here:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +53,32 @@ def ensure_process_group(device_type: str) -> None:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
+@contextlib.contextmanager
+def load_once(accelerator: Any, enabled: bool) -> Iterator[None]:
+    """Build the model to train inside this: with `enabled` (--fsdp) and several processes, only the main process (rank 0)
+    reads the weights; the others build it empty (llmkit.meta_build) and get them in `shard`.
+
+    The main process goes first and the others wait: it de-quantizes a GGUF into the kept folder once (llmkit.gguf_base),
+    whose config.json the others then read instead of parsing the GGUF file themselves.
+    """
+    from llmkit.meta_build import building_empty
+
+    if not enabled or accelerator.num_processes == 1:
+        yield
+        return
+    with building_empty(not accelerator.is_main_process), accelerator.main_process_first():
+        yield
+
+
 def shard(model: Any, device_type: str, precision: str) -> None:
     """Apply FSDP2 in place: one unit per transformer block, then the root (embeddings, norm, head).
 
     bf16 runs use FSDP's own mixed-precision policy (bf16 compute, fp32 gradient reduction and master weights),
-    the sharded equivalent of the autocast that unsharded runs use.
+    the sharded equivalent of the autocast that unsharded runs use. A model built empty (`load_once`) on some process
+    gets rank 0's weights here (a collective: every process calls `shard`).
     """
     import torch
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if precision == "fp16":
@@ -63,12 +89,110 @@ def shard(model: Any, device_type: str, precision: str) -> None:
         raise UsageError(f"--fsdp: found no transformer blocks to shard in this {type(model).__name__} (its class names none in "
                          "_no_split_modules); run without --fsdp")
     ensure_process_group(device_type)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    empty = any(p.is_meta for p in model.parameters())
+    from_rank0 = _anyone(empty, device)
+    if from_rank0:
+        _tie_as_rank0(model, empty)
+    _check_same_parameters(model, device)
+    if from_rank0 and dist.get_rank() == 0 and empty:
+        raise RuntimeError("--fsdp: rank 0 built its model without weights; it is the one that must load them")
+    # rank 0's whole weights, kept (not copied: references) past fully_shard, which copies each process's shard out of them
+    whole = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if empty else {}
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     for unit in units:
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if from_rank0:
+        _receive(model, whole, buffers if empty else None, device)
+        del whole  # rank 0's last reference to its whole weights: only its shard stays
     if device_type == "cpu":
         _return_freed_memory()
+
+
+def _anyone(flag: bool, device: Any) -> bool:
+    """Whether `flag` is true on any process (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _tie_as_rank0(model: Any, empty: bool) -> None:
+    """Tie the parameters rank 0 ties, and only those (a collective). Whether transformers ties the LM head to the
+    embeddings depends on the checkpoint too (both matrices in it, with different values: not tied, whatever the
+    config says), which a process that read no weights cannot know."""
+    import torch
+    import torch.distributed as dist
+
+    def tied_groups() -> list[list[str]]:
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        return sorted(g for g in groups.values() if len(g) > 1)
+
+    theirs = [tied_groups() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(theirs, src=0)
+    if not empty or tied_groups() == theirs[0]:
+        return
+
+    def put(name: str, param: Any) -> None:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, param)
+
+    for group in tied_groups():  # untie: every name its own (still empty) parameter
+        for name in group[1:]:
+            p = model.get_parameter(name)
+            put(name, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+    for group in theirs[0]:
+        for name in group[1:]:
+            put(name, model.get_parameter(group[0]))
+
+
+def _check_same_parameters(model: Any, device: Any) -> None:
+    """Every process must hold the same parameters, or the first all-gather of a shard unit fails deep in the process
+    group's transport: checked here, in one line (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    params = list(model.parameters())
+    count, numel = len(params), sum(p.numel() for p in params)
+    t = torch.tensor([count, numel, -count, -numel], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0] != -t[2] or t[1] != -t[3]:
+        raise RuntimeError(f"--fsdp: the processes built different models ({count} parameters, {numel:,} values here; between "
+                           f"{-int(t[2])} and {int(t[0])} parameters over all processes)")
+
+
+def _receive(model: Any, whole: dict[str, Any], buffers: dict[str, Any] | None, device: Any) -> None:
+    """Rank 0 sends its `whole` weights tensor by tensor; every process keeps its own shard of each (a collective).
+
+    Processes that built the model empty (`buffers` given) first allocate their shards (`to_empty`: this process's 1/N only, never the
+    whole model) and put back the buffers they computed at build time (`to_empty` leaves every tensor uninitialized).
+    Tied weights (SmolLM2's embeddings and LM head) are one parameter to FSDP and stay one. Finally every process takes
+    rank 0's random-number state: building empty draws nothing (LoRA's initial matrices, new embedding rows), and
+    dropout must draw on every process as before, when every process built the model the same way.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if buffers is not None:
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    set_model_state_dict(model, whole, options=_options(full_state_dict=True, broadcast_from_rank0=True))
+    rng = torch.get_rng_state().to(device)
+    dist.broadcast(rng, src=0)
+    torch.set_rng_state(rng.cpu())
 
 
 def _return_freed_memory() -> None:

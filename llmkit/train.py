@@ -79,6 +79,7 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of the model that was kept
     model: Any = None  # the trained model, whole and unwrapped, on the main process (None on the others)
     peak_memory_gb: float | None = None  # the largest process's training peak: GPU memory on GPUs, resident memory on CPU
+    compile_seconds: float | None = None  # --compile: the first step's extra time (llmkit/speedups.py, set by run.py)
 
 
 def _default_loss(model: Any, batch: dict[str, Any], chunked: bool = False) -> Any:
@@ -175,8 +176,7 @@ def prepare(job: TrainJob, accelerator: Any, train_loader: Any, evals: Any) -> t
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # one object in, one (not a tuple) out
     model = job.model if cfg.fsdp else prepared[0]
     optimizer = prepared[0 if cfg.fsdp else 1]
-    if not job.streaming:
-        train_loader = prepared[-1]
+    train_loader = train_loader if job.streaming else prepared[-1]
     return model, optimizer, train_loader, None if evals is None else accelerator.prepare(evals)
 
 

@@ -324,3 +324,118 @@ def test_every_flag_is_a_recipe_key_and_recipes_load():
         cfg = load_recipe(recipe, ["out=runs/x"], cls=DistillConfig)
         cfg.validate()
         assert recipe.read_text().startswith("#") and "llmkit distill --recipe recipes/" + recipe.name in recipe.read_text()
+
+
+# ---------------------------------------------------------------------------------------- the chunked loss
+
+
+class _NoAutocast:
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+CHUNKED_CASES = [("Llama 3", "cache", False, {}), ("Llama 3", "cache", True, {}), ("Llama 3", "live", False, {}),
+                 ("Llama 3", "live", True, {}), ("Gemma 3", "cache", False, {"final_logit_softcapping": 3.0})]
+
+
+@pytest.mark.parametrize(("name", "teacher_side", "lora", "extra"), CHUNKED_CASES,
+                         ids=[f"{n}-{t}-{'lora' if lora else 'full'}{'-softcap' if e else ''}" for n, t, lora, e in CHUNKED_CASES])
+def test_chunked_distill_loss_equals_the_plain_one(name, teacher_side, lora, extra, tmp_path, monkeypatch):
+    """DistillLoss with `chunked` (no tokens x vocabulary logits): the same loss, logged parts and gradients (1e-5) as
+    the plain path, with ignore-index labels, padding, T = 2.5, alpha = 0.3, over several chunks (some partly ignored);
+    against the top-k cache and (with the hidden cosine loss) the live teacher."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit import chunked_loss
+    from llmkit.chunked_loss import supports_chunked_loss
+    from llmkit.config import KDConfig
+    from llmkit.distill import DistillLoss, TeacherCache
+    from tests.families import FAMILIES, build
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 400)  # 7 rows a chunk: several chunks
+    fam = FAMILIES[name]
+    fam = dataclasses.replace(fam, extra={**fam.extra, **extra})
+    folder = build(fam, tmp_path, layers=2)
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a teacher that disagrees with the student
+    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+        for p in student.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)  # B starts at zero: make every LoRA weight matter
+    student.train()
+    assert supports_chunked_loss(student)
+    vocab = teacher.config.vocab_size
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 20), generator=g)
+    labels = ids.clone()
+    labels[0, :8] = -100  # a prompt that is not learned
+    labels[2, -5:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, -5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([2, 0, 1])}
+    kd = KDConfig(temperature=2.5, alpha=0.3, hidden_weight=0.7 if teacher_side == "live" else 0.0)
+    cache = None
+    if teacher_side == "cache":
+        with torch.no_grad():
+            top = teacher(input_ids=ids, attention_mask=mask).logits.topk(6, dim=-1)
+        order = torch.tensor([1, 2, 0])  # the cache is in example order; the batch's rows are examples 2, 0, 1
+        cache = TeacherCache(top.values.half()[order], top.indices.int()[order])
+
+    results = {}
+    for chunked in (False, True):
+        loss_fn = DistillLoss("causal-lm", kd, _NoAutocast(), teacher=teacher if cache is None else None, cache=cache,
+                              align=[0, 1], chunked=chunked)
+        student.zero_grad()
+        loss = loss_fn(student, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results[chunked] = loss.detach(), {k: float(v) for k, v in loss_fn.log_extra().items()}, grads
+    (want, want_parts, want_grads), (got, got_parts, got_grads) = results[False], results[True]
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got.item(), want.item())
+    assert got_parts.keys() == want_parts.keys() >= {"ce_loss", "kd_loss"}
+    assert ("hidden_loss" in got_parts) == (teacher_side == "live")
+    for k in want_parts:
+        assert got_parts[k] == pytest.approx(want_parts[k], abs=1e-5, rel=1e-5), k
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 2
+    head = (student.get_base_model() if lora else student).get_output_embeddings().weight
+    assert (head.grad is not None) != lora  # the head trained (full, tied to the embeddings in Gemma) or frozen (LoRA)
+    for n in want_grads:
+        assert torch.allclose(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4), (n, (got_grads[n] - want_grads[n]).abs().max().item())
+
+
+def test_distill_with_the_cache_trains_the_same_chunked(cli, teachers, toy_data, tmp_path, monkeypatch):
+    """End to end with distill.cache_top_k: train.chunked_loss (on by default) takes the chunked path, every step, and
+    the run logs the same losses as with the plain path (--set train.chunked_loss=false)."""
+    from llmkit.distill import DistillLoss
+
+    calls = []
+    real = DistillLoss.chunked_loss
+    monkeypatch.setattr(DistillLoss, "chunked_loss", lambda self, *a: calls.append(1) or real(self, *a))
+    cache = tmp_path / "cache"
+    logged = {}
+    for on in ("true", "false"):
+        out = tmp_path / on
+        code, _, err = cli(*_flags(teachers["llama"], out, toy_data / "train.txt", student_layers="2", alpha="0.4", temperature="2.0",
+                                   max_steps="4", block_size="16", batch_size="4", cache_top_k="8", layer_selection="even"),
+                           "--set", "train.log_every=1", "--set", f"distill.cache_dir={cache}", "--set", f"train.chunked_loss={on}")
+        assert code == 0, err
+        logged[on] = [(r["loss"], r["ce_loss"], r["kd_loss"]) for r in _metrics(out) if "kd_loss" in r]
+        if on == "true":
+            assert len(calls) == 4  # the chunked path, each of the 4 steps; none in the plain run
+    assert len(calls) == 4 and len(logged["true"]) == len(logged["false"]) == 4
+    assert len(list(cache.glob("*.safetensors"))) == 1  # the second run read the first one's cache
+    for a, b in zip(logged["true"], logged["false"], strict=True):
+        assert a == pytest.approx(b, abs=1e-4), (a, b)
+    assert logged["true"][0][2] > 0

@@ -168,3 +168,76 @@ def test_sigkill_and_a_kill_during_a_sharded_save_resume_to_the_same_weights(mod
     assert "ignoring the incomplete checkpoint" in again.stderr
     assert losses(torn) == pytest.approx(losses(reference), rel=1e-5)
     assert max_diff(torn, reference) < 1e-5
+
+
+SPY = '''
+import json, os, sys
+import safetensors, safetensors.torch, transformers.modeling_layers, transformers.modeling_utils
+import llmkit.sharding
+
+rank, opened, meta = int(os.environ["RANK"]), [], {}
+
+def spying(real):
+    def spy(path, *args, **kwargs):
+        opened.append(os.path.basename(str(path)))
+        return real(path, *args, **kwargs)
+    return spy
+
+# every way transformers and safetensors open a weights file
+for module, name in ((transformers.modeling_utils, "safe_open"), (transformers.modeling_layers, "safe_open"), (safetensors, "safe_open"),
+                     (safetensors.torch, "load_file"), (safetensors.torch, "load")):
+    if hasattr(module, name):
+        setattr(module, name, spying(getattr(module, name)))
+real_shard = llmkit.sharding.shard
+
+def shard(model, *args, **kwargs):
+    meta.update(all=all(p.is_meta for p in model.parameters()), any=any(p.is_meta for p in model.parameters()),
+                buffers=[n for n, b in model.named_buffers() if b.is_meta], opened=list(opened))
+    return real_shard(model, *args, **kwargs)
+
+llmkit.sharding.shard = shard
+from llmkit.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    with open(os.path.join(os.environ["SPY_OUT"], f"rank{rank}.json"), "w") as f:
+        json.dump(meta, f)
+'''
+
+
+@pytest.mark.parametrize("ties", ["tied", "config-only"])
+def test_only_rank_0_reads_the_weights_and_the_others_receive_their_shards(models, toy_data, tmp_path, ties):
+    """Loading once (sharding.load_once): rank 1 builds the model on the meta device and never opens model.safetensors;
+    after sharding it gets rank 0's weights. Tied embeddings (SmolLM2's; "config-only": the config ties them but the
+    checkpoint holds two different matrices, so transformers does not, which only rank 0 can see), Llama's rotary buffers
+    (in no state dict: computed, not sent) and gradient checkpointing: the run still equals one unsharded process."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tied = tmp_path / "tied-llama"
+    shutil.copytree(models["llama"], tied)
+    if ties == "tied":  # one matrix in the checkpoint
+        model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        model.save_pretrained(tied)
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    else:
+        cfg = json.loads((tied / "config.json").read_text())
+        (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    script = tmp_path / "spy.py"
+    script.write_text(SPY)
+    common = ("--max-steps", "4", "--gradient-checkpointing")
+    one = subprocess.run([sys.executable, str(CHILD), *map(str, finetune(tied, toy_data, tmp_path / "one", *common, "--batch-size", "8"))],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(torchrun(finetune(tied, toy_data, tmp_path / "two", *common, "--batch-size", "4", "--fsdp"), script=script),
+                         env=env(SPY_OUT=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert "model.safetensors" in rank0["opened"] and not rank0["any"], rank0  # the spy sees rank 0 load: it would see rank 1
+    assert rank1["opened"] == [] and rank1["all"] and rank1["buffers"] == [], rank1  # parameters on meta, buffers real
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert max_diff(tmp_path / "one", tmp_path / "two") < 1e-4

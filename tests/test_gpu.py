@@ -1,4 +1,5 @@
-"""What only CUDA shows: bf16 / fp16 autocast, FSDP on NCCL, QLoRA's GPU kernels. Skipped without a GPU.
+"""What only CUDA shows: bf16 / fp16 autocast, FSDP on NCCL, QLoRA's GPU kernels, --compile on Triton, Liger's kernels
+(with the `gpu` extra: pip install 'llmkit[gpu]'). Skipped without a GPU.
 
 Run where a GPU is: `python -m pytest -m gpu tests/test_gpu.py`.
 """
@@ -49,7 +50,7 @@ def test_auto_precision_is_bf16_or_fp16_on_a_gpu():
 
 def test_fsdp_on_one_gpu_matches_plain_training(cli, tiny_llama, toy_data, tmp_path):
     """NCCL with one process: the sharded code path end to end (wrap, clip, sharded checkpoint, gather, save)."""
-    common = ("--mixed-precision", "no", "--save-every", "10")
+    common = ("--mixed-precision", "no", "--save-every", "10", "--set", "train.liger=false")  # FSDP runs without Liger
     assert cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "plain", *common))[0] == 0
     code, _, err = cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "fsdp", *common, "--fsdp"))
     assert code == 0, err
@@ -93,3 +94,54 @@ def test_qlora_on_a_gpu_trains_and_merges(cli, tiny_llama, toy_data, tmp_path):
     code, _, err = cli(*args(tiny_llama, toy_data / "train.txt", merged, "--method", "qlora", "--merge", "--max-steps", "3"))
     assert code == 0, err
     assert saved_dtypes(merged) == {torch.float32}
+
+
+def test_compile_on_a_gpu_trains_like_eager(cli, tiny_llama, toy_data, tmp_path):
+    """--compile on CUDA (inductor's Triton kernels): the same losses as the eager run, and the compile time logged."""
+    common = ("--mixed-precision", "no", "--max-steps", "4", "--method", "lora", "--set", "train.liger=false")
+    assert cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "eager", *common))[0] == 0
+    code, _, err = cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "compiled", *common, "--compile"))
+    assert code == 0, err
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    assert json.loads((tmp_path / "compiled" / "llmkit.json").read_text())["llmkit"]["compile_seconds"] >= 0
+
+
+def test_liger_gives_the_same_losses(cli, tiny_llama, toy_data, tmp_path):
+    """train.liger (Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy) against llmkit's own path."""
+    pytest.importorskip("liger_kernel")
+    common = ("--mixed-precision", "no", "--max-steps", "4", "--method", "lora")
+    # off first: applying Liger also patches module-level functions (RoPE) for the rest of the process
+    assert cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "off", *common, "--set", "train.liger=false"))[0] == 0
+    code, _, err = cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "on", *common, "--set", "train.liger=true"))
+    assert code == 0, err
+    assert losses(tmp_path / "on") == pytest.approx(losses(tmp_path / "off"), rel=2e-3)
+    record = json.loads((tmp_path / "on" / "llmkit.json").read_text())
+    assert record["train"]["liger"] == "true"
+    # `auto` turns it on where it can run: here
+    code, _, err = cli(*args(tiny_llama, toy_data / "train.txt", tmp_path / "auto", *common))
+    assert code == 0, err
+    assert json.loads((tmp_path / "auto" / "llmkit.json").read_text())["train"]["liger"] == "true"
+
+
+def test_liger_lowers_peak_memory_at_a_262k_vocabulary(cli, tiny_llama, toy_data, tmp_path):
+    """Gemma 3's vocabulary size on a narrow Llama: the model's own loss holds tokens x 262k logits (and their
+    softmax and gradient); Liger's fused linear cross-entropy holds a chunk of them at a time."""
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "vocab262k"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=262_144, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(model)
+    tok.save_pretrained(model)
+    common = ("--mixed-precision", "no", "--max-steps", "2", "--method", "lora", "--block-size", "64", "--batch-size", "8")
+    plain, liger = tmp_path / "plain", tmp_path / "liger"
+    code, _, err = cli(*args(model, toy_data / "train.txt", plain, *common, "--set", "train.liger=false", "--set", "train.chunked_loss=false"))
+    assert code == 0, err
+    code, _, err = cli(*args(model, toy_data / "train.txt", liger, *common, "--set", "train.liger=true"))
+    assert code == 0, err
+    peak = {name: json.loads((out / "llmkit.json").read_text())["llmkit"]["peak_memory_gb"] for name, out in (("plain", plain), ("liger", liger))}
+    assert peak["liger"] < 0.5 * peak["plain"], peak  # 8 x 64 x 262k fp32 logits alone are 0.5 GB
+    assert losses(liger) == pytest.approx(losses(plain), rel=2e-3)

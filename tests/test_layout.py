@@ -16,11 +16,12 @@ LAYERS = {
     "llmkit": 0, "llmkit.errors": 0, "llmkit.machine": 0, "llmkit.progress": 0, "llmkit.config": 0, "llmkit.runfolder": 0,
     "llmkit.losses": 0, "llmkit.chunked_loss": 0,
     # models: resolving and loading them
-    "llmkit.int8": 1, "llmkit.gguf_base": 1, "llmkit.models": 1, "llmkit.qlora": 1,
+    "llmkit.int8": 1, "llmkit.gguf_base": 1, "llmkit.models": 1, "llmkit.qlora": 1, "llmkit.meta_build": 1,
     # shared machinery: data, the run lifecycle and loop, evaluation, generation backends, GGUF, serving engine
     "llmkit.datafiles": 2, "llmkit.chat": 2, "llmkit.data": 2, "llmkit.datarows": 2, "llmkit.encoding": 2,
     "llmkit.streaming": 2, "llmkit.prepare": 2, "llmkit.sharding": 2, "llmkit.checkpoints": 2, "llmkit.evaluation": 2,
     "llmkit.train": 2, "llmkit.outputs": 2, "llmkit.pairs": 2, "llmkit.preference": 2, "llmkit.run": 2, "llmkit.lora": 2, "llmkit.students": 2,
+    "llmkit.speedups": 2,
     "llmkit.generation": 2, "llmkit.gguf_tokenizer": 2, "llmkit.gguf_convert": 2, "llmkit.gguf": 2, "llmkit.backends": 2,
     "llmkit.backends.transformers": 2, "llmkit.backends.llama_cpp": 2, "llmkit.serving": 2, "llmkit.serving.job": 2,
     "llmkit.serving.protocol": 2, "llmkit.serving.llama_batch": 2, "llmkit.serving.engine": 2, "llmkit.trackers": 2,

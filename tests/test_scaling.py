@@ -17,6 +17,56 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+# ------------------------------------------------------------------------------------ fused LoRA forward
+
+
+@pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("gpt2", 0.0), ("llama", 0.1)])
+def test_fused_lora_gives_peft_s_loss_and_gradients(request, arch, dropout):
+    """lora.fused (the default) adds B(A(x)) x scaling into the base output in place: the same loss and gradients as
+    peft's own forward (GPT-2's Conv1D base too, and with dropout drawing the same masks), and peft's forward
+    when the adapters are disabled or merged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.config import FinetuneConfig, LoraConfig
+    from llmkit.lora import add_lora
+
+    folder = request.getfixturevalue(f"tiny_{arch}")
+    x = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+
+    def build(fused: bool) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        torch.manual_seed(0)
+        model = add_lora(model, FinetuneConfig(method="lora", lora=LoraConfig(dropout=dropout, fused=fused)))
+        for name, p in model.named_parameters():  # B starts at zero; make the adapters matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
+        return model.train()
+
+    def grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(3)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, fused = build(False), build(True)
+    assert "_fused_forward_in_place" in repr(next(m.forward for m in fused.modules() if hasattr(m, "lora_A")))
+    loss_plain, g_plain = grads(plain)
+    loss_fused, g_fused = grads(fused)
+    assert loss_fused == pytest.approx(loss_plain, rel=1e-6)
+    assert g_plain and set(g_plain) == set(g_fused)
+    for name in g_plain:
+        assert torch.allclose(g_fused[name], g_plain[name], atol=1e-6, rtol=1e-5), name
+    with torch.autocast("cpu", torch.bfloat16):  # in-place ops skip autocast: the fused path casts as it would
+        assert float(fused(input_ids=x, labels=x).loss) == pytest.approx(float(plain(input_ids=x, labels=x).loss), rel=2e-2)
+    fused.eval(), plain.eval()
+    with torch.no_grad(), fused.disable_adapter(), plain.disable_adapter():
+        assert torch.equal(fused(input_ids=x).logits, plain(input_ids=x).logits)
+    merged = fused.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, plain(input_ids=x).logits, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------ gradient checkpointing
 
 

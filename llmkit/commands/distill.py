@@ -46,6 +46,7 @@ def distill(
     save_every: int = o.SAVE_EVERY,
     threads: int = o.THREADS,
     gradient_checkpointing: bool = o.GRADIENT_CHECKPOINTING,
+    compile_: bool = o.COMPILE,
     report_to: list[str] = o.REPORT_TO,
     resume: bool = o.RESUME,
     overwrite: bool = o.OVERWRITE,

@@ -56,6 +56,7 @@ def finetune(
     fsdp: bool = typer.Option(None, "--fsdp", help="Shard weights, gradients and optimizer state across processes (torchrun).",
                               show_default=False),
     gradient_checkpointing: bool = o.GRADIENT_CHECKPOINTING,
+    compile_: bool = o.COMPILE,
     report_to: list[str] = o.REPORT_TO,
     estimate_memory: bool = typer.Option(False, "--estimate-memory", help="Print the memory this run needs per process, and "
                                          "what would make it fit, then exit."),

@@ -46,6 +46,7 @@ MIXED_PRECISION = _opt("--mixed-precision", help="auto | no | bf16 | fp16 [defau
 EVAL_EVERY = _opt("--eval-every", help="Evaluate every N steps [default: each epoch].")
 SAVE_EVERY = _opt("--save-every", help="Checkpoint every N steps [default: each epoch].")
 THREADS = _opt("--threads", help="CPU threads [default: physical cores / processes].")
+COMPILE = _opt("--compile", help="torch.compile each transformer block: the first step compiles, later steps may be faster.")
 GRADIENT_CHECKPOINTING = _opt("--gradient-checkpointing", help="Recompute activations in backward: far less memory, ~1/3 more compute.")
 REPORT_TO = _opt("--report-to", help="Also log to an experiment tracker: none | tensorboard | mlflow | wandb | trackio "
                  "(repeatable; pip install 'llmkit[track]'); logs under OUT/tracking/ [default: none].")
@@ -68,7 +69,8 @@ TRAIN_KEYS = {
     **DATA_KEYS, "out": "out", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum", "lr": "train.lr", "seed": "train.seed", "mixed_precision": "train.mixed_precision",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "threads": "train.threads",
-    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to", "resume": "resume", "overwrite": "overwrite",
+    "gradient_checkpointing": "train.gradient_checkpointing", "compile_": "train.compile", "report_to": "train.report_to", "resume": "resume",
+    "overwrite": "overwrite",
 }
 
 
