@@ -47,6 +47,7 @@ class Shape:
     kv_hidden: int
     vocab: int
     largest_block: int  # parameters of one block: FSDP gathers it whole for its forward and backward
+    lora_inputs: int = 0  # per block, the summed input widths of the layers LoRA adapts (each dropout keeps a copy)
 
 
 @dataclass
@@ -87,6 +88,8 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
         peft_model = add_lora(model, replace(cfg, method="lora"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    first = blocks(peft_model)[:1]
+    lora_inputs = sum(m.in_features for u in first for m in u.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
     head = trainable - lora_params
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
@@ -94,7 +97,7 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
     return Shape(params=params, quantizable=quantizable, lora_params=lora_params, head_params=head, layers=len(units),
                  hidden=hidden, intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
                  kv_hidden=hidden * kv_heads // heads, vocab=getattr(config, "vocab_size", 0),
-                 largest_block=max((sum(p.numel() for p in u.parameters()) for u in units), default=0))
+                 largest_block=max((sum(p.numel() for p in u.parameters()) for u in units), default=0), lora_inputs=lora_inputs)
 
 
 def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> Estimate:
@@ -106,6 +109,8 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
     # input and two norm outputs, q / k / v and their rotated copies, the attention output and the o_proj input,
     # and four MLP-wide tensors (gate, up, activation, product). Attention itself runs fused (SDPA): no s x s scores.
     per_token_block = (8 * shape.hidden + 4 * shape.kv_hidden + 4 * shape.intermediate) * act_bytes
+    if cfg.method != "full" and cfg.lora.dropout > 0:  # peft keeps each adapted layer's dropped-out input and its mask
+        per_token_block += shape.lora_inputs * (act_bytes + 1)
     # plus, either way, one block's backward: the gradients of its tensors, as large as they are
     all_blocks = tokens * shape.layers * per_token_block
     if t.gradient_checkpointing:  # only each block's input is kept; one block is recomputed at a time

@@ -315,6 +315,15 @@ def test_estimate_shrinks_as_expected(tiny_llama):
     lora.model.name = str(tiny_llama)
     q, lo = estimate(model_shape(qlora), qlora, 1, "cpu"), estimate(model_shape(lora), lora, 1, "cpu")
     assert q.weights < lo.weights and q.optimizer == lo.optimizer
+    # LoRA dropout keeps each adapted layer's dropped-out input (+ its mask): all-linear on a Llama block = 6 x hidden
+    # + intermediate per token; the CPU heap's holes are a third of the blocks' activations, none under FSDP or on CUDA
+    lora_shape = model_shape(lora)
+    assert lora_shape.lora_inputs == 6 * lora_shape.hidden + lora_shape.intermediate
+    dropped = replace(lora, lora=replace(lora.lora, dropout=0.1))
+    tokens = lora.train.batch_size * lora.data.block_size
+    added = estimate(lora_shape, dropped, 1, "cpu").activations - estimate(lora_shape, lora, 1, "cpu").activations
+    assert added == pytest.approx(tokens * (lora_shape.layers + 1) * lora_shape.lora_inputs * 5 / 1e9)
+    assert one.allocator > 0 and two.allocator == 0 and estimate(shape, replace(full, train=replace(full.train, fsdp=False)), 1, "cuda").allocator == 0
     assert shape.params == sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
 
 
