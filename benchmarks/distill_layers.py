@@ -28,18 +28,15 @@ def before_healing(layers: list[int], selections: list[str], threads: int) -> di
     from torch.utils.data import DataLoader
 
     from llmkit.data import Collator, ExampleSet
-    from llmkit.evaluation import evaluate_model
     from llmkit.models import load_causal_lm, load_tokenizer, resolve
-    from llmkit.students import choose_layers, layer_importance, student_from_layers
-
+    from llmkit.training import choose_layers, evaluate_model, layer_importance, student_from_layers
     torch.set_num_threads(threads)
     ref = resolve("smollm2-135m")
     tok = load_tokenizer(ref)
     teacher = load_causal_lm(ref, device="cpu", dtype="float32", progress=False).eval()
 
     def first_blocks(name: str, n: int) -> list[list[int]]:  # llmkit's own reading and packing of the file
-        from llmkit.prepare import prepare_eval
-
+        from llmkit.data import prepare_eval
         path = str(SHARED / "data" / "tinyshakespeare" / name)
         return list(prepare_eval(path, tok, task="causal-lm", block_size=256, max_length=256, labels=None, limit=n)[0].input_ids)
 

@@ -36,8 +36,8 @@ def tiny_families(new: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.backends.llama_cpp import LlamaCppBackend
-    from llmkit.gguf import convert_folder
+    from llmkit.export import convert_folder
+    from llmkit.inference import LlamaCppBackend
     from llmkit.machine import physical_cores
     from llmkit.models import ModelRef
     from tests.families import FAMILIES, build

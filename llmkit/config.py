@@ -29,8 +29,8 @@ TASKS = ("causal-lm", "seq-cls")
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
-REPORT_TO = ("none", "tensorboard", "mlflow", "wandb", "trackio")  # llmkit.trackers
-DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion", "preference")  # llmkit.chat.FORMATS
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb", "trackio")  # llmkit.training.trackers
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion", "preference")  # llmkit.data.formats.FORMATS
 OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")  # objectives that need no reference model
 
@@ -143,10 +143,10 @@ class TrainConfig:
     """--gradient-checkpointing: keep only each block's input and recompute the rest in backward: far less
     activation memory (long sequences, big batches) for about a third more compute."""
     chunked_loss: bool = True
-    """Causal LMs: the LM head and cross-entropy a chunk of tokens at a time (llmkit/chunked_loss.py), never the
+    """Causal LMs: the LM head and cross-entropy a chunk of tokens at a time (llmkit/training/chunked_loss.py), never the
     tokens x vocabulary logits (1 GB at 4 x 256 tokens of a 262k vocabulary). Same loss and gradients."""
     compile: bool = False
-    """--compile: torch.compile each transformer block (llmkit/speedups.py; on CPU inductor needs a C++ compiler). The
+    """--compile: torch.compile each transformer block (llmkit/training/speedups.py; on CPU inductor needs a C++ compiler). The
     first step pays the compile time (llmkit.json: llmkit.compile_seconds); later steps may run faster. Off by default:
     `benchmarks/levers.py` measures what it is worth on a machine. Not with --fsdp or --method qlora."""
     liger: str = "auto"
@@ -156,7 +156,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """--report-to: experiment trackers (tensorboard, mlflow, wandb, trackio; a list or comma-separated; none = only
     metrics.jsonl) that get the resolved recipe, every metrics.jsonl value at its step, the model card and loss.png;
-    their logs go under OUT/tracking/ unless their own environment says otherwise (llmkit/trackers.py)."""
+    their logs go under OUT/tracking/ unless their own environment says otherwise (llmkit/training/trackers.py)."""
 
 
 @dataclass
@@ -176,7 +176,7 @@ class LoraConfig:
     """--merge: save a merged full model instead of the adapter (merged in full precision)."""
     fused: bool = True
     """Adapted linear layers add B(A(x)) x scaling to the base output in one addmm instead of peft's three
-    elementwise steps (llmkit/lora.py fuse_lora): same values and gradients, fewer short-lived tensors.
+    elementwise steps (llmkit/models/lora.py fuse_lora): same values and gradients, fewer short-lived tensors.
     `--set lora.fused=false` uses peft's forward as is."""
 
 

@@ -7,8 +7,8 @@
 The student is the teacher with some layers dropped (`--student-layers N`; `--layer-selection auto`, the
 default, keeps the N layers that change the hidden states most for causal LMs and evenly spaced ones, as
 DistilBERT, for classifiers, where importance cost accuracy; llmkit.json records what `auto` resolved to;
-embeddings, norms and heads copied: llmkit/students.py) or any model built from `--student-config` that shares
-the teacher's tokenizer. `Distill` is an objective on the shared run lifecycle (llmkit/run.py): training is
+embeddings, norms and heads copied: llmkit/training/students.py) or any model built from `--student-config` that shares
+the teacher's tokenizer. `Distill` is an objective on the shared run lifecycle (llmkit/training/lifecycle.py): training is
 `train.fit` with `DistillLoss` as the loss; the teacher runs in eval mode under no_grad, or not at all when its
 top-k logits are cached on disk.
 
@@ -29,20 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkit.checkpoints import cached_tensors
-from llmkit.chunked_loss import supports_chunked_loss
 from llmkit.config import DistillConfig, KDConfig, ModelConfig
-from llmkit.data import Collator, Labels
+from llmkit.data.examples import Collator, Labels
 from llmkit.errors import UsageError
-from llmkit.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
-from llmkit.losses import LoggedParts
-from llmkit.models import ModelRef, base_model_id, cache_folder, weights_fingerprint
-from llmkit.outputs import Card
+from llmkit.models.refs import ModelRef, base_model_id, cache_folder, weights_fingerprint
 from llmkit.progress import bar as progress_bar
-from llmkit.run import Objective, Run, run
 from llmkit.runfolder import read_record, write_json
-from llmkit.students import aligned_layers, check_vocab, choose_layers, count_layers, resolve_selection, student_from_config, student_from_layers
-from llmkit.train import TrainJob, TrainResult
+from llmkit.training.checkpoints import cached_tensors
+from llmkit.training.chunked_loss import supports_chunked_loss
+from llmkit.training.evaluation import evaluate_examples, full_precision, generation_speed, inference_speed, weight_bytes
+from llmkit.training.lifecycle import Objective, Run, run
+from llmkit.training.loop import TrainJob, TrainResult
+from llmkit.training.losses import LoggedParts
+from llmkit.training.outputs import Card
+from llmkit.training.students import aligned_layers, check_vocab, choose_layers, count_layers, resolve_selection, student_from_config, student_from_layers
 
 REPORT = "distill_report.json"
 
@@ -62,7 +62,7 @@ class DistillLoss(LoggedParts):
     def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
         import torch
 
-        from llmkit.losses import hidden_cosine_loss, kd_loss, kd_loss_topk
+        from llmkit.training.losses import hidden_cosine_loss, kd_loss, kd_loss_topk
 
         kd, T = self.kd, self.kd.temperature
         index = batch.pop("index", None)
@@ -99,7 +99,7 @@ class DistillLoss(LoggedParts):
     def chunked_loss(self, model: Any, batch: dict[str, Any], index: Any) -> Any:
         """The same loss (value and gradients) without the student's tokens x vocabulary logits, nor the teacher's.
 
-        The student runs without its LM head (llmkit/chunked_loss.py); CE and the KD term are two chunk losses over
+        The student runs without its LM head (llmkit/training/chunked_loss.py); CE and the KD term are two chunk losses over
         the same head outputs, so each chunk of positions runs the head once for both. The KD term reads the cached
         top-k logits of those positions, or the live teacher's logits, computed a chunk at a time from its last hidden
         states. CE is over positions 0..S-2 (position s predicts label s+1), KD over every real token (the last one
@@ -107,8 +107,8 @@ class DistillLoss(LoggedParts):
         """
         import torch
 
-        from llmkit.chunked_loss import WeightedChunks, chunked_head, cross_entropy_chunks, head_inputs, head_logits, kd_chunks
-        from llmkit.losses import hidden_cosine_loss
+        from llmkit.training.chunked_loss import WeightedChunks, chunked_head, cross_entropy_chunks, head_inputs, head_logits, kd_chunks
+        from llmkit.training.losses import hidden_cosine_loss
 
         kd = self.kd
         hidden = kd.hidden_weight > 0
@@ -348,7 +348,7 @@ class Distill(Objective):
             import gc
 
             gc.collect()
-        # the chunked head (llmkit/chunked_loss.py) when both sides' logits can come a chunk at a time: the student's
+        # the chunked head (llmkit/training/chunked_loss.py) when both sides' logits can come a chunk at a time: the student's
         # through its head, the teacher's from the cache or its own head (a 262k vocabulary: GBs of logits otherwise)
         chunked = (cfg.task == "causal-lm" and cfg.train.chunked_loss and supports_chunked_loss(student)
                    and (cache is not None or teacher is None or supports_chunked_loss(teacher)))
@@ -370,7 +370,8 @@ class Distill(Objective):
 
 
 def load_teacher(cfg: DistillConfig, ref: ModelRef, progress: bool, device: str) -> Any:
-    from llmkit.models import adapter_task, architectures, load_causal_lm, load_seq_cls
+    from llmkit.models.load import architectures, load_causal_lm, load_seq_cls
+    from llmkit.models.refs import adapter_task
 
     if cfg.task == "causal-lm":
         teacher = load_causal_lm(ref, device=device, dtype="float32", progress=progress)

@@ -1,4 +1,4 @@
-"""Fine-tuning: the `Finetune` objective on the shared run lifecycle (llmkit/run.py) and training loop (train.py).
+"""Fine-tuning: the `Finetune` objective on the shared run lifecycle (llmkit/training/lifecycle.py) and training loop (train.py).
 
     >>> from llmkit.config import load_recipe
     >>> from llmkit.finetune import finetune
@@ -6,7 +6,7 @@
 
 What is particular to fine-tuning: the model to train (a base with a new head for seq-cls, LoRA adapters, a
 4-bit QLoRA base), the loss (the sparse causal-LM loss for prompt/response and chat rows; a preference objective,
-llmkit/preference.py, for --objective dpo|ipo|simpo|orpo), and what is saved (an adapter or a merged model, with
+llmkit/training/preference.py, for --objective dpo|ipo|simpo|orpo), and what is saved (an adapter or a merged model, with
 the chat template it was trained with).
 """
 
@@ -16,18 +16,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.chat import ChatEncoder
-from llmkit.chunked_loss import supports_chunked_loss
 from llmkit.config import FinetuneConfig
-from llmkit.data import Collator, Labels
+from llmkit.data.chat import ChatEncoder
+from llmkit.data.examples import Collator, Labels
+from llmkit.data.prepare import Prepared
 from llmkit.errors import UsageError
-from llmkit.lora import add_lora, base_folder, keep_base, peft_base
-from llmkit.losses import keeps_logits, sparse_causal_lm_loss
-from llmkit.models import ModelRef, base_model_id, cache_folder, resolve, weights_fingerprint
-from llmkit.outputs import Card
-from llmkit.prepare import Prepared
-from llmkit.run import Objective, Run, run
-from llmkit.train import TrainJob, TrainResult
+from llmkit.models.lora import add_lora, base_folder, keep_base, peft_base
+from llmkit.models.refs import ModelRef, base_model_id, cache_folder, resolve, weights_fingerprint
+from llmkit.training.chunked_loss import supports_chunked_loss
+from llmkit.training.lifecycle import Objective, Run, run
+from llmkit.training.loop import TrainJob, TrainResult
+from llmkit.training.losses import keeps_logits, sparse_causal_lm_loss
+from llmkit.training.outputs import Card
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
@@ -48,7 +48,7 @@ class Finetune(Objective):
         self.model = build_model(cfg, run.ref, run.tokenizer, data.labels, run.progress, grow_vocab=bool(data.added_tokens))
         self.liger = liger(cfg, run, self.model)
         if cfg.objective != "sft" and cfg.preference.disable_dropout:
-            from llmkit.preference import disable_dropout
+            from llmkit.training.preference import disable_dropout
 
             disable_dropout(self.model)  # step 0: loss ln 2, rewards 0; log-probs comparable with the reference's
 
@@ -80,7 +80,7 @@ class Finetune(Objective):
     def preference_job(self, run: Run) -> TrainJob:
         """DPO and relatives: pairs in, [chosen; rejected] rows through the model; the reference's log-probs (DPO, IPO)
         computed once with the model as built, before any step, and cached."""
-        from llmkit.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference, reference_key, reference_logps
+        from llmkit.training.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference, reference_key, reference_logps
 
         cfg, data, p, model = self.cfg, run.data, self.cfg.preference, self.model
         collate = PreferenceCollator(run.tokenizer.pad_token_id)
@@ -109,8 +109,8 @@ class Finetune(Objective):
 
 
 def liger(cfg: FinetuneConfig, run: Run, model: Any) -> bool:
-    """train.liger: Liger's kernels on this model where they can run (llmkit/speedups.py); says why not on a GPU."""
-    from llmkit.speedups import apply_liger, use_liger
+    """train.liger: Liger's kernels on this model where they can run (llmkit/training/speedups.py); says why not on a GPU."""
+    from llmkit.training.speedups import apply_liger, use_liger
 
     device, why_not = run.accelerator.device.type, []
     if not use_liger(cfg.train, cfg.task, cfg.method, device, model, why_not):
@@ -128,8 +128,8 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
 
     `grow_vocab`: the chat template added special tokens to the tokenizer; the embeddings grow to match.
     """
-    from llmkit.meta_build import building
-    from llmkit.models import architectures, load_seq_cls
+    from llmkit.models.load import architectures, load_seq_cls
+    from llmkit.models.meta import building
 
     if cfg.task == "seq-cls":
         model = load_seq_cls(ref, progress=progress, num_labels=len(labels.names), id2label=labels.id2label,
@@ -143,7 +143,7 @@ def build_model(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, labels: Labe
         import torch
         from transformers import AutoModelForCausalLM
 
-        from llmkit.models import apply_adapter, from_pretrained_checked
+        from llmkit.models.load import apply_adapter, from_pretrained_checked
 
         if cfg.method == "qlora":
             model = qlora_base(cfg, ref, tokenizer, progress)
@@ -173,8 +173,8 @@ def qlora_base(cfg: FinetuneConfig, ref: ModelRef, tokenizer: Any, progress: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.models import apply_adapter, from_pretrained_checked, source_kwargs
-    from llmkit.qlora import load_4bit
+    from llmkit.models.load import apply_adapter, from_pretrained_checked, source_kwargs
+    from llmkit.models.qlora import load_4bit
 
     if ref.is_gguf or ref.adapter is not None:
         if not (base_folder(ref) / "config.json").exists():
@@ -227,7 +227,7 @@ def save_model(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, t
     if adapters:
         model.peft_config["default"].base_model_name_or_path = peft_base(ref)
         if merged and cfg.method == "qlora":  # into the fp32 base, loaded afresh, never into the 4-bit weights
-            from llmkit.qlora import merge_into_full_precision
+            from llmkit.models.qlora import merge_into_full_precision
 
             model = merge_into_full_precision(model, build_model(replace(cfg, method="lora"), ref, tokenizer, None, False))
         elif merged:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from llmkit.backends import llama_cpp_available, open_backend
-from llmkit.generation import SamplingOptions
-from llmkit.models import alias_path, resolve
+from llmkit.inference.backends import llama_cpp_available, open_backend
+from llmkit.inference.sampling import SamplingOptions
+from llmkit.models.refs import alias_path, resolve
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.chat import CHATML, ChatEncoder, Conversation, encode_conversations, pack, read_conversations
-from llmkit.data import Collator
+from llmkit.data.chat import ChatEncoder, encode_conversations, pack
+from llmkit.data.examples import Collator
+from llmkit.data.formats import Conversation, read_conversations
 from llmkit.errors import UsageError
+from llmkit.models.templates import CHATML
 from tests.conftest import make_tokenizer
 
 # SmolLM2-135M-Instruct's own template (a default system prompt when none is given), as shipped in its GGUF.
@@ -294,9 +296,9 @@ def test_serving_renders_prompts_exactly_as_training_did(chat_run):
     """The saved folder carries the training template: generate / serve render a conversation's prompt to the same text."""
     from transformers import AutoTokenizer
 
-    from llmkit.backends.transformers import TransformersBackend
-    from llmkit.generation import SamplingOptions
-    from llmkit.models import resolve
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.inference.transformers import TransformersBackend
+    from llmkit.models.refs import resolve
 
     tok = AutoTokenizer.from_pretrained(chat_run)
     trained = ChatEncoder(tok, SIMPLE)
@@ -327,7 +329,7 @@ def test_sparse_loss_equals_the_models_own_loss_and_gradients(arch, packed, tiny
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.losses import keeps_logits, sparse_causal_lm_loss
+    from llmkit.training.losses import keeps_logits, sparse_causal_lm_loss
 
     folder = tiny_llama if arch == "llama" else tiny_gpt2
     tok = AutoTokenizer.from_pretrained(folder)

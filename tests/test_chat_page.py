@@ -26,7 +26,7 @@ PAGE = Path(__file__).resolve().parents[1] / "llmkit" / "serving" / "static" / "
 def test_the_page_is_served_without_the_key_and_the_api_still_needs_it():
     from fastapi.testclient import TestClient
 
-    from llmkit.serve import create_app
+    from llmkit.serving.app import create_app
 
     engine = SimpleNamespace(model_name="tiny", names={"tiny"}, created=0, window=None, close=lambda *a: None)
     client = TestClient(create_app(engine, api_key=KEY))

@@ -43,8 +43,8 @@ def test_same_loss_and_gradients_as_the_model(name, extra, lora, tmp_path, monke
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit import chunked_loss
-    from llmkit.chunked_loss import chunked_causal_lm_loss, supports_chunked_loss
+    from llmkit.training import chunked_loss
+    from llmkit.training.chunked_loss import chunked_causal_lm_loss, supports_chunked_loss
 
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 400)  # several chunks, one of them partly ignored
     fam = FAMILIES[name]
@@ -78,7 +78,7 @@ def test_peak_memory_does_not_grow_with_the_vocabulary(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmkit.chunked_loss import chunked_causal_lm_loss
+    from llmkit.training.chunked_loss import chunked_causal_lm_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=262_144, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -89,7 +89,7 @@ def test_peak_memory_does_not_grow_with_the_vocabulary(tmp_path):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     plain = model(**batch).loss
     logits_bytes = 4 * 256 * 262_144 * 4  # one fp32 tokens x vocabulary tensor: 1 GiB
-    from llmkit.chunked_loss import CHUNK_ELEMENTS
+    from llmkit.training.chunked_loss import CHUNK_ELEMENTS
 
     # what the chunked path keeps for backward: the hidden states' gradient, nothing vocabulary-sized
     chunked = chunked_causal_lm_loss(model, batch)
@@ -104,7 +104,7 @@ def test_evaluation_nll_equals_the_plain_one(name, tmp_path, monkeypatch):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from llmkit import chunked_loss
+    from llmkit.training import chunked_loss
 
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 400 * 24)  # a row at a time
     model = AutoModelForCausalLM.from_pretrained(build(FAMILIES[name], tmp_path), dtype=torch.float32).eval()
@@ -119,11 +119,11 @@ def test_evaluation_nll_equals_the_plain_one(name, tmp_path, monkeypatch):
 
 def test_finetune_trains_the_same_with_and_without_it(cli, tiny_llama, toy_data, tmp_path, monkeypatch):
     """`train.chunked_loss` (on by default) changes memory, not the run: the same losses step by step."""
-    import llmkit.train
+    import llmkit.training.loop
 
     calls = []
-    real = llmkit.train.chunked_causal_lm_loss
-    monkeypatch.setattr(llmkit.train, "chunked_causal_lm_loss", lambda *a: calls.append(1) or real(*a))
+    real = llmkit.training.loop.chunked_causal_lm_loss
+    monkeypatch.setattr(llmkit.training.loop, "chunked_causal_lm_loss", lambda *a: calls.append(1) or real(*a))
     losses = {}
     for on in ("true", "false"):
         out = tmp_path / on

@@ -65,7 +65,7 @@ def _flags(teacher: Path, out: Path, data: Path, **extra: str) -> list[str]:
 
 
 def test_kept_layers_are_evenly_spaced_with_first_and_last():
-    from llmkit.students import kept_layers
+    from llmkit.training.students import kept_layers
 
     assert kept_layers(6, 3) == [0, 2, 5]  # the layers the issue's no-KD baseline keeps
     assert kept_layers(12, 6) == [0, 2, 4, 7, 9, 11]
@@ -79,7 +79,7 @@ def test_layer_extraction_copies_exactly_the_kept_layers(teachers, arch):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from llmkit.students import layer_stack, student_from_layers
+    from llmkit.training.students import layer_stack, student_from_layers
 
     auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
     teacher = auto.from_pretrained(teachers[arch])
@@ -109,8 +109,8 @@ def test_importance_drops_the_layer_that_changes_nothing(teachers):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data import Collator, ExampleSet
-    from llmkit.students import choose_layers, layer_importance, student_from_layers
+    from llmkit.data.examples import Collator, ExampleSet
+    from llmkit.training.students import choose_layers, layer_importance, student_from_layers
 
     teacher = AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_layer_extraction_takes_any_block_list(teachers):
     """GPT-NeoX was refused when the stacks were a table of names; the block list is now found from the config."""
     from transformers import AutoModelForCausalLM
 
-    from llmkit.students import layer_stack, student_from_layers
+    from llmkit.training.students import layer_stack, student_from_layers
 
     student, kept = student_from_layers(AutoModelForCausalLM.from_pretrained(teachers["neox"]), 1)
     assert kept == [0] and student.config.num_hidden_layers == 1 and layer_stack(student)[0] == "gpt_neox.layers"
@@ -165,7 +165,7 @@ def test_resume_compares_the_resolved_selection(tmp_path):
 def test_kd_loss_is_zero_for_identical_logits_and_matches_a_hand_computation():
     import torch
 
-    from llmkit.losses import kd_loss, kd_loss_topk
+    from llmkit.training.losses import kd_loss, kd_loss_topk
 
     torch.manual_seed(0)
     t = torch.randn(2, 3, 7)
@@ -351,10 +351,10 @@ def test_chunked_distill_loss_equals_the_plain_one(name, teacher_side, lora, ext
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit import chunked_loss
-    from llmkit.chunked_loss import supports_chunked_loss
     from llmkit.config import KDConfig
     from llmkit.distill import DistillLoss, TeacherCache
+    from llmkit.training import chunked_loss
+    from llmkit.training.chunked_loss import supports_chunked_loss
     from tests.families import FAMILIES, build
 
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 400)  # 7 rows a chunk: several chunks

@@ -50,10 +50,10 @@ import json, sys
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from llmkit.config import load_recipe
-from llmkit.data import Collator, EpochSampler
+from llmkit.data.examples import Collator, EpochSampler
 from llmkit.distill import IndexedExamples
-from llmkit.prepare import prepare_data
-from llmkit.run import make_accelerator
+from llmkit.data.prepare import prepare_data
+from llmkit.training.lifecycle import make_accelerator
 
 model, data, out = sys.argv[1:4]
 cfg = load_recipe(None, [], {"data.train": data, "data.block_size": 8})

@@ -52,9 +52,9 @@ def test_gguf_export_greedy_equals_transformers(name, family_dir, cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.backends.llama_cpp import LlamaCppBackend
-    from llmkit.gguf import cached_gguf
-    from llmkit.models import ModelRef, resolve
+    from llmkit.export.gguf import cached_gguf
+    from llmkit.inference.llama_cpp import LlamaCppBackend
+    from llmkit.models.refs import ModelRef, resolve
 
     folder = family_dir(name)
     path = cached_gguf(resolve(str(folder)), "q8_0", progress=False)  # llama.cpp loaded it, and splits text as HF does
@@ -82,9 +82,10 @@ def test_chat_masks_and_stop_token(name, family_dir, cache):
     """The template's replies and end-of-turn token are exactly what is learned; the GGUF stops at that token."""
     from transformers import AutoTokenizer
 
-    from llmkit.chat import ChatEncoder, Conversation
-    from llmkit.gguf import cached_gguf
-    from llmkit.models import resolve
+    from llmkit.data.chat import ChatEncoder
+    from llmkit.data.formats import Conversation
+    from llmkit.export.gguf import cached_gguf
+    from llmkit.models.refs import resolve
 
     fam, folder = FAMILIES[name], family_dir(name)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -196,7 +196,7 @@ def _train_cfg(model: Path, data: Path, out: Path, **train):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import llmkit.checkpoints as checkpoints
+    import llmkit.training.checkpoints as checkpoints
     from llmkit.finetune import finetune
 
     finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", tmp_path / "a"))
@@ -229,8 +229,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_gpt2, toy_da
 
 
 def test_checkpoint_rotation_keeps_the_newest(tiny_gpt2, toy_data, tmp_path):
-    from llmkit.checkpoints import complete_checkpoints
     from llmkit.finetune import finetune
+    from llmkit.training.checkpoints import complete_checkpoints
 
     out = tmp_path / "run"
     finetune(_train_cfg(tiny_gpt2, toy_data / "train.txt", out, keep_checkpoints=2, max_steps=9))
@@ -283,7 +283,7 @@ def test_evaluate_perplexity_matches_the_reference_computation(cli, tiny_gpt2, t
 
 def test_every_epoch_gets_its_own_data_order(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
     """Accelerate's loader re-sets the sampler's epoch at every pass; once, every epoch silently reused epoch 0's order."""
-    from llmkit import data
+    from llmkit.data import examples as data
 
     seen: list[int] = []
     original = data.EpochSampler.__iter__

@@ -103,7 +103,7 @@ def test_each_process_holds_about_half_the_bytes(models, tmp_path):
     script.write_text(f"""
 import json, os, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
-from llmkit.sharding import local_bytes, shard
+from llmkit.training.sharding import local_bytes, shard
 dist.init_process_group("gloo")
 model = AutoModelForCausalLM.from_pretrained({str(models["llama"])!r}, dtype=torch.float32)
 whole = local_bytes(model)[0]
@@ -173,7 +173,7 @@ def test_sigkill_and_a_kill_during_a_sharded_save_resume_to_the_same_weights(mod
 SPY = '''
 import json, os, sys
 import safetensors, safetensors.torch, transformers.modeling_layers, transformers.modeling_utils
-import llmkit.sharding
+import llmkit.training.sharding
 
 rank, opened, meta = int(os.environ["RANK"]), [], {}
 
@@ -188,14 +188,14 @@ for module, name in ((transformers.modeling_utils, "safe_open"), (transformers.m
                      (safetensors.torch, "load_file"), (safetensors.torch, "load")):
     if hasattr(module, name):
         setattr(module, name, spying(getattr(module, name)))
-real_shard = llmkit.sharding.shard
+real_shard = llmkit.training.sharding.shard
 
 def shard(model, *args, **kwargs):
     meta.update(all=all(p.is_meta for p in model.parameters()), any=any(p.is_meta for p in model.parameters()),
                 buffers=[n for n, b in model.named_buffers() if b.is_meta], opened=list(opened))
     return real_shard(model, *args, **kwargs)
 
-llmkit.sharding.shard = shard
+llmkit.training.sharding.shard = shard
 from llmkit.cli import main
 try:
     main(sys.argv[1:])

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from llmkit.backends import choose_backend
-from llmkit.backends.transformers import TransformersBackend
 from llmkit.errors import UsageError
-from llmkit.generation import SamplingOptions, StopScanner
-from llmkit.models import resolve
+from llmkit.inference.backends import choose_backend
+from llmkit.inference.sampling import SamplingOptions, StopScanner
+from llmkit.inference.transformers import TransformersBackend
+from llmkit.models.refs import resolve
 
 PROMPTS = ["Once upon a time", "To be", "The quick brown fox jumps over the"]
 
@@ -147,7 +147,7 @@ def test_stop_scanner_holds_back_possible_stop_prefix():
 
 
 def test_backend_choice(tiny_gpt2, tiny_bert):
-    from llmkit.backends import llama_cpp_available
+    from llmkit.inference.backends import llama_cpp_available
 
     ref = resolve(str(tiny_gpt2))  # an HF folder of a GGUF-exportable architecture: llama.cpp through the GGUF cache
     assert choose_backend(ref) == ("llama.cpp" if llama_cpp_available() else "transformers")

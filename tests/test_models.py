@@ -10,7 +10,8 @@ import time
 import pytest
 
 from llmkit.errors import UsageError
-from llmkit.models import ALIASES, alias_path, hub_reachable, load_tokenizer, resolve
+from llmkit.models.load import load_tokenizer
+from llmkit.models.refs import ALIASES, alias_path, hub_reachable, resolve
 
 
 def test_local_folder(tiny_gpt2):

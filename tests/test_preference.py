@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.chat import Conversation
+from llmkit.data.formats import Conversation
+from llmkit.data.pairs import Pair, encode_pairs, pair
 from llmkit.errors import UsageError
-from llmkit.pairs import Pair, encode_pairs, pair
 from tests.test_chat import TEMPLATES, _runs, _tokenizer
 
 # ------------------------------------------------------------------------------------------ the losses
@@ -41,7 +41,7 @@ def _plain(objective: str, beta: float, gamma: float, pc: float, pr: float, rc: 
 def test_losses_equal_the_plain_formulas(objective):
     import torch
 
-    from llmkit.preference import PreferenceLoss, preference_losses
+    from llmkit.training.preference import PreferenceLoss, preference_losses
 
     beta, gamma = 0.3, 0.4
     cols = [torch.tensor(c, dtype=torch.float64) for c in zip(*PAIRS, strict=True)]
@@ -52,7 +52,7 @@ def test_losses_equal_the_plain_formulas(objective):
     # the whole loss of a batch: the mean, plus the chosen tokens' mean NLL for ORPO and for --sft-weight (RPO)
     class Scored(PreferenceLoss):  # log-probs given, not computed by a model
         def terms(self, model, batch):
-            import llmkit.preference as pref
+            import llmkit.training.preference as pref
 
             real = pref.sequence_logps
             pref.sequence_logps = lambda m, b, sparse: (torch.cat([cols[0], cols[1]]), torch.cat([cols[4], cols[5]]))
@@ -76,7 +76,7 @@ def test_losses_equal_the_plain_formulas(objective):
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_response_masks_are_exactly_the_response_and_its_end_of_turn(name):
-    from llmkit.chat import ChatEncoder
+    from llmkit.data.chat import ChatEncoder
 
     tok = _tokenizer(name)
     enc = ChatEncoder(tok, TEMPLATES[name][0])
@@ -212,7 +212,7 @@ def test_reference_cache_is_reused_and_invalidated(tiny_llama, prefs, tmp_path, 
 def test_resume_after_a_kill_is_bit_identical(tiny_llama, prefs, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import llmkit.checkpoints as checkpoints
+    import llmkit.training.checkpoints as checkpoints
     from llmkit.config import load_recipe
     from llmkit.finetune import finetune
 

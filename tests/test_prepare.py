@@ -39,8 +39,8 @@ def _chat_file(path: Path, n: int = 12) -> Path:
 
 
 def test_text_blocks_equal_the_in_memory_packing(tiny_llama, toy_data, tmp_path):
-    from llmkit.data import pack_causal_lm
-    from llmkit.prepare import prepare_data
+    from llmkit.data.examples import pack_causal_lm
+    from llmkit.data.prepare import prepare_data
 
     tok = _tok(tiny_llama)
     # a folder of two documents: EOS between them, BOS at the start of each (the Llama tokenizer adds it)
@@ -56,21 +56,22 @@ def test_text_blocks_equal_the_in_memory_packing(tiny_llama, toy_data, tmp_path)
 
 def test_text_cut_into_pieces_gives_the_same_tokens(tiny_gpt2, toy_data, tmp_path, monkeypatch):
     """A big file is tokenized in ~1 MB pieces cut at line ends: on a byte-level BPE the tokens do not change."""
-    import llmkit.datafiles
-    from llmkit.data import pack_causal_lm
-    from llmkit.prepare import prepare_data
+    import llmkit.data.files
+    from llmkit.data.examples import pack_causal_lm
+    from llmkit.data.prepare import prepare_data
 
     tok = _tok(tiny_gpt2)
     text = (toy_data / "train.txt").read_text()
-    monkeypatch.setattr(llmkit.datafiles, "CHUNK_BYTES", 200)  # many pieces, several tasks
-    monkeypatch.setattr("llmkit.prepare.TASK_BYTES", 600)
+    monkeypatch.setattr(llmkit.data.files, "CHUNK_BYTES", 200)  # many pieces, several tasks
+    monkeypatch.setattr("llmkit.data.prepare.TASK_BYTES", 600)
     data = prepare_data(_cfg(toy_data / "train.txt", **{"data.block_size": 16, "data.num_proc": 2}), tok)
     assert [r["input_ids"] for r in _rows(data.train)] == pack_causal_lm([text], tok, 16, "x")
 
 
 def test_chat_rows_equal_the_in_memory_encoder_packed_or_not(tiny_llama, tmp_path):
-    from llmkit.chat import ChatEncoder, encode_conversations, pack, read_conversations
-    from llmkit.prepare import prepare_data
+    from llmkit.data.chat import ChatEncoder, encode_conversations, pack
+    from llmkit.data.formats import read_conversations
+    from llmkit.data.prepare import prepare_data
 
     path = _chat_file(tmp_path / "chat.jsonl")
     tok = _tok(tiny_llama)
@@ -88,8 +89,8 @@ def test_chat_rows_equal_the_in_memory_encoder_packed_or_not(tiny_llama, tmp_pat
 def test_classification_rows_equal_the_in_memory_encoder(tiny_bert, toy_data):
     import csv
 
-    from llmkit.data import encode_seq_cls
-    from llmkit.prepare import prepare_data
+    from llmkit.data.examples import encode_seq_cls
+    from llmkit.data.prepare import prepare_data
 
     tok = _tok(tiny_bert)
     rows = list(csv.DictReader(open(toy_data / "train.csv", encoding="utf-8")))
@@ -100,8 +101,8 @@ def test_classification_rows_equal_the_in_memory_encoder(tiny_bert, toy_data):
 
 
 def test_prompt_response_rows_drop_what_cannot_be_learned(tiny_gpt2, tmp_path, capsys):
-    from llmkit.data import encode_prompt_response
-    from llmkit.prepare import prepare_data
+    from llmkit.data.examples import encode_prompt_response
+    from llmkit.data.prepare import prepare_data
 
     tok = _tok(tiny_gpt2)
     path = tmp_path / "pr.csv"
@@ -115,7 +116,7 @@ def test_prompt_response_rows_drop_what_cannot_be_learned(tiny_gpt2, tmp_path, c
 
 
 def test_the_cache_key_follows_exactly_what_the_examples_depend_on(tiny_llama, tiny_gpt2, toy_data, tmp_path):
-    from llmkit.prepare import prepare_data
+    from llmkit.data.prepare import prepare_data
 
     tok = _tok(tiny_llama)
     text = tmp_path / "t.txt"
@@ -149,20 +150,20 @@ def test_the_cache_key_follows_exactly_what_the_examples_depend_on(tiny_llama, t
 
 
 def test_a_failed_or_killed_build_leaves_nothing_a_later_run_uses(tiny_gpt2, toy_data, tmp_path, monkeypatch):
-    import llmkit.prepare
-    from llmkit.prepare import cache_folder, prepare_data
+    import llmkit.data.prepare
+    from llmkit.data.prepare import cache_folder, prepare_data
 
     tok = _tok(tiny_gpt2)
     cfg = _cfg(toy_data / "train.txt", **{"data.block_size": 8})
-    real = llmkit.prepare.Assembler.finish
+    real = llmkit.data.prepare.Assembler.finish
 
     def boom(self):
         raise RuntimeError("killed while assembling")
 
-    monkeypatch.setattr(llmkit.prepare.Assembler, "finish", boom)
+    monkeypatch.setattr(llmkit.data.prepare.Assembler, "finish", boom)
     with pytest.raises(RuntimeError):
         prepare_data(cfg, tok)
-    monkeypatch.setattr(llmkit.prepare.Assembler, "finish", real)
+    monkeypatch.setattr(llmkit.data.prepare.Assembler, "finish", real)
     assert not any(p.name.startswith(".tmp-") for p in cache_folder().iterdir())  # cleaned up
     data = prepare_data(cfg, tok)
     assert len(data.train) and (data.folder / "meta.json").exists()
@@ -221,9 +222,9 @@ def test_a_bad_row_at_the_end_of_a_big_file_is_named(cli, tiny_gpt2, tmp_path):
 
 
 def test_worker_count_does_not_change_the_examples(tiny_llama, tmp_path, monkeypatch):
-    from llmkit.prepare import prepare_data
+    from llmkit.data.prepare import prepare_data
 
-    monkeypatch.setattr("llmkit.prepare.TASK_ROWS", 5)  # several tasks per worker
+    monkeypatch.setattr("llmkit.data.prepare.TASK_ROWS", 5)  # several tasks per worker
     path = _chat_file(tmp_path / "chat.jsonl", n=40)
     tok = _tok(tiny_llama)
     one = prepare_data(_cfg(path, **{"data.num_proc": 1, "data.rebuild": True}), tok)
@@ -237,7 +238,7 @@ def test_prepare_usage_errors(cli, tiny_gpt2, tmp_path):
     code, _, err = cli("prepare", "--model", tiny_gpt2, "--data", tmp_path / "missing.txt")
     assert code == 2 and "no such file" in err
     with pytest.raises(UsageError, match="--block-size must be >= 2"):
-        from llmkit.prepare import prepare_command
+        from llmkit.data.prepare import prepare_command
 
         prepare_command(_cfg(tmp_path, **{"data.block_size": 1}))
 
@@ -251,7 +252,7 @@ def test_a_quick_trial_stops_the_workers_it_no_longer_needs(cli, tiny_llama, tmp
     def hung(*_):
         raise TimeoutError("the pool never stopped its workers")
 
-    monkeypatch.setattr("llmkit.prepare.TASK_ROWS", 500)  # tasks long enough that the other worker is busy at the stop
+    monkeypatch.setattr("llmkit.data.prepare.TASK_ROWS", 500)  # tasks long enough that the other worker is busy at the stop
     path = _chat_file(tmp_path / "chat.jsonl", n=6000)
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(90)

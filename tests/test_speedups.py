@@ -1,4 +1,4 @@
-"""`--compile` and `train.liger` (llmkit/speedups.py): a compiled run trains to the same losses as an eager one, and the
+"""`--compile` and `train.liger` (llmkit/training/speedups.py): a compiled run trains to the same losses as an eager one, and the
 combinations that are not supported stop in one line. Liger itself needs CUDA: tests/test_gpu.py."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_distill_refuses_liger_true(cli, tiny_llama, toy_data, tmp_path):
 
 def test_liger_auto_stays_off_where_it_cannot_run():
     from llmkit.config import TrainConfig
-    from llmkit.speedups import use_liger
+    from llmkit.training.speedups import use_liger
 
     why: list[str] = []
     assert not use_liger(TrainConfig(), "causal-lm", "lora", "cpu", object(), why) and "CUDA" in why[0]
@@ -72,7 +72,7 @@ def test_liger_auto_stays_off_where_it_cannot_run():
 
 def test_compile_on_cpu_without_a_compiler_says_so(monkeypatch):
     from llmkit.errors import UsageError
-    from llmkit.speedups import check_compiler
+    from llmkit.training.speedups import check_compiler
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(UsageError, match="needs a C\\+\\+ compiler"):
@@ -83,7 +83,7 @@ def test_compile_on_cpu_without_a_compiler_says_so(monkeypatch):
 def test_first_step_clock_counts_training_forwards_only():
     import torch
 
-    from llmkit.speedups import FirstStepClock
+    from llmkit.training.speedups import FirstStepClock
 
     model = torch.nn.Linear(2, 2)
     clock = FirstStepClock(model)

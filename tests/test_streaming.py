@@ -18,11 +18,11 @@ def _jsonl(path: Path, n: int) -> Path:
 def _stream(folder, data: Path, rank: int = 0, world: int = 1, **kw):
     from transformers import AutoTokenizer
 
-    from llmkit.chat import ChatEncoder
     from llmkit.config import DataConfig
-    from llmkit.datafiles import find_sources
-    from llmkit.datarows import make_plan
-    from llmkit.streaming import StreamingExamples
+    from llmkit.data.chat import ChatEncoder
+    from llmkit.data.files import find_sources
+    from llmkit.data.rows import make_plan
+    from llmkit.data.streaming import StreamingExamples
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     name, sources = find_sources(str(data), task="causal-lm")
@@ -78,18 +78,18 @@ def test_the_shuffle_buffer_is_seeded_and_its_state_resumes_exactly(tiny_gpt2, t
 
 
 def test_resumed_stream_gives_the_same_batches_and_weights(tiny_gpt2, tmp_path, monkeypatch):
-    import llmkit.train
+    import llmkit.training.loop
     from llmkit.cli import main
 
     data = _jsonl(tmp_path / "rows.jsonl", 40)
     seen: list[list[list[int]]] = []
-    real = llmkit.train._default_loss
+    real = llmkit.training.loop._default_loss
 
     def recording(model, batch, **kw):
         seen.append(batch["input_ids"].tolist())
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(llmkit.train, "_default_loss", recording)
+    monkeypatch.setattr(llmkit.training.loop, "_default_loss", recording)
 
     def run(out: Path, *extra: str) -> int:
         with pytest.raises(SystemExit) as e:
@@ -110,9 +110,9 @@ def test_resumed_stream_gives_the_same_batches_and_weights(tiny_gpt2, tmp_path, 
             raise KeyboardInterrupt
         return recording(model, batch, **kw)
 
-    monkeypatch.setattr(llmkit.train, "_default_loss", dying)
+    monkeypatch.setattr(llmkit.training.loop, "_default_loss", dying)
     assert run(tmp_path / "cut") == 130
-    monkeypatch.setattr(llmkit.train, "_default_loss", recording)
+    monkeypatch.setattr(llmkit.training.loop, "_default_loss", recording)
     before = list(seen[:4])
     seen.clear()
     assert run(tmp_path / "cut", "--resume") == 0
@@ -148,13 +148,13 @@ def test_the_stream_makes_the_examples_the_cache_makes(tiny_llama, tmp_path, pac
     """One pass of the stream (no shuffle) is the prepared data: same blocks, same conversations, same packing."""
     from transformers import AutoTokenizer
 
-    from llmkit.chat import ChatEncoder
     from llmkit.config import load_recipe
-    from llmkit.data import Collator
-    from llmkit.datafiles import find_sources
-    from llmkit.datarows import make_plan
-    from llmkit.prepare import prepare_data
-    from llmkit.streaming import StreamingExamples
+    from llmkit.data.chat import ChatEncoder
+    from llmkit.data.examples import Collator
+    from llmkit.data.files import find_sources
+    from llmkit.data.prepare import prepare_data
+    from llmkit.data.rows import make_plan
+    from llmkit.data.streaming import StreamingExamples
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?" * (1 + i % 4)},

@@ -45,7 +45,7 @@ def build(arch: str):
 
 def bypassing(model, dropped: list[int]):
     """Hooks that make the `dropped` blocks pass their input through unchanged."""
-    from llmkit.students import layer_stack
+    from llmkit.training.students import layer_stack
 
     def hook(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -61,7 +61,7 @@ ARCHS = ["llama", "gpt2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "olmo2"
 def test_any_decoder_keeps_layers_consistently(arch, tmp_path):
     import torch
 
-    from llmkit.students import count_layers, keep_layers, layer_importance, student_from_layers
+    from llmkit.training.students import count_layers, keep_layers, layer_importance, student_from_layers
 
     teacher = build(arch)
     ids = torch.randint(3, 128, (2, 40))  # longer than Gemma 3's sliding window (32): sliding and full attention differ
@@ -109,7 +109,7 @@ def test_any_decoder_keeps_layers_consistently(arch, tmp_path):
 def test_student_config_reindexes_per_layer_lists_and_leaves_the_rest():
     from transformers import LlamaConfig
 
-    from llmkit.students import student_config
+    from llmkit.training.students import student_config
 
     cfg = LlamaConfig(num_hidden_layers=4, eos_token_id=[2, 3, 4, 5], architectures=["LlamaForCausalLM"])
     cfg.no_rope_layers = [1, 0, 1, 1]  # one entry per layer (SmolLM3)
@@ -128,7 +128,7 @@ def test_a_model_without_a_block_list_is_a_usage_error():
     from transformers import LlamaConfig
 
     from llmkit.errors import UsageError
-    from llmkit.students import layer_stack
+    from llmkit.training.students import layer_stack
 
     class Odd(torch.nn.Module):
         def __init__(self) -> None:
@@ -148,8 +148,8 @@ def test_auto_selection_keeps_an_encoders_first_layer():
     from transformers import BertConfig, BertForSequenceClassification
 
     from llmkit.config import StudentConfig
-    from llmkit.data import Collator, ExampleSet
-    from llmkit.students import choose_layers, kept_layers, layer_importance, resolve_selection, student_from_layers
+    from llmkit.data.examples import Collator, ExampleSet
+    from llmkit.training.students import choose_layers, kept_layers, layer_importance, resolve_selection, student_from_layers
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

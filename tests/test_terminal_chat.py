@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from llmkit.errors import UsageError
-from llmkit.generation import Generation, SamplingOptions
-from llmkit.terminal_chat import ChatSession, TooLong, printable
+from llmkit.inference.sampling import Generation, SamplingOptions
+from llmkit.inference.terminal_chat import ChatSession, TooLong, printable
 from tests.chat_models import endless_chat_model
 
 # ------------------------------------------------------------------------------------------- the session's rules

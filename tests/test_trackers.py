@@ -214,12 +214,12 @@ def test_bad_report_to_is_one_line_exit_2(cli, tiny_gpt2, toy_data, tmp_path, co
 
 
 def test_a_missing_tracker_package_stops_before_anything_is_loaded(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
-    import llmkit.run
-    import llmkit.trackers
+    import llmkit.training.lifecycle
+    import llmkit.training.trackers
     from llmkit.config import REPORT_TO
 
-    monkeypatch.setattr(llmkit.trackers, "installed", lambda module: module not in ("wandb", "trackio"))
-    monkeypatch.setattr(llmkit.run, "resolve", lambda *a, **k: pytest.fail("the model was resolved"))
+    monkeypatch.setattr(llmkit.training.trackers, "installed", lambda module: module not in ("wandb", "trackio"))
+    monkeypatch.setattr(llmkit.training.lifecycle, "resolve", lambda *a, **k: pytest.fail("the model was resolved"))
     out = tmp_path / "out"
     code, _, err = cli("finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--out", out,
                        "--report-to", "tensorboard", "--report-to", "wandb", "--report-to", "trackio")
@@ -228,15 +228,15 @@ def test_a_missing_tracker_package_stops_before_anything_is_loaded(cli, tiny_gpt
                            "pip install 'llmkit[track]' (or pip install wandb trackio)")
     assert not out.exists()
     # and the real check: every name maps to its package, and the installed ones pass
-    assert set(llmkit.trackers.PACKAGES) == set(REPORT_TO) - {"none"}
+    assert set(llmkit.training.trackers.PACKAGES) == set(REPORT_TO) - {"none"}
     monkeypatch.undo()
-    llmkit.trackers.require_trackers([*TRACKERS, "none"])
+    llmkit.training.trackers.require_trackers([*TRACKERS, "none"])
 
 
 def test_a_failed_run_is_marked_failed_where_the_environment_says(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI wins over OUT/tracking; a run that dies after its tracker started is FAILED there (the run
     folder itself is removed: nothing was checkpointed), with what was logged before."""
-    import llmkit.run
+    import llmkit.training.lifecycle
     from llmkit.errors import Diverged
 
     def dies(job, accelerator):
@@ -246,7 +246,7 @@ def test_a_failed_run_is_marked_failed_where_the_environment_says(cli, tiny_gpt2
     uri = (tmp_path / "server").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setattr(llmkit.run, "fit", dies)
+    monkeypatch.setattr(llmkit.training.lifecycle, "fit", dies)
     out = tmp_path / "out"
     code, _, err = cli(*_train_args(tiny_gpt2, toy_data, out), "--report-to", "mlflow", "--quiet")
     assert code == 4 and "injected" in err
@@ -257,10 +257,10 @@ def test_a_failed_run_is_marked_failed_where_the_environment_says(cli, tiny_gpt2
 
 
 def test_a_tracker_that_cannot_start_is_one_line_before_training(cli, tiny_gpt2, toy_data, tmp_path, monkeypatch):
-    import llmkit.run
+    import llmkit.training.lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
-    monkeypatch.setattr(llmkit.run, "fit", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(llmkit.training.lifecycle, "fit", lambda *a: pytest.fail("training started"))
     out = tmp_path / "out"
     code, _, err = cli(*_train_args(tiny_gpt2, toy_data, out), "--report-to", "tensorboard", "--report-to", "mlflow", "--quiet")
     assert code == 2 and err.startswith("error: --report-to mlflow: could not start the tracker's run (") and "bogus" in err

@@ -1,1 +1,1 @@
-"""One thin module per CLI command; each imports its heavy libraries inside the function."""
+"""Commands: one thin Typer module per CLI command; each imports its heavy libraries inside the function."""

@@ -59,10 +59,10 @@ def chat(
 
         printf "Hi!\\nName three colors.\\n" | llmkit chat -t 0 -n 32 --quiet
     """
-    from llmkit.backends import open_backend
-    from llmkit.generation import SamplingOptions
-    from llmkit.models import resolve
-    from llmkit.terminal_chat import ChatSession, run
+    from llmkit.inference.backends import open_backend
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.inference.terminal_chat import ChatSession, run
+    from llmkit.models.refs import resolve
 
     if sys.stdin.isatty():
         # Ctrl-C is this session's key from the start, even when llmkit was started with SIGINT ignored (a shell's

@@ -97,7 +97,7 @@ def finetune(
         flags["lora.target_modules"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
     cfg = o.load(recipe, set_, flags)
     if estimate_memory:
-        from llmkit.memory import estimate_run
+        from llmkit.training.memory import estimate_run
 
         typer.echo(estimate_run(cfg))
         return

@@ -12,7 +12,7 @@ import typer
 
 from llmkit.errors import UsageError
 
-DEFAULT_MODEL = "smollm2-135m"  # llmkit.models.DEFAULT_CAUSAL_LM, repeated so --help imports nothing heavy
+DEFAULT_MODEL = "smollm2-135m"  # llmkit.models.refs.DEFAULT_CAUSAL_LM, repeated so --help imports nothing heavy
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
@@ -82,9 +82,9 @@ def generate(
 
         llmkit generate "Hello" --model openai-community/gpt2   # wherever the Hub is reachable
     """
-    from llmkit.backends import open_backend
-    from llmkit.generation import Generation, SamplingOptions
-    from llmkit.models import resolve
+    from llmkit.inference.backends import open_backend
+    from llmkit.inference.sampling import Generation, SamplingOptions
+    from llmkit.models.refs import resolve
 
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,

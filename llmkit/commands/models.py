@@ -20,7 +20,7 @@ def models(
 
         llmkit models --dir runs --json
     """
-    from llmkit.catalog import list_models
+    from llmkit.models.catalog import list_models
 
     rows = list_models(list(dirs) if dirs else None)
     if as_json:

@@ -54,7 +54,7 @@ def prepare(
     """
     import json
 
-    from llmkit.prepare import describe, prepare_command
+    from llmkit.data.prepare import describe, prepare_command
 
     cfg = o.load(recipe, set_, o.recipe_flags(dict(locals()), FLAG_KEYS))
     report = prepare_command(cfg)

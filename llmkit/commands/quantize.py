@@ -36,8 +36,8 @@ def quantize(
     import json
     import sys
 
-    from llmkit.quantization import QualityGateError, print_report
-    from llmkit.quantization import quantize as run
+    from llmkit.quantize import QualityGateError, print_report
+    from llmkit.quantize import quantize as run
 
     keep = tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip())
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None

@@ -11,7 +11,7 @@ import typer
 
 from llmkit.errors import UsageError
 
-DEFAULT_MODEL = "smollm2-135m"  # llmkit.models.DEFAULT_CAUSAL_LM, repeated so --help imports nothing heavy
+DEFAULT_MODEL = "smollm2-135m"  # llmkit.models.refs.DEFAULT_CAUSAL_LM, repeated so --help imports nothing heavy
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -74,7 +74,7 @@ def serve(
 
     import uvicorn
 
-    from llmkit.serve import create_app
+    from llmkit.serving.app import create_app
     from llmkit.serving.engine import Engine
 
     if not 0 <= port <= 65535:

@@ -1,7 +1,16 @@
-"""What serves requests in `llmkit serve`, below the HTTP routes (`llmkit.serve`).
+"""Serving: `llmkit serve`, an OpenAI-compatible HTTP server, its engine and continuous batching.
 
+- `app`: the HTTP routes (FastAPI) and the chat page at /
 - `engine`: the model, the worker thread that owns it, the request queue and slots (`Engine`)
 - `job`: one request's work and the events it sends back (`Job`)
 - `llama_batch`: continuous batching on llama.cpp, many sequences in one context (`BatchedLlama`)
 - `protocol`: OpenAI's request and response shapes (pydantic bodies, `APIError`, `Output`)
 """
+
+from llmkit import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "app": ["create_app"],
+    "engine": ["Engine"],
+    "protocol": ["ChatRequest", "CompletionRequest"],
+})

@@ -6,7 +6,7 @@
     >>> job = await engine.submit(CompletionRequest(prompt="Once upon a time", max_tokens=8), chat=False)
     >>> await job.events.get()                 # ("gen", 0, Generation(...)), then ("end",)
 
-How a request flows: the HTTP layer (`llmkit.serve`) parses it, checks the key and the model name, and takes a
+How a request flows: the HTTP layer (`llmkit.serving.app`) parses it, checks the key and the model name, and takes a
 slot (waiting + running requests are bounded: beyond, 429); then a "prep" thread renders and counts its prompt
 tokens so that a prompt too long for the context is refused (400) before anything is generated. The request then
 joins the queue of the single worker thread that owns the model: llama.cpp contexts and torch models are never
@@ -39,17 +39,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.backends import Backend, open_backend
-from llmkit.chat import Prompt
 from llmkit.errors import UsageError
-from llmkit.generation import SamplingOptions
+from llmkit.inference.backends import Backend, open_backend
+from llmkit.inference.sampling import SamplingOptions
 from llmkit.machine import native_stderr_silenced
-from llmkit.models import ModelRef, resolve
+from llmkit.models.refs import ModelRef, resolve
+from llmkit.models.templates import Prompt
 from llmkit.serving.job import Job
 from llmkit.serving.llama_batch import BatchedLlama, DecodeError, Sequence
 from llmkit.serving.protocol import APIError, ChatRequest, CompletionRequest
 
-log = logging.getLogger("llmkit.serve")
+log = logging.getLogger("llmkit.serving.app")
 # KV cache for the llama.cpp context: sized once at start-up (reloading it per request would stall everyone),
 # large enough for long chats, small enough to stay ~100 MB on a 135M model.
 LLAMA_CPP_CTX = 4096

@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.chat import Prompt
-from llmkit.generation import SamplingOptions
+from llmkit.inference.sampling import SamplingOptions
+from llmkit.models.templates import Prompt
 
 
 @dataclass

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.backends.llama_cpp import NativeLlama
-from llmkit.chat import Prompt
-from llmkit.generation import Generation, SamplingOptions, StopScanner
+from llmkit.inference.llama_cpp import NativeLlama
+from llmkit.inference.sampling import Generation, SamplingOptions, StopScanner
 from llmkit.machine import CoreWatch
+from llmkit.models.templates import Prompt
 
 PENALTY_LAST_N = 64  # llama-cpp-python's window for repeat_penalty (last_n_tokens_size)
 MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth the bookkeeping

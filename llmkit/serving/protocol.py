@@ -1,6 +1,6 @@
 """OpenAI's wire format for `llmkit serve`: request bodies (pydantic), errors, responses and stream chunks.
 
-Only shapes live here; what happens to a request is in `llmkit.serving.engine`, the routes in `llmkit.serve`.
+Only shapes live here; what happens to a request is in `llmkit.serving.engine`, the routes in `llmkit.serving.app`.
 
     >>> req = ChatRequest.model_validate_json('{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}')
     >>> req.prompts(), req.options(chat=True, max_tokens=8)
@@ -19,8 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmkit.chat import Prompt
-from llmkit.generation import Generation, SamplingOptions
+from llmkit.inference.sampling import Generation, SamplingOptions
+from llmkit.models.templates import Prompt
 from llmkit.serving.job import Job
 
 _ERROR_TYPES = {429: "requests", 500: "server_error", 503: "server_error"}  # the rest: "invalid_request_error", as OpenAI

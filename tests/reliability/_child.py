@@ -18,8 +18,8 @@ import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import llmkit.checkpoints as checkpoints
-import llmkit.train as train
+import llmkit.training.checkpoints as checkpoints
+import llmkit.training.loop as train
 
 delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0"))
 kill_at = os.environ.get("LLMKIT_TEST_KILL_AT", "")

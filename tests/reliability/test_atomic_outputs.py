@@ -61,12 +61,12 @@ def finetune_argv(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("target,when,has_ckpt", [
-    ("llmkit.run.prepare_data", 1, False),  # reading the data
+    ("llmkit.training.lifecycle.prepare_data", 1, False),  # reading the data
     ("llmkit.finetune.build_model", 1, False),  # loading the model
-    ("llmkit.train._default_loss", 1, False),  # the first training step
-    ("llmkit.train._default_loss", 4, True),  # after the step-2 checkpoint
-    ("llmkit.outputs.model_card", 1, True),  # writing the final folder: weights already staged
-    ("llmkit.outputs.install_files", 1, True),  # just before the final renames
+    ("llmkit.training.loop._default_loss", 1, False),  # the first training step
+    ("llmkit.training.loop._default_loss", 4, True),  # after the step-2 checkpoint
+    ("llmkit.training.outputs.model_card", 1, True),  # writing the final folder: weights already staged
+    ("llmkit.training.outputs.install_files", 1, True),  # just before the final renames
 ])
 def test_finetune_failure_at_any_point(tiny_gpt2, toy_data, tmp_path, monkeypatch, target, when, has_ckpt):
     import importlib
@@ -105,7 +105,7 @@ def test_distill_failure_before_and_after_checkpoints(tiny_gpt2, toy_data, tmp_p
 
 @pytest.mark.parametrize("method,suffix", [("int8", ""), ("gguf-q8_0", ".gguf")])
 def test_quantize_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch, method, suffix):
-    import llmkit.quantization as q
+    import llmkit.quantize as q
 
     monkeypatch.setattr(q, "_files_bytes", fail)  # after the weights were written, before the report
     out = tmp_path / f"q{suffix}"

@@ -15,7 +15,7 @@ def tripwire(monkeypatch):
     """Counts model loads; any forward pass of the test models fails the test."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-    from llmkit.backends.transformers import TransformersBackend
+    from llmkit.inference.transformers import TransformersBackend
 
     calls = {"forward": 0, "load": 0}
 

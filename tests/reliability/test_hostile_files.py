@@ -78,7 +78,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_on_resume(cli, tiny_gpt2, t
     """Checkpoints are loaded with weights_only: a swapped-in optimizer.pt cannot run code either."""
     import torch
 
-    from llmkit import checkpoints
+    from llmkit.training import checkpoints
 
     out = tmp_path / "run"
     argv = ["finetune", "--model", tiny_gpt2, "--data", toy_data / "train.txt", "--out", out, "--block-size", "16",

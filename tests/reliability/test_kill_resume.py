@@ -83,7 +83,7 @@ def once_more_on_drift(scenario, tmp_path: Path):
 
 
 def latest_checkpoint(out: Path) -> str:
-    from llmkit.checkpoints import latest_checkpoint
+    from llmkit.training.checkpoints import latest_checkpoint
 
     return latest_checkpoint(out / "checkpoints").name
 

@@ -18,7 +18,7 @@ def strict_json_lines(path):
 
 
 def inject(monkeypatch, bad_steps: set[int], value: float) -> None:
-    import llmkit.train as train
+    import llmkit.training.loop as train
 
     real = train._default_loss
     calls = {"n": 0}
@@ -85,8 +85,8 @@ def test_weights_that_became_non_finite_are_never_saved(tiny_gpt2, tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from llmkit.checkpoints import save_trainable
     from llmkit.errors import Diverged
+    from llmkit.training.checkpoints import save_trainable
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     with torch.no_grad():

@@ -14,7 +14,8 @@ worst: dict[str, float] = {}
 
 
 def setup(path):
-    from llmkit.models import load_tokenizer, resolve
+    from llmkit.models.load import load_tokenizer
+    from llmkit.models.refs import resolve
 
     ref = resolve(str(path))
     return ref, load_tokenizer(ref)
@@ -30,7 +31,7 @@ def test_training_loss_and_logits(request, arch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data import Collator, encode_prompt_response
+    from llmkit.data.examples import Collator, encode_prompt_response
 
     ref, tok = setup(request.getfixturevalue(f"tiny_{arch}"))
     model = AutoModelForCausalLM.from_pretrained(ref.path).eval()
@@ -56,8 +57,8 @@ def test_training_loss_and_logits(request, arch):
 def test_classification_logits(request, arch):
     import torch
 
-    from llmkit.data import Collator, encode_seq_cls
-    from llmkit.models import load_seq_cls
+    from llmkit.data.examples import Collator, encode_seq_cls
+    from llmkit.models.load import load_seq_cls
 
     ref, tok = setup(request.getfixturevalue(f"tiny_{arch}"))
     torch.manual_seed(0)
@@ -79,8 +80,8 @@ def test_classification_logits(request, arch):
 def test_generation_scores_and_tokens(request, arch):
     import torch
 
-    from llmkit.backends.transformers import TransformersBackend
-    from llmkit.generation import SamplingOptions
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.inference.transformers import TransformersBackend
 
     ref, _ = setup(request.getfixturevalue(f"tiny_{arch}"))
     backend = TransformersBackend(ref, device="cpu", dtype="fp32", batch_size=len(TEXTS), progress=False)

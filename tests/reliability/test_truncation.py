@@ -26,7 +26,7 @@ def test_fully_masked_rows_are_dropped_and_counted(cli, tiny_llama, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.data import Collator, encode_prompt_response
+    from llmkit.data.examples import Collator, encode_prompt_response
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     data = tmp_path / "sft.jsonl"

@@ -1,0 +1,17 @@
+"""Inference: sampling options and results, the backends (transformers, llama.cpp), the terminal chat session.
+
+- `sampling`: `SamplingOptions`, `Generation`, stop strings, the context check
+- `backends`: the `Backend` protocol, choosing one, opening a model on it
+- `transformers`, `llama_cpp`: the two backends
+- `terminal_chat`: `llmkit chat`: history, the context budget, /commands, Ctrl-C
+"""
+
+from llmkit import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "sampling": ["Generation", "SamplingOptions"],
+    "backends": ["Backend", "choose_backend", "llama_cpp_available", "open_backend"],
+    "llama_cpp": ["LlamaCppBackend"],
+    "transformers": ["TransformersBackend"],
+    "terminal_chat": ["ChatSession"],
+})

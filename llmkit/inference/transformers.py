@@ -1,0 +1,175 @@
+"""The transformers backend: any HF causal LM (folder, Hub id, LoRA adapter), on CPU or GPU.
+
+    >>> from llmkit.inference.transformers import TransformersBackend
+    >>> from llmkit.inference.sampling import SamplingOptions
+    >>> backend = TransformersBackend(resolve("runs/my-finetune"), device="cpu")
+    >>> [g.text for g in backend.generate(["Once upon a time"], SamplingOptions(max_new_tokens=16))]
+
+Prompts of similar length are generated together in batches (left padding); with an `on_text` callback it
+generates one sequence at a time instead, so tokens can be shown as they come.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from llmkit.errors import UsageError
+from llmkit.inference.sampling import Generation, OnText, SamplingOptions, StopScanner, check_context
+from llmkit.models.refs import ModelRef
+from llmkit.models.templates import Prompt, chat_messages, render_chat
+
+
+class TransformersBackend:
+    """Any HF causal LM: batched generation with left padding, token streaming when one text at a time."""
+
+    name = "transformers"
+    batches = True  # see llmkit.inference.backends.Backend.batches
+
+    def __init__(self, ref: ModelRef, *, device: str | None = None, dtype: str = "auto", batch_size: int = 8,
+                 progress: bool = True) -> None:
+        from llmkit.models.load import context_length, load_causal_lm, load_tokenizer
+
+        # Decoder-only models continue from the last position, so padding goes on the left.
+        self.tokenizer = load_tokenizer(ref, padding_side="left")
+        self.model = load_causal_lm(ref, device=device, dtype=dtype, progress=progress)
+        self.context = context_length(self.model.config)
+        self.batch_size = max(1, batch_size)
+        # The model's stop ids and the tokenizer's EOS: a chat fine-tune saves its end-of-turn token as the
+        # tokenizer's EOS (llmkit.finetune.keep_chat_format), and an adapter folder carries only the tokenizer.
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id] if i is not None}
+
+    @property
+    def window(self) -> int | None:
+        return self.context
+
+    def format(self, prompt: Prompt, opts: SamplingOptions) -> str:
+        if not opts.chat:
+            return str(prompt)
+        if not self.tokenizer.chat_template:
+            raise UsageError("this model's tokenizer has no chat template; drop --chat")
+        return render_chat(self.tokenizer.chat_template, chat_messages(prompt, opts.system),
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+
+    def _encode(self, texts: list[str], chat: bool) -> dict[str, Any]:
+        # A chat template already contains the special tokens it needs (BOS included).
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+
+    def prompt_lengths(self, prompts: list[Prompt], opts: SamplingOptions) -> list[int]:
+        texts = [self.format(p, opts) for p in prompts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=not opts.chat)["input_ids"]]
+
+    def token_counter(self) -> Callable[[list[Prompt], SamplingOptions], list[int]]:
+        # A tokenizer of its own: HF fast tokenizers fail ("Already borrowed") when one object is used from two
+        # threads at once, and this one may be busy inside generate().
+        counter = copy.copy(self)
+        counter.tokenizer = copy.deepcopy(self.tokenizer)
+        return counter.prompt_lengths
+
+    def set_chat_template(self, template: str) -> None:
+        self.tokenizer.chat_template = template
+
+    def torch_model(self) -> Any:
+        return self.model
+
+    def native_llama(self) -> None:
+        return None
+
+    def _gen_kwargs(self, opts: SamplingOptions, n: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": opts.max_new_tokens, "num_return_sequences": n,
+            "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_ids),
+            "repetition_penalty": opts.repetition_penalty,
+        }
+        if opts.greedy:  # explicit Nones silence "temperature is set but do_sample=False" warnings
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
+        if opts.stop:
+            kwargs.update(stop_strings=list(opts.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
+        import torch
+        import transformers
+
+        check_context(self.prompt_lengths(prompts, opts), opts, self.context)
+        if opts.seed is not None:
+            transformers.set_seed(opts.seed)
+        device = self.model.device
+        if on_text is not None:  # streaming: one sequence at a time, so tokens can be shown as they come
+            for prompt in prompts:
+                enc = self._encode([self.format(prompt, opts)], opts.chat).to(device)
+                for idx in range(opts.num_return_sequences):
+                    streamer = _TokenStreamer(self.tokenizer, opts.stop, lambda t, i=idx: on_text(i, t))
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), streamer=streamer)
+                    yield self._result(prompt, enc, out[0], idx, time.perf_counter() - start, opts)
+            return
+        # Batches of similar length waste less compute on padding; results come back in the input order.
+        texts = [self.format(p, opts) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(texts[i]))
+        results: dict[int, list[Generation]] = {}
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b:b + self.batch_size]
+            enc = self._encode([texts[i] for i in batch], opts.chat).to(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                # greedy decoding gives every sample the same text, and transformers refuses greedy n > 1: decode once
+                per_prompt = 1 if opts.greedy else opts.num_return_sequences
+                out = self.model.generate(**enc, **self._gen_kwargs(opts, per_prompt))
+            seconds = time.perf_counter() - start
+            n = opts.num_return_sequences
+            for j, i in enumerate(batch):
+                row_enc = {k: v[j:j + 1] for k, v in enc.items()}
+                results[i] = [self._result(prompts[i], row_enc, out[j * per_prompt + k % per_prompt], k, seconds, opts) for k in range(n)]
+        for i in range(len(prompts)):
+            yield from results[i]
+
+    def _result(self, prompt: Prompt, enc: Any, seq: Any, idx: int, seconds: float, opts: SamplingOptions) -> Generation:
+        prompt_len = enc["input_ids"].shape[1]
+        new = seq[prompt_len:].tolist()
+        finish = "length"
+        for k, tok in enumerate(new):
+            if tok in self.eos_ids:  # also where right-padding after an early finish begins (pad = EOS)
+                new, finish = new[: k + 1], "stop"
+                break
+        scanner = StopScanner(opts.stop)
+        scanner.feed(self.tokenizer.decode(new, skip_special_tokens=True))
+        if scanner.stopped:
+            finish = "stop"
+        real_prompt = int(enc["attention_mask"][0].sum())
+        return Generation(prompt, scanner.text, len(new), seconds, finish, idx, real_prompt)
+
+
+class _TokenStreamer:
+    """transformers streamer that decodes incrementally and never shows half a UTF-8 character or a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.scanner = StopScanner(stops)
+        self.ids: list[int] = []
+        self.decoded = ""
+        self.first = True
+
+    def put(self, value: Any) -> None:
+        if self.first:  # generate() hands over the prompt first
+            self.first = False
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        if shown := self.scanner.feed(text[len(self.decoded):]):
+            self.emit(shown)
+        self.decoded = text
+
+    def end(self) -> None:
+        # Whatever is left, even an incomplete character, so the stream ends exactly like the batch text.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if shown := self.scanner.feed(text[len(self.decoded):]) + self.scanner.flush():
+            self.emit(shown)
