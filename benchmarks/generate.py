@@ -5,7 +5,7 @@ Runs, in one go, on the bundled SmolLM2-135M GGUF:
   * the raw llama-cpp-python script (what `../shared/bench/peer_generate.py` does), end to end;
   * `../shared/bench/peer_generate.py` itself: plain transformers `generate()` and raw llama-cpp-python;
 and prints each one's wall time, load seconds and tokens/s, then the ratios against the targets
-(llmkit wall <= 1.1x raw llama.cpp; >= 3x faster than plain transformers).
+(llmkit wall <= 1.05x raw llama.cpp, `llmkit --help` <= 0.25 s; >= 3x faster than plain transformers).
 
 Then the same on a busy machine: a `llmkit finetune` LoRA run on the bundled SmolLM2 (both cores, as a user's
 training run) is started, and once it trains, `llmkit generate PROMPT -n 16` runs with its default threads
@@ -75,7 +75,7 @@ def main() -> None:
                   "--temperature", "0", "--json"]
     raw_cmd = [sys.executable, "-c", RAW_LLAMA, str(gguf), args.prompt, str(args.new)]
 
-    walls: dict[str, list[float]] = {"llmkit": [], "raw_llama_cpp": []}
+    walls: dict[str, list[float]] = {"llmkit": [], "raw_llama_cpp": [], "help": []}
     speeds: dict[str, list[float]] = {"default": [], "all_cores": []}
     cores = str(len(os.sched_getaffinity(0)))
     llmkit_row: dict = {}
@@ -93,6 +93,7 @@ def main() -> None:
             sys.exit(f"raw llama-cpp-python script failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
         walls["raw_llama_cpp"].append(wall)
         raw_text = proc.stdout.strip()
+        walls["help"].append(timed([sys.executable, "-m", "llmkit", "--help"])[0])
 
     peer_wall, peer = timed([sys.executable, str(PEER), str(gguf), "--prompt", args.prompt, "--new", str(args.new)])
     peer_lines = {m.group(1): m.group(0) for m in re.finditer(r"^(peer_\w+) .*$", peer.stdout, re.M)}
@@ -106,7 +107,8 @@ def main() -> None:
     for name in ("peer_transformers", "peer_llama_cpp"):
         print(peer_lines.get(name, f"{name} did not run (peer script exit {peer.returncode}: "
                                    f"{'segfault' if peer.returncode == -11 else peer.stderr.strip()[-200:]})"))
-    print(f"ratio llmkit_wall / raw_llama_cpp_wall = {med['llmkit'] / med['raw_llama_cpp']:.2f}  (target <= 1.1)")
+    print(f"ratio llmkit_wall / raw_llama_cpp_wall = {med['llmkit'] / med['raw_llama_cpp']:.2f}  (target <= 1.05)")
+    print(f"llmkit --help   wall_s={med['help']:.2f}  (target <= 0.25)")
     if tf:
         # The peer's end-to-end time without even counting its Python imports: load + 64 tokens.
         tf_wall = float(tf.group(1)) + args.new / float(tf.group(2))

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UsageError
-from llmkit.export.converter import convert, converter_problem, supported_architectures
 from llmkit.export.tokenizer import tokenizer_mismatch
 from llmkit.machine import idle_threads, native_stderr_silenced, physical_cores, torch_threads
 from llmkit.runfolder import read_json
@@ -74,6 +73,8 @@ def check_type(gguf_type: str) -> str:
 
 def unsupported(architectures: list[str] | None, model_type: str) -> str | None:
     """None when llama.cpp's converter has a class for this model; else one line saying it does not."""
+    from llmkit.export.converter import converter_problem, supported_architectures  # importlib.metadata: ~50 ms
+
     known = supported_architectures()
     if not known:
         return converter_problem() or "llama.cpp's converter is not installed"
@@ -111,6 +112,8 @@ def convert_folder(folder: Path, path: Path, gguf_type: str = "q8_0", *, source_
 
     K-quants are made by llama.cpp's quantizer from an f32 conversion: always from full precision, never from Q8_0.
     """
+    from llmkit.export.converter import convert
+
     check_type(gguf_type)
     path = Path(path)
     if gguf_type in LLAMA_CPP_TYPES:
@@ -274,6 +277,8 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
     unusable = path.with_name(path.name + ".unusable")
     if unusable.exists():
         raise GgufUnusable(unusable.read_text(encoding="utf-8").strip())
+    from llmkit.export.converter import converter_problem
+
     problem = converter_problem()
     if problem:  # the install, not the model: not remembered
         raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {problem}")
