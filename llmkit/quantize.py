@@ -30,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import atomic_path
 from llmkit.errors import UsageError
 from llmkit.export.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.export.gguf import TYPES as GGUF_TYPES
@@ -198,12 +197,9 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     if task == "causal-lm":
         before["tokens_per_s"] = round(generation_speed(model, prompt), 2)
 
-    # ---- quantize into a temporary name, measure, then rename: a failure leaves nothing behind
-    tmp = out.with_name(f".tmp-{out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x.gguf` on a fresh checkout: runs/ is not there yet
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    try:
+    # ---- quantize into a temporary name (`.tmp-OUT-PID`), measure, then rename: a failure leaves nothing behind,
+    # and with --overwrite the old output is removed only once the new one is in place
+    with atomic_path(out, sweep=True) as tmp:  # creates out's folder: `--out runs/x.gguf` on a fresh checkout
         after: dict[str, Any] = {}
         details: dict[str, Any] = {}
         say(f"quantizing ({method})")
@@ -246,11 +242,6 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         else:
             _report_path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
     return report
 
 
@@ -268,18 +259,6 @@ def _no_bnb_cast_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished output into place; with --overwrite, the old output is removed only after that."""
-    old = None
-    if out.is_dir():  # os.replace cannot put a folder over a non-empty folder: move the old one aside first
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class QualityGateError(UsageError):
