@@ -1,7 +1,7 @@
 """Quantized models: llmkit int8 (CPU-fast, per-channel), bitsandbytes LLM.int8(), and GGUF export (f16 to 4-bit).
 
-    >>> from llmkit.quantize import quantize
-    >>> report = quantize("smollm2-135m", "runs/smollm2-int8", method="int8")
+    >>> from llmkit.quantize import QuantizeConfig, quantize
+    >>> report = quantize(QuantizeConfig(model="smollm2-135m", out="runs/smollm2-int8", method="int8"))
     >>> report["after"]["perplexity"], report["ratios"]["tokens_per_s"]
 
 `int8` is weight-only int8 with one scale per output channel (symmetric, absmax / 127), for every linear layer,
@@ -28,16 +28,16 @@ re-exported here.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
-import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import atomic_path
 from llmkit.errors import UsageError
 from llmkit.export.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.export.gguf import TYPES as GGUF_TYPES
@@ -52,10 +52,9 @@ from llmkit.models.int8 import (  # noqa: F401  (re-exported: `from llmkit.quant
     quantized_method,
     set_module,
 )
-from llmkit.runfolder import read_json
+from llmkit.runfolder import read_json, write_json
 
-GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type
-METHODS = ("int8", "bnb-int8", *GGUF_METHODS)
+GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type; METHODS (every --method) is below
 REPORT = "quantize_report.json"
 # modules left in fp32: classifier heads (small, and their error goes straight into the prediction)
 KEEP_FP32 = ("score", "classifier", "qa_outputs")
@@ -97,7 +96,6 @@ def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
     return modules
 
 
-
 def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -112,65 +110,152 @@ def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
                                   "scheme": "symmetric per-channel weight-only", "modules": modules,
                                   "load_with": "from llmkit.quantize import load_int8; model = load_int8(folder)"}
     cfg["model_type"] = QUANT_METHOD
-    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    write_json(path, cfg)
 
 
 # --------------------------------------------------------------------------------------------- the command
 
 
-def _files_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+@dataclass
+class QuantizeConfig:
+    """What `llmkit quantize` is asked to do: one field per flag (`llmkit.commands.quantize` fills it from them)."""
+
+    model: str = ""
+    """--model: alias, folder (e.g. a finetune output), .gguf or Hub id."""
+    out: str = ""
+    """--out: the output folder (int8, bnb-int8) or .gguf file (gguf-*)."""
+    method: str = "int8"
+    """--method: one of METHODS."""
+    eval_data: str | None = None
+    """--eval-data: held-out text for perplexity, or labelled data for classifiers; None = the built-in sample."""
+    max_ppl_increase: float = 2.0
+    """--max-ppl-increase: the quality gate, in % of perplexity (points of accuracy for classifiers)."""
+    overwrite: bool = False
+    """--overwrite: replace an existing --out, once the new one is complete and passed the gate."""
+    force: bool = False
+    """--force: keep the model even when it fails the quality gate."""
+    keep_fp32: tuple[str, ...] = ()
+    """--keep-fp32: int8: module names left in fp32 (besides KEEP_FP32)."""
+    block_size: int = 256
+    """Tokens per perplexity window (at most the model's context)."""
+    max_blocks: int = 16
+    """Perplexity windows measured, before and after."""
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    progress: bool = False
+    """Loading bars (a TTY) or log lines; False for --quiet."""
+
+    @property
+    def gguf_type(self) -> str | None:
+        return GGUF_METHODS.get(self.method)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out).expanduser()
+
+    def validate(self) -> None:
+        """Before anything is loaded: one UsageError naming the flag behind each problem the flags alone show,
+        or the package the method needs and lacks."""
+        problems: list[str] = []
+        out, gguf_type = self.out_path, self.gguf_type
+        if not self.model:
+            problems.append("--model is required")
+        if self.method not in METHODS:
+            problems.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.max_ppl_increase < 0:
+            problems.append(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
+        if gguf_type and out.suffix != ".gguf":
+            problems.append(f"--out {out}: for {self.method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
+        if gguf_type in LLAMA_CPP_TYPES:
+            from llmkit.inference.backends import llama_cpp_available
+
+            if not llama_cpp_available():
+                problems.append(f"--method {self.method} uses llama.cpp's quantizer: pip install 'llmkit[edge]' (or pip install llama-cpp-python)")
+        if self.method == "bnb-int8":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                problems.append("--method bnb-int8 needs bitsandbytes: pip install 'llmkit[quant]' (or pip install bitsandbytes)")
+        if out.exists() and not self.overwrite:
+            problems.append(f"--out {out} already exists; choose another path, or pass --overwrite to replace it")
+        if problems:
+            raise UsageError("; ".join(problems))
 
 
-def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | None = None, max_ppl_increase: float = 2.0,
-             force: bool = False, keep: tuple[str, ...] = (), block_size: int = 256, max_blocks: int = 16,
-             allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False,
-             say: Any = None, overwrite: bool = False) -> dict[str, Any]:
-    """Quantize `model_name` into `out`, measure before / after, and return the report (also written to disk)."""
-    import torch
+@dataclass
+class Source:
+    """The model to quantize and what measuring it takes: the same windows and prompt before and after."""
 
-    from llmkit.models.load import architectures, load_tokenizer
-    from llmkit.models.refs import resolve
+    ref: Any
+    task: str  # causal-lm | seq-cls
+    tokenizer: Any
+    blocks: list[list[int]]  # perplexity windows (causal-lm)
+    eval_name: str
+    eval_data: str | None  # classifiers: the labelled file, read with the model's labels
+    max_length: int
+    prompt: list[int]  # for tokens/s
+    model: Any = None  # the fp32 model, until a method takes it
 
-    say = say or (lambda msg: None)
+    def take_model(self) -> Any:
+        """The fp32 model, no longer held here: a method drops it before its output is loaded and measured, so the
+        two are never in memory together."""
+        model, self.model = self.model, None
+        return model
+
+
+def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quantize `cfg.model` into `cfg.out`, measure before / after, and return the report (also written to disk)."""
     from transformers.utils import logging as hf_logging
 
     from llmkit.progress import tty_bars
+    from llmkit.training.evaluation import weight_bytes
 
-    if not tty_bars(progress):
+    say = say or (lambda msg: None)
+    cfg.validate()
+    if not tty_bars(cfg.progress):
         hf_logging.disable_progress_bar()  # "Writing model shards" bars
-    if method not in METHODS:
-        raise UsageError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    if max_ppl_increase < 0:
-        raise UsageError(f"--max-ppl-increase must be >= 0, got {max_ppl_increase}")
-    out = Path(out).expanduser()
-    gguf_type = GGUF_METHODS.get(method)
-    if gguf_type and out.suffix != ".gguf":
-        raise UsageError(f"--out {out}: for {method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
-    if gguf_type in LLAMA_CPP_TYPES:
-        from llmkit.inference.backends import llama_cpp_available
+    src = load_source(cfg, say)  # refuses here what the model itself rules out
 
-        if not llama_cpp_available():
-            raise UsageError(f"--method {method} uses llama.cpp's quantizer: pip install 'llmkit[edge]' (or pip install llama-cpp-python)")
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} already exists; choose another path, or pass --overwrite to replace it")
-    ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    say("measuring the fp32 model")
+    fp32_bytes = weight_bytes(src.model)  # what save_pretrained writes and what sits in memory
+    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(src.ref),
+              **_measure(src.model, src)}
+
+    # quantize into a temporary name (`.tmp-OUT-PID`), measure, then rename: a failure or a failed gate leaves
+    # nothing behind, and with --overwrite the old output is removed only once the new one is in place
+    out = cfg.out_path
+    with atomic_path(out, sweep=True) as tmp:  # creates out's folder: `--out runs/x.gguf` on a fresh checkout
+        say(f"quantizing ({cfg.method})")
+        qmodel, details = METHODS[cfg.method](src, tmp, cfg)
+        disk = _files_bytes(tmp)
+        say("measuring the quantized model")
+        if qmodel is not None:
+            after = {"disk_bytes": disk, "memory_bytes": weight_bytes(qmodel), **_measure(qmodel, src)}
+        else:  # llama.cpp maps the file: weights in memory = the file
+            after = {"disk_bytes": disk, "memory_bytes": disk, **_gguf_quality_and_speed(tmp, src.blocks, src.prompt)}
+        report = _report(cfg.model, cfg.method, src.task, src.eval_name, before, after, details, cfg.max_ppl_increase)
+        if report["gate"]["failed"] and not cfg.force:
+            raise QualityGateError(report)
+        write_json(tmp / REPORT if tmp.is_dir() else _report_path(out), report)
+    return report
+
+
+def load_source(cfg: QuantizeConfig, say: Callable[[str], None]) -> Source:
+    """Resolve and load the fp32 model with its evaluation windows, refusing what this model cannot be quantized to."""
+    from llmkit.models.load import architectures, load_tokenizer
+    from llmkit.models.refs import resolve
+    from llmkit.training.evaluation import default_max_length
+
+    ref = resolve(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     if not ref.is_gguf and quantized_method(ref.path):  # a GGUF source is de-quantized to fp32: a fine start
-        raise UsageError(f"{model_name} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
-    if method == "bnb-int8":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UsageError("--method bnb-int8 needs bitsandbytes: pip install 'llmkit[quant]' (or pip install bitsandbytes)") from None
-    archs = architectures(ref)
-    task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
-    if gguf_type and task != "causal-lm":
+        raise UsageError(f"{cfg.model} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
+    task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures(ref)) else "causal-lm"
+    if cfg.gguf_type and task != "causal-lm":
         raise UsageError("GGUF export is for causal LMs (llama.cpp runs text generation); use --method int8 for classifiers")
-    if task == "seq-cls" and not eval_data:
+    if task == "seq-cls" and not cfg.eval_data:
         raise UsageError("a classifier's accuracy needs labelled data: pass --eval-data a .csv/.jsonl with text and label columns")
     tokenizer = load_tokenizer(ref)
+    block_size = cfg.block_size
     if not ref.is_gguf:  # windows no longer than the model's context (tiny and old models have short ones)
         from types import SimpleNamespace
 
@@ -178,80 +263,71 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
 
         ctx = context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
         block_size = min(block_size, ctx or block_size)
-    blocks, eval_name = _eval_blocks(eval_data, tokenizer, block_size, max_blocks, task)  # a too-short file fails here
-
-    # ---- before
-    from llmkit.training.evaluation import default_max_length, generation_speed, weight_bytes
-
+    blocks, eval_name = _eval_blocks(cfg.eval_data, tokenizer, block_size, cfg.max_blocks, task)  # a too-short file fails here
     max_length = default_max_length(None if ref.is_gguf else ref.path)  # seq-cls: as the run was trained
     say(f"loading {ref.name} (fp32)")
-    model = _load_fp32(ref, task, progress)
-    why = gguf_type and unsupported(model.config.architectures or [type(model).__name__], model.config.model_type)
+    model = _load_fp32(ref, task, cfg.progress)
+    why = cfg.gguf_type and unsupported(model.config.architectures or [type(model).__name__], model.config.model_type)
     if why:
-        raise UsageError(f"--method gguf-{gguf_type} cannot export {model_name}: {why} (use --method int8 or bnb-int8)")
-    torch.set_num_threads(_threads())
-    say("measuring the fp32 model")
-    fp32_bytes = weight_bytes(model)  # what save_pretrained writes and what sits in memory
-    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(ref),
-              **_quality(model, blocks, task, eval_data, tokenizer, max_length)}
+        raise UsageError(f"--method {cfg.method} cannot export {cfg.model}: {why} (use --method int8 or bnb-int8)")
     prompt = blocks[0][:32] if blocks else tokenizer("Once upon a time")["input_ids"]
-    if task == "causal-lm":
-        before["tokens_per_s"] = round(generation_speed(model, prompt), 2)
+    return Source(ref, task, tokenizer, blocks, eval_name, cfg.eval_data, max_length, prompt, model)
 
-    # ---- quantize into a temporary name, measure, then rename: a failure leaves nothing behind
-    tmp = out.with_name(f".tmp-{out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x.gguf` on a fresh checkout: runs/ is not there yet
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    try:
-        after: dict[str, Any] = {}
-        details: dict[str, Any] = {}
-        say(f"quantizing ({method})")
-        if method == "int8":
-            tmp.mkdir(parents=True)
-            modules = quantize_int8_(model, keep)
-            save_int8(model, modules, tmp)
-            tokenizer.save_pretrained(tmp)
-            del model
-            qmodel = load_int8(tmp)  # measure what was saved, reloaded the way users will load it
-            details["modules"] = {k: sum(1 for v in modules.values() if v == k) for k in sorted(set(modules.values()))}
-        elif method == "bnb-int8":
-            tmp.mkdir(parents=True)
-            qmodel = _bnb_int8(model, ref, tmp, task, progress)
-            del model
-            tokenizer.save_pretrained(tmp)
-        else:
-            # a LoRA adapter was merged into the fp32 model by _load_fp32, so every type starts from full precision
-            details["tensor_types"] = export_gguf(model, tokenizer, tmp, gguf_type, source_gguf=ref.path if ref.is_gguf else None)
-            if gguf_type in LLAMA_CPP_TYPES:
-                details["k_quant_fallbacks"] = k_quant_fallbacks(tmp)
-            del model
-            qmodel = None
-        after["disk_bytes"] = _files_bytes(tmp)
-        say("measuring the quantized model")
-        if qmodel is not None:
-            torch.set_num_threads(_threads())
-            after["memory_bytes"] = weight_bytes(qmodel)
-            with _no_bnb_cast_log():
-                after.update(_quality(qmodel, blocks, task, eval_data, tokenizer, max_length))
-                if task == "causal-lm":
-                    after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
-        else:
-            after["memory_bytes"] = after["disk_bytes"]  # llama.cpp maps the file: weights in memory = the file
-            after.update(_gguf_quality_and_speed(tmp, blocks, prompt))
-        report = _report(model_name, method, task, eval_name, before, after, details, max_ppl_increase)
-        if report["gate"]["failed"] and not force:
-            raise QualityGateError(report)
-        if tmp.is_dir():
-            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        else:
-            _report_path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    return report
+
+def _measure(model: Any, src: Source) -> dict[str, Any]:
+    """Quality (perplexity or accuracy) and, for causal LMs, greedy tokens/s of a model in torch."""
+    import torch
+
+    from llmkit.training.evaluation import generation_speed
+
+    torch.set_num_threads(_threads())
+    with _no_bnb_cast_log():
+        found = _quality(model, src.blocks, src.task, src.eval_data, src.tokenizer, src.max_length)
+        if src.task == "causal-lm":
+            found["tokens_per_s"] = round(generation_speed(model, src.prompt), 2)
+    return found
+
+
+# --------------------------------------------------------------------------------------------- the methods
+# Each quantizes `src`'s model and writes it to `tmp`; returns (the quantized model to measure in torch, or None for
+# a GGUF file, which llama.cpp measures; what the report adds about it).
+
+
+def _int8(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
+    tmp.mkdir(parents=True)
+    model = src.take_model()
+    modules = quantize_int8_(model, cfg.keep_fp32)
+    save_int8(model, modules, tmp)
+    src.tokenizer.save_pretrained(tmp)
+    del model  # freed before the reload below: never two copies in memory
+    counts = {k: sum(1 for v in modules.values() if v == k) for k in sorted(set(modules.values()))}
+    return load_int8(tmp), {"modules": counts}  # measure what was saved, reloaded the way users will load it
+
+
+def _bnb(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
+    tmp.mkdir(parents=True)
+    qmodel = _bnb_int8(src.take_model(), src.ref, tmp, src.task, cfg.progress)
+    src.tokenizer.save_pretrained(tmp)
+    return qmodel, {}
+
+
+def _gguf(gguf_type: str, src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
+    # a LoRA adapter was merged into the fp32 model by _load_fp32, so every type starts from full precision
+    details: dict[str, Any] = {"tensor_types": export_gguf(src.take_model(), src.tokenizer, tmp, gguf_type,
+                                                           source_gguf=src.ref.path if src.ref.is_gguf else None)}
+    if gguf_type in LLAMA_CPP_TYPES:
+        details["k_quant_fallbacks"] = k_quant_fallbacks(tmp)
+    return None, details
+
+
+Method = Callable[[Source, Path, QuantizeConfig], tuple[Any, dict[str, Any]]]
+METHODS: dict[str, Method] = {"int8": _int8, "bnb-int8": _bnb, **{m: functools.partial(_gguf, t) for m, t in GGUF_METHODS.items()}}
+
+
+def _files_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 @contextlib.contextmanager
@@ -268,18 +344,6 @@ def _no_bnb_cast_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished output into place; with --overwrite, the old output is removed only after that."""
-    old = None
-    if out.is_dir():  # os.replace cannot put a folder over a non-empty folder: move the old one aside first
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class QualityGateError(UsageError):

@@ -16,10 +16,10 @@ Every module that touches a run folder takes these names from here, so the layou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import write_atomic
 from llmkit.errors import UsageError
 
 RECORD = "llmkit.json"
@@ -48,9 +48,7 @@ def read_json(path: Path, *, strict: bool = True) -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` through a temporary file and a rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_record(out: Path) -> dict[str, Any] | None:

@@ -36,15 +36,15 @@ def quantize(
     import json
     import sys
 
-    from llmkit.quantize import QualityGateError, print_report
+    from llmkit.quantize import QualityGateError, QuantizeConfig, print_report
     from llmkit.quantize import quantize as run
 
-    keep = tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip())
+    cfg = QuantizeConfig(model=model, out=out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase,
+                         overwrite=overwrite, force=force, keep_fp32=tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip()),
+                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
     try:
-        report = run(model, out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase, force=force, keep=keep,
-                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet, say=say,
-                     overwrite=overwrite)
+        report = run(cfg, say)
     except QualityGateError as e:
         print_report(e.report, sys.stderr)
         raise

@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import atomic_path
 from llmkit.data.encoding import Assembler, run_tasks
 from llmkit.data.examples import ExampleSet, Labels
 from llmkit.data.files import Source, find_sources, scan_text
@@ -258,14 +258,10 @@ def load_or_build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, 
 def build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, task: str, quiet: bool) -> dict[str, Any]:
     """Prepare every split into a temporary folder, then rename it to `folder` (a killed run leaves no usable cache)."""
     start = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # what killed builds of this key left behind
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # `.tmp-KEY-PID`, swept by the next build of this key once its process is gone; an existing folder
+    # (--rebuild-data) goes only once the new one is complete
+    with atomic_path(folder, sweep=True) as tmp:
+        tmp.mkdir()
         meta: dict[str, Any] = {"version": FORMAT_VERSION, "splits": {}, "labels": None, "end_of_turn": []}
         labels = splits[0].labels
         for s in splits:
@@ -280,23 +276,7 @@ def build(folder: Path, splits: list[Split], tokenizer: Any, chat: Any, d: Any, 
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         for part in tmp.glob("part-*"):
             part.unlink()
-        if folder.exists():  # --rebuild-data: the old copy goes only once the new one is complete
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    return True
 
 
 def build_split(tmp: Path, s: Split, tokenizer: Any, chat: Any, d: Any, task: str, quiet: bool

@@ -36,13 +36,13 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmkit.atomic import atomic_path, scratch_path, sweep_stale, write_atomic
 from llmkit.errors import UsageError
 from llmkit.export.tokenizer import tokenizer_mismatch
 from llmkit.machine import idle_threads, native_stderr_silenced, physical_cores, torch_threads
@@ -97,13 +97,10 @@ def export(model: Any, tokenizer: Any, path: Path, gguf_type: str = "q8_0", *, s
     why = unsupported(getattr(model.config, "architectures", None) or [type(model).__name__], model.config.model_type)
     if why:
         raise UsageError(f"GGUF export: {why}")
-    folder = Path(path).with_name(f".tmp-{os.getpid()}-hf-{Path(path).name}")
-    try:
+    with scratch_path(Path(path), "hf") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return convert_folder(folder, path, gguf_type, source_gguf=source_gguf, threads=threads)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def convert_folder(folder: Path, path: Path, gguf_type: str = "q8_0", *, source_gguf: Path | None = None,
@@ -117,12 +114,9 @@ def convert_folder(folder: Path, path: Path, gguf_type: str = "q8_0", *, source_
     check_type(gguf_type)
     path = Path(path)
     if gguf_type in LLAMA_CPP_TYPES:
-        full = path.with_name(f".tmp-{os.getpid()}-f32-{path.name}")
-        try:
+        with scratch_path(path, "f32") as full:
             convert(folder, full, "f32", source_gguf, progress=progress)
             requantize(full, path, gguf_type, threads)
-        finally:
-            full.unlink(missing_ok=True)
     else:
         try:
             convert(folder, path, gguf_type, source_gguf, progress=progress)
@@ -284,12 +278,11 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
         raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {problem}")
     say = say or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(path.parent)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    sweep_stale(path.parent)  # every temporary file or folder of a killed conversion: never used, only taking space
     say(f"converting {ref.name} to GGUF {gtype} for llama.cpp (once; cached in {path.parent})")
     start = time.perf_counter()
     threads = threads or idle_threads()  # torch's threads, like llama.cpp's, stall when another process takes a core
-    try:
+    with atomic_path(path) as tmp:
         from llmkit.models.load import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(ref)
@@ -308,11 +301,8 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
         except UsageError as e:  # the converter refused this model
             problem = str(e)
         if problem:
-            _write_atomic(unusable, f"{ref.name} cannot run on llama.cpp: {problem}\n")
+            write_atomic(unusable, f"{ref.name} cannot run on llama.cpp: {problem}\n")
             raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {problem}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     say(f"converted in {time.perf_counter() - start:.1f} s: {path} ({path.stat().st_size / 1e6:.0f} MB)")
     return path
 
@@ -335,25 +325,3 @@ def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool
     path = cached_gguf(ref, gguf_type, progress=progress, threads=threads)
     trained = None if ref.is_gguf else context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
     return ModelRef(ref.name, "gguf", path, ref.source), trained
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Temporary files of conversions whose process is gone (killed mid-way): never used, only taking space."""
-    for f in folder.glob(".tmp-*"):
-        pid = f.name.split("-")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            if f.is_dir():  # the HF folder an adapter was merged into
-                shutil.rmtree(f, ignore_errors=True)
-            else:
-                f.unlink(missing_ok=True)
-        except OSError:  # PermissionError: someone else's process, alive
-            pass

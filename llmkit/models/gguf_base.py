@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from llmkit.atomic import atomic_path
 
 
 def kept_folder(root: Path, source: Path, adapter: Path | None = None) -> Path:
@@ -41,33 +42,17 @@ def save_kept(folder: Path, model: Any, tokenizer: Any) -> None:
     """Write `model` (safetensors) and `tokenizer` to `folder`, all at once or not at all; nothing if it is there already."""
     if is_kept(folder):
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # what killed writes of this folder left behind
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")  # torchrun: every process may get here first
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists() and not is_kept(folder):  # not written by save_kept: incomplete
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        # `.tmp-NAME-PID`, one per process (torchrun: every process may get here first); dead ones are swept.
+        # replace=False: a folder another process completed meanwhile is kept, and this copy dropped
+        with atomic_path(folder, sweep=True, replace=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if folder.exists() and not is_kept(folder):  # not written by save_kept: incomplete
+                shutil.rmtree(folder, ignore_errors=True)
     except OSError:
         if not is_kept(folder):  # else another process installed it first
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    return True
 
 
 def kept_base(gguf: Path, root: Path, progress: bool, bars: bool = False) -> Path | None:

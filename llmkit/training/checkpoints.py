@@ -12,6 +12,7 @@ back with `torch.load(weights_only=True)`, which cannot run code. `train.fit` ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import atomic_path, tmp_sibling, write_atomic
 from llmkit.errors import DiskError, Diverged, UsageError
 from llmkit.runfolder import read_json, read_metrics
 
@@ -50,10 +52,8 @@ def cached_tensors(path: Path, accelerator: Any, compute: Any) -> dict[str, Any]
     with accelerator.main_process_first():
         if not path.exists() and accelerator.is_main_process:
             tensors = compute()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path, sweep=True) as tmp:
+                save_file(tensors, str(tmp))
         return load_file(str(path))
 
 
@@ -153,19 +153,20 @@ def save_trainable(accelerator: Any, model: Any, folder: Path, extra: dict[str, 
     """Write the trainable weights to `folder`, atomically (temp folder + rename); main process only."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(".tmp-" + folder.name)
+    what = f"the best model to {folder}"
     error = None
     tensors = gather_trainable(accelerator, model)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(extra or {}))
-            _replace_dir(tmp, folder)
+            # `.tmp-best-N` (one writer: the main process); the previous folder of that name is deleted only once
+            # this one is in place
+            with atomic_path(folder, per_process=False) as tmp:
+                tmp.mkdir()
+                save_file(tensors, str(tmp / "trainable.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(extra or {}))
         except Exception as e:
-            error = _disk_error_or_raise(e, f"the best model to {folder}")
-    _raise_if_any_failed(accelerator, error, tmp, f"the best model to {folder}")
+            error = _disk_error_or_raise(e, what)
+    _raise_if_any_failed(accelerator, error, what)
 
 
 def _disk_error_or_raise(e: Exception, what: str) -> DiskError:
@@ -183,12 +184,11 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _raise_if_any_failed(accelerator: Any, error: DiskError | None, tmp: Path, what: str) -> None:
-    """A failed write on one process must stop all of them (not leave the others waiting at a barrier forever)."""
+def _raise_if_any_failed(accelerator: Any, error: DiskError | None, what: str) -> None:
+    """A failed write on one process must stop all of them (not leave the others waiting at a barrier forever).
+    Raised inside the main process's `atomic_path`, which removes the half-written copy (and frees its space)."""
     failed = bool(max_over_processes(accelerator, [float(error is not None)])[0])  # also the barrier
     if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # free what the half-written copy took
         raise error or DiskError(f"another process failed while writing {what}")
 
 
@@ -213,16 +213,6 @@ def load_trainable(folder: Path, model: Any) -> dict[str, Any]:
     return read_json(folder / "state.json", strict=False)
 
 
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Put `tmp` where `folder` is. The old folder is moved aside first and deleted only afterwards."""
-    old = folder.with_name(".old-" + folder.name)
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any, optimizer: Any, scheduler: Any,
                     keep: int, stream: Any = None) -> Path:
     """Write a complete checkpoint, then rename it into place, then rotate out the oldest.
@@ -231,44 +221,46 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, model: Any,
     already there are not touched, because rotation only runs once the new one is complete.
     """
     final = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-{final.name}"
     what = f"checkpoint {final}"
-    error = None
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    from llmkit.training.sharding import SHARDED_DIR, is_sharded, save_sharded
+    main = accelerator.is_main_process
+    # `.tmp-step-N`: one name for every process, each writing its own files into it (rng, stream, FSDP shard);
+    # only the main process creates it, renames it into place, or removes it when any process failed
+    writing = atomic_path(final, per_process=False) if main else contextlib.nullcontext(tmp_sibling(final, per_process=False))
+    with writing as tmp:
+        if main:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        from llmkit.training.sharding import SHARDED_DIR, is_sharded, save_sharded
 
-    sharded = is_sharded(accelerator.unwrap_model(model))
-    try:
-        _save_torch(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        if stream is not None:  # --streaming: where this process's stream is (file position, buffer, packer, RNG)
-            _save_torch(stream.state_dict(), tmp / f"stream-{accelerator.process_index}.pt")
-        if sharded:  # every process writes its own shard of weights and optimizer state
-            save_sharded(tmp / SHARDED_DIR, model, optimizer)
-        if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            if not sharded:
-                save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-                _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-            if accelerator.scaler is not None:
-                _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "state.json").write_text(json.dumps({**asdict(state), "world_size": accelerator.num_processes}))
-    except Exception as e:
-        error = _disk_error_or_raise(e, what)
-    _raise_if_any_failed(accelerator, error, tmp, what)
-    if accelerator.is_main_process:
+        sharded = is_sharded(accelerator.unwrap_model(model))
+        error = None
         try:
-            (tmp / "COMPLETE").write_text("ok\n")
-            _fsync_tree(tmp)
+            _save_torch(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+            if stream is not None:  # --streaming: where this process's stream is (file position, buffer, packer, RNG)
+                _save_torch(stream.state_dict(), tmp / f"stream-{accelerator.process_index}.pt")
+            if sharded:  # every process writes its own shard of weights and optimizer state
+                save_sharded(tmp / SHARDED_DIR, model, optimizer)
+            if main:
+                from safetensors.torch import save_file
+
+                if not sharded:
+                    save_file(trainable_tensors(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+                    _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+                _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+                if accelerator.scaler is not None:
+                    _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+                (tmp / "state.json").write_text(json.dumps({**asdict(state), "world_size": accelerator.num_processes}))
         except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_error_or_raise(e, what) from None
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # atomic: a reader sees no checkpoint or a complete one
+            error = _disk_error_or_raise(e, what)
+        _raise_if_any_failed(accelerator, error, what)
+        if main:
+            try:
+                (tmp / "COMPLETE").write_text("ok\n")
+                _fsync_tree(tmp)  # on disk before the rename: a power cut cannot leave a "complete" empty checkpoint
+            except Exception as e:
+                raise _disk_error_or_raise(e, what) from None
+    # the rename happened (atomic: a reader sees no checkpoint or a complete one); only now may old ones go
+    if main:
         for old in sorted(complete_checkpoints(root))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         prune_best(root, state.best_step)
@@ -409,6 +401,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [json.dumps(row) for row in read_metrics(path.parent) if row.get("step", 0) <= step]
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in keep))
