@@ -10,7 +10,7 @@ and the token embedding, whose int8 rows also serve as the tied LM head. Activat
 int8 activations cost SmolLM2 +4% perplexity (GUIDE §3). Decoding runs on `torch._weight_int8pack_mm`, the
 CPU kernel that reads int8 weights directly, with bf16 activations (its fast path); decoding is memory-bound,
 so 4x fewer weight bytes is what makes it faster. Prompts and evaluation batches (32+ tokens) on CPUs without
-AMX widen the weights to fp32 instead (`llmkit.int8.DEQUANTIZE_ROWS`). Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
+AMX widen the weights to fp32 instead (`llmkit.models.int8.DEQUANTIZE_ROWS`). Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
 Why not a library: torchao's int8 weight-only config was measured here at +0.57% perplexity but only 1.31x,
 with the embedding and tied head left in fp32 (41% of the fp32 size for SmolLM2); optimum-quanto was slower
 than fp32. The folder stores int8 tensors and scales in safetensors; `load_int8(folder)` (or any llmkit
@@ -21,7 +21,7 @@ llama architectures) with the tokenizer and chat template inside; see `llmkit.ex
 It loads in llama.cpp / llama-cpp-python and in transformers (`from_pretrained(folder, gguf_file=name)`);
 `llmkit generate --model out.gguf` runs it. GGUF quality and speed are measured in llama.cpp itself.
 
-The int8 layers and `load_int8` live in `llmkit.int8` (what loading needs, without the quantizers); they are
+The int8 layers and `load_int8` live in `llmkit.models.int8` (what loading needs, without the quantizers); they are
 re-exported here.
 """
 
