@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmkit.inference.sampling import Generation, SamplingOptions
 from llmkit.models.templates import Prompt
+from llmkit.models.tools import with_tools
 from llmkit.serving.job import Job
 from llmkit.serving.logprob_shapes import chat_logprobs, completion_logprobs
-from llmkit.serving.tools import ToolError, call_constraint, check_schemas, chosen_tools, format_constraint, parse_reply, render_messages, tools_system_prompt
+from llmkit.serving.tools import ToolError, call_constraint, check_schemas, chosen_tools, format_constraint, parse_reply, render_messages, tool_specs
 
 _ERROR_TYPES = {429: "requests", 500: "server_error", 503: "server_error"}  # the rest: "invalid_request_error", as OpenAI
 
@@ -187,13 +188,9 @@ class ChatRequest(_Sampling):
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
         names, _ = self.tool_names()
-        if names:  # the tools go into the system turn (llmkit.serving.tools), ahead of the user's own system prompt
-            described = tools_system_prompt([t for t in self.tools or [] if t.function.name in names])
-            if messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": described + "\n\n" + messages[0]["content"]}
-            else:
-                messages.insert(0, {"role": "system", "content": described})
-        return [messages]
+        # the tools go into the system turn, ahead of the user's own system prompt, as training data puts them
+        specs = tool_specs([t for t in self.tools or [] if t.function.name in names])
+        return [with_tools(messages, list(specs.values()))]
 
     def options(self, chat: bool, max_tokens: int) -> SamplingOptions:
         opts = super().options(chat, max_tokens)

@@ -1,12 +1,12 @@
 """Tools and JSON answers in `llmkit serve`: OpenAI's `tools` / `tool_choice` / `response_format`, as prompts,
 constraints and parsed replies.
 
-    >>> system = tools_system_prompt(tools)                      # how the model learns the tools exist
+    >>> messages = render_messages(request.messages, text_of)     # tool calls and results as plain turns
     >>> constraint = call_constraint(tools, "required")           # a grammar: the reply can only be a call
     >>> content, calls = parse_reply(text, tools, forced=True)    # [{"id", "type": "function", "function": {...}}]
 
-The format (for every chat template: the bundled SmolLM2's and GPT-2-style ones know no tools): the tools are
-described in the system turn, as JSON, and a call is a reply of
+The format is llmkit.models.tools' (the one training data is rendered with): the tools are described in the
+system turn, as JSON, and a call is a reply of
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
@@ -21,28 +21,19 @@ untuned model returns a well-formed call.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
 from llmkit.errors import UsageError
 from llmkit.inference.constraints import check, json_object, json_schema
 from llmkit.inference.sampling import Constraint
-
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+from llmkit.models.tools import arguments_value, call_text, parse_calls, result_turn
 
 
 def tool_specs(tools: list[Any]) -> dict[str, dict[str, Any]]:
     """{name: {"name", "description", "parameters"}} of the request's function tools."""
     return {t.function.name: {"name": t.function.name, "description": t.function.description or "",
                               "parameters": t.function.parameters or {"type": "object", "properties": {}}} for t in tools}
-
-
-def tools_system_prompt(tools: list[Any]) -> str:
-    specs = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_specs(tools).values())
-    return ("You can call these tools (JSON Schema of each one's arguments):\n" + specs + "\n"
-            'To call a tool, reply with only <tool_call>{"name": "TOOL NAME", "arguments": {...}}</tool_call>. '
-            "Tool results come back in <tool_response></tool_response>; then answer the user.")
 
 
 def check_schemas(tools: list[Any]) -> None:
@@ -112,39 +103,20 @@ def render_messages(messages: list[Any], text_of: Any) -> list[dict[str, str]]:
         text = text_of(m) if m.content is not None else ""
         if m.role == "assistant" and m.tool_calls:
             calls.update(c.id for c in m.tool_calls)
-            text += "".join("<tool_call>" + json.dumps({"name": c.function.name, "arguments": _arguments(c.function.arguments)},
-                                                        ensure_ascii=False) + "</tool_call>" for c in m.tool_calls)
+            text += "".join(call_text(c.function.name, arguments_value(c.function.arguments)) for c in m.tool_calls)
         if m.role == "tool":
             if m.tool_call_id not in calls:
                 raise ToolError(f"messages.{i}: this tool message answers tool_call_id {m.tool_call_id!r}, which no earlier "
                                 "assistant message called", f"messages.{i}.tool_call_id")
-            role, text = "user", "<tool_response>" + json.dumps({"tool_call_id": m.tool_call_id, "content": text},
-                                                                 ensure_ascii=False) + "</tool_response>"
+            out.append(result_turn(m.tool_call_id, text))
+            continue
         out.append({"role": role, "content": text})
     return out
-
-
-def _arguments(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
 
 
 def parse_reply(text: str, names: list[str], forced: bool) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, tool_calls) of a reply: calls in the fallback format (or, when forced, the bare call object)
     become OpenAI tool_calls; text that is not a well-formed call of a known tool stays content."""
-    found = [m.group(1) for m in CALL.finditer(text)] if "<tool_call>" in text else ([text] if forced else [])
-    calls = []
-    for raw in found:
-        try:
-            call = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(call, dict) and call.get("name") in names:
-            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                          "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {}, ensure_ascii=False)}})
-    if not calls:
-        return text, []
-    rest = CALL.sub("", text).strip() if "<tool_call>" in text else ""
-    return rest or None, calls
+    content, calls = parse_calls(text, names, forced)
+    return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                      "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}} for c in calls]
