@@ -99,3 +99,35 @@ def test_a_model_trained_on_the_format_is_parsed_by_serve_to_the_same_call(tmp_p
     history = ChatRequest(model="m", messages=ROW["messages"], tools=[WEATHER])
     assert history.prompts()[0] == conv.messages
     assert parse_calls("no call here", ["get_weather"]) == ("no call here", [])
+
+
+def test_tool_call_scores_of_a_known_output():
+    from llmkit.evaluate import score_tool_calls
+
+    spec = {"name": "get_weather", "description": "", "parameters": WEATHER["function"]["parameters"]}
+    ref = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    outs = [call_text("get_weather", {"city": "Paris"}),  # right
+            call_text("get_weather", {"city": "Rome"}),  # right function, wrong arguments
+            "<tool_call>{not json</tool_call>", "It is sunny."]
+    assert score_tool_calls(outs[:1], [ref], [[spec]]) == {"tool_calls": 1, "tool_call_accuracy": 1.0,
+                                                          "tool_name_accuracy": 1.0, "tool_valid_json_rate": 1.0}
+    scores = score_tool_calls(outs, [ref] * 4, [[spec]] * 4)
+    assert (scores["tool_call_accuracy"], scores["tool_name_accuracy"], scores["tool_valid_json_rate"]) == (0.25, 0.5, 0.5)
+    # equal to the reference but not valid against the schema (a reference that breaks it) is not counted right
+    bad = [{"name": "get_weather", "arguments": {"city": 3}}]
+    assert score_tool_calls([call_text("get_weather", {"city": 3})], [bad], [[spec]])["tool_call_accuracy"] == 0.0
+
+
+def test_evaluate_reports_tool_metrics_on_a_tiny_model(tmp_path, cli, monkeypatch):
+    from tests.chat_models import endless_chat_model
+
+    monkeypatch.setenv("LLMKIT_GGUF_TYPE", "off")  # transformers: no GGUF export, which would take most of the test
+
+    model = endless_chat_model(tmp_path / "tiny")  # a 4k context: the tools block is long for a 400-token vocabulary
+    data = _write(tmp_path / "tools.jsonl", [ROW, json.loads(json.dumps(ROW).replace("Paris", "Rome"))])
+    code, out, err = cli("evaluate", "--model", str(model), "--data", data, "--json", "-n", "6", "--quiet")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tool_calls"] == 2 and result["conversations"] == 2
+    for key in ("tool_call_accuracy", "tool_name_accuracy", "tool_valid_json_rate"):
+        assert 0.0 <= result[key] <= 1.0
