@@ -99,7 +99,8 @@ def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_templa
     Each conversation's last assistant turn is the reference; the model answers everything before it with
     the chat template (`llmkit generate --chat` does the same). exact_match compares case-folded text with
     surrounding whitespace and final punctuation removed; contains_match asks whether the reference appears in
-    the answer.
+    the answer. Tool data (rows with `tools` whose assistant turns call them) adds `score_tool_calls`' metrics,
+    from greedy replies to every calling turn's history.
     """
     from llmkit.data.chat import ChatEncoder
     from llmkit.data.formats import read_conversations
@@ -123,10 +124,12 @@ def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_templa
     start = time.perf_counter()
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, chat=True)
     backend = None
-    if answers:
-        convs = read_conversations(data, data_format, limit=max_examples)
-        prompts = [c.messages[:_last_assistant(c.messages)] for c in convs]
-        backend = open_backend(ref, prompts, opts, device=device, dtype="float32", batch_size=batch_size, progress=progress)
+    convs = read_conversations(data, data_format, limit=max_examples)
+    prompts = [c.messages[:_last_assistant(c.messages)] for c in convs] if answers else []
+    tool_cases = tool_examples(convs)  # tool data is scored by its calls whether or not answers are asked for
+    if answers or tool_cases:
+        backend = open_backend(ref, prompts + [p for p, _, _ in tool_cases], opts, device=device, dtype="float32",
+                               batch_size=batch_size, progress=progress)
         if chat_template:  # answer with the template the loss was measured with (llama.cpp refuses: its file has its own)
             backend.set_chat_template(template)
     model = backend.torch_model() if backend is not None else None  # the backend's own weights when it runs on torch
@@ -135,7 +138,10 @@ def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_templa
     loss = evaluate_examples(model, examples, "causal-lm", tokenizer.pad_token_id, batch_size=batch_size)
     result: dict[str, Any] = {"task": "chat", "conversations": len(examples), "assistant_tokens": loss["tokens"],
                               "perplexity": loss["perplexity"], "loss": loss["loss"]}
-    if backend is not None:
+    if tool_cases:
+        outs = [g.text for g in backend.generate([p for p, _, _ in tool_cases], opts)]
+        result.update(score_tool_calls(outs, [r for _, r, _ in tool_cases], [t for _, _, t in tool_cases]), backend=backend.name)
+    if answers:
         refs = [c.messages[_last_assistant(c.messages)]["content"] for c in convs]
         outs = [g.text for g in backend.generate(prompts, opts)]
         exact = [_norm(o) == _norm(r) for o, r in zip(outs, refs, strict=True)]
@@ -198,6 +204,53 @@ def evaluate_preference(ref: Any, data: str, *, reference: str | None = None, ch
                       reference=reference or str(base.path))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def tool_examples(convs: list[Any]) -> list[tuple[list[dict[str, str]], list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(prompt, reference calls, tools) for each assistant turn that calls tools: the calls are read back from the
+    rendered turn by the parser serve uses, so the reference is what a served reply must parse to."""
+    from llmkit.models.tools import parse_calls
+
+    cases = []
+    for conv in convs:
+        names = [t["name"] for t in conv.tools or []]
+        for i, m in enumerate(conv.messages):
+            if names and m["role"] == "assistant" and i >= conv.first:
+                _, calls = parse_calls(m["content"], names)
+                if calls:
+                    cases.append((conv.messages[:i], calls, conv.tools))
+    return cases
+
+
+def score_tool_calls(outputs: list[str], references: list[list[dict[str, Any]]], tools: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Tool-call metrics of generated replies against reference calls (`{"name", "arguments"}` each):
+
+    tool_call_accuracy    the reply's calls are the reference's (same functions, in order, equal arguments) and every
+                          call's arguments validate against its tool's parameters schema
+    tool_name_accuracy    the right functions were called, whatever the arguments
+    tool_valid_json_rate  the reply holds a <tool_call> and every one is a JSON object (the format is learned)
+    """
+    from llmkit.models.tools import CALL, parse_calls, schema_errors
+
+    right = named = valid = 0
+    for text, ref, specs in zip(outputs, references, tools, strict=True):
+        by_name = {s["name"]: s for s in specs}
+        payloads = [m.group(1) for m in CALL.finditer(text)]
+        valid += bool(payloads) and all(isinstance(_json_or_none(p), dict) for p in payloads)
+        _, calls = parse_calls(text, list(by_name))
+        named += [c["name"] for c in calls] == [r["name"] for r in ref]
+        right += calls == ref and not any(schema_errors(c["arguments"], by_name[c["name"]]["parameters"]) for c in calls)
+    n = max(len(outputs), 1)
+    return {"tool_calls": len(outputs), "tool_call_accuracy": right / n, "tool_name_accuracy": named / n, "tool_valid_json_rate": valid / n}
+
+
+def _json_or_none(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _last_assistant(messages: list[dict[str, str]]) -> int:

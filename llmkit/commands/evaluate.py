@@ -22,7 +22,7 @@ def evaluate(
     data_format: str = typer.Option("auto", "--format", help="Chat data: auto | messages | sharegpt | prompt-completion (auto: from the columns)."),
     chat_template: str = typer.Option(None, "--chat-template", help="Chat data: chatml or a .jinja file [default: the model's own].", show_default=False),
     generate_answers: bool = typer.Option(False, "--generate-answers", help="Chat data: answer each last user turn greedily; report exact / contains match."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="With --generate-answers: tokens per answer."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="With --generate-answers or tool data: tokens per answer."),
     max_examples: int = typer.Option(None, "--max-examples", help="Chat / preference data: only the first N conversations or pairs.", show_default=False),
     reference: str = typer.Option(None, "--reference", help="Preference data: the model rewards are measured against [default: "
                                   "an adapter's base, or the model the run started from].", show_default=False),
@@ -67,6 +67,9 @@ def evaluate(
                 typer.echo(f"  {'ok  ' if ex['exact'] else 'MISS'} {ex['prompt'][:70]!r} -> {ex['answer'][:40]!r} (reference {ex['reference'][:40]!r})")
             typer.echo(f"exact match {result['exact_match']:.4f}  contains match {result['contains_match']:.4f} "
                        f"over {result['answered']} answers ({result['backend']})")
+        if "tool_call_accuracy" in result:
+            typer.echo(f"tool-call accuracy {result['tool_call_accuracy']:.4f}  right function {result['tool_name_accuracy']:.4f}  "
+                       f"valid JSON {result['tool_valid_json_rate']:.4f} over {result['tool_calls']} calls ({result['backend']})")
     elif result["task"] == "causal-lm":
         typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
                    f"({result['blocks']} windows of {result['block_size']}) in {result['seconds']} s")

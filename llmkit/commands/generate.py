@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -65,6 +66,8 @@ def generate(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.pt): they can run code. Only for sources you trust."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code (auto_map). Only for sources you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or speed summary on stderr."),
+    json_schema: Path = typer.Option(None, "--json-schema", help="Answer only JSON valid against this JSON Schema file.", show_default=False),
+    grammar: Path = typer.Option(None, "--grammar", help="Answer only text this GBNF grammar file (root rule `root`) accepts.", show_default=False),
 ) -> None:
     """Continue text with a causal language model.
 
@@ -80,6 +83,8 @@ def generate(
 
         llmkit generate --prompts-file prompts.txt --json --seed 1 > out.jsonl
 
+        llmkit generate "A person as JSON." --chat --json-schema person.schema.json -t 0
+
         llmkit generate "Hello" --model openai-community/gpt2   # wherever the Hub is reachable
     """
     from llmkit.inference.backends import open_backend
@@ -88,7 +93,8 @@ def generate(
 
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-                           stop=tuple(stop or ()), seed=seed, chat=chat, system=system)
+                           stop=tuple(stop or ()), seed=seed, chat=chat, system=system,
+                           constraint=read_constraint(json_schema, grammar))
     opts.validate()
     if system is not None and not chat:
         raise UsageError("--system only applies to chat prompts: add --chat")
@@ -149,3 +155,24 @@ def generate(
         print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s, {engine.name}, {ref.name}]",
               file=sys.stderr)
 
+
+def read_constraint(json_schema: Path | None, grammar: Path | None) -> Any:
+    """--json-schema / --grammar as a Constraint (None without either); a bad file is a one-line UsageError."""
+    from llmkit.inference.constraints import check, gbnf
+    from llmkit.inference.constraints import json_schema as schema_constraint
+
+    if json_schema is not None and grammar is not None:
+        raise UsageError("--json-schema and --grammar exclude each other: give one")
+    path = json_schema or grammar
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    constraint = schema_constraint(text) if json_schema is not None else gbnf(text)
+    try:
+        check(constraint)
+    except UsageError as e:
+        raise UsageError(f"{'--json-schema' if json_schema is not None else '--grammar'} {path}: {e}") from None
+    return constraint

@@ -5,9 +5,18 @@
 
 Formats, detected from the columns of a JSONL / JSON / CSV / parquet file or Hub dataset:
 
-    messages           {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}  (OpenAI)
-    sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}
+    messages           {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...]}  (OpenAI)
+    sharegpt           {"conversations": [{"from": "system" | "human" | "gpt" | "function_call" | "observation", "value": "..."}, ...]}
     prompt-completion  {"prompt": "...", "completion": "..."}  (one user turn, one assistant turn)
+
+Tool calling: a messages or sharegpt row may have `tools` (OpenAI's list of `{"type": "function", "function": {"name",
+"description", "parameters"}}`, or that list as JSON text), assistant messages with OpenAI's `tool_calls` (`id`,
+`type`, `function.name`, `function.arguments` as JSON text or an object) and `tool` messages with their results
+(sharegpt: `function_call` turns holding `{"name", "arguments"}` and `observation` turns). They are rendered in
+llmkit.models.tools' format, the one `llmkit serve` parses: the tools block in the system turn, calls as
+`<tool_call>` text of the assistant turn (so they are learned), results as user turns (context, never learned).
+A call whose arguments are not a JSON object, of a tool not in the row's `tools`, or a result that answers no call
+is an error naming the row.
 
 A row that is not of the detected format, or whose turns are malformed, is an error naming its file and line.
 """
@@ -21,10 +30,12 @@ from typing import Any
 
 from llmkit.config import DATA_FORMATS
 from llmkit.errors import UsageError
+from llmkit.models.tools import call_text, result_turn, tool_spec, with_tools
 
 FORMATS = DATA_FORMATS
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "function_call", "observation": "tool"}
 
 
 @dataclass
@@ -32,6 +43,7 @@ class Conversation:
     messages: list[dict[str, str]]
     where: str  # "chat.jsonl:line 7", for error messages
     first: int = 0  # assistant turns from this message on are learned (a preference pair: its response, not the prompt's)
+    tools: list[dict[str, Any]] | None = None  # the row's tools ({"name", "description", "parameters"}), already in messages
 
 
 CHAT_COLUMNS = {"messages": "messages", "sharegpt": "conversations", "prompt-completion": "prompt"}
@@ -88,8 +100,12 @@ def conversation(record: dict[str, Any], fmt: str, where: str, prompt_column: st
             raise UsageError(f"{where}: '{column}' is text, not a list of turns") from None
     if not isinstance(turns, list):
         raise UsageError(f"{where}: '{column}' must be a list of turns, got a {type(turns).__name__}")
-    msgs = [_turn(t, fmt, where, k) for k, t in enumerate(turns, 1)]
-    return _checked(msgs, where)
+    specs = _row_tools(record.get("tools"), where)
+    calls = _Calls({s["name"]: s for s in specs}, where)
+    conv = _checked([_turn(t, fmt, where, k, calls) for k, t in enumerate(turns, 1)], where)
+    if specs:
+        conv.messages, conv.tools = with_tools(conv.messages, specs), specs
+    return conv
 
 
 def read_conversations(spec: str, fmt: str = "auto", prompt_column: str | None = None, text_column: str = "text",
@@ -121,18 +137,101 @@ def read_conversations(spec: str, fmt: str = "auto", prompt_column: str | None =
     return out
 
 
-def _turn(turn: Any, fmt: str, where: str, k: int) -> dict[str, str]:
+def _turn(turn: Any, fmt: str, where: str, k: int, calls: _Calls) -> dict[str, str]:
     role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
-    if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+    called = fmt == "messages" and isinstance(turn, dict) and turn.get("role") == "assistant" and turn.get("tool_calls")
+    if not isinstance(turn, dict) or role_key not in turn or (text_key not in turn and not called):
         raise UsageError(f"{where}: turn {k} must be an object with '{role_key}' and '{text_key}' ({fmt} format)")
     role = turn[role_key]
     if fmt == "sharegpt":
         if role not in SHAREGPT_ROLES:
-            raise UsageError(f"{where}: turn {k} has unknown role 'from': {role!r}; use human, gpt or system")
+            raise UsageError(f"{where}: turn {k} has unknown role 'from': {role!r}; use human, gpt, system, function_call or observation")
         role = SHAREGPT_ROLES[role]
     elif role not in ROLES:
         raise UsageError(f"{where}: turn {k} has unknown role {role!r}; use {', '.join(ROLES)}")
-    return {"role": role, "content": turn[text_key]}
+    content = turn.get(text_key)
+    if role == "function_call":  # sharegpt: the value is the call object (or a list of them), as JSON text
+        return {"role": "assistant", "content": "".join(calls.text(c, k) for c in _listed(_json(content, where, k, "value")))}
+    if called:
+        if not isinstance(turn["tool_calls"], list):
+            raise UsageError(f"{where}: turn {k}: 'tool_calls' must be a list of calls")
+        # the text the model wrote before its calls (often none), then the calls: all of it is the assistant's to learn
+        return {"role": "assistant", "content": ("" if content is None else content) + "".join(calls.text(c, k) for c in turn["tool_calls"])}
+    if role == "tool":
+        if not isinstance(content, str) or not content.strip():
+            raise UsageError(f"{where}: turn {k} (tool) must have the tool's result as non-empty text")
+        return result_turn(calls.answer(turn.get("tool_call_id"), k), content)
+    return {"role": role, "content": content}
+
+
+class _Calls:
+    """A row's tools and the calls made so far, so that calls and results are checked against them."""
+
+    def __init__(self, specs: dict[str, dict[str, Any]], where: str) -> None:
+        self.specs, self.where, self.pending, self.count = specs, where, [], 0
+
+    def text(self, call: Any, k: int) -> str:
+        """One call (OpenAI's `{"id", "type", "function": {...}}` or a bare `{"name", "arguments"}`) as its text."""
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise UsageError(f"{self.where}: turn {k}: a tool call must be an object with a function name")
+        if name not in self.specs:
+            known = ", ".join(self.specs) or "the row has no 'tools'"
+            raise UsageError(f"{self.where}: turn {k} calls the tool {name!r}, which is not in the row's tools ({known})")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            args = _json(args, self.where, k, f"the arguments of {name!r}")
+        if not isinstance(args, dict):
+            raise UsageError(f"{self.where}: turn {k}: the arguments of {name!r} must be a JSON object, got {type(args).__name__}")
+        self.count += 1
+        self.pending.append(call.get("id") or f"call_{self.count}")
+        return call_text(name, args)
+
+    def answer(self, call_id: Any, k: int) -> str:
+        """The id of the call a result answers: the one named, else the oldest one not answered yet."""
+        if call_id is None and self.pending:
+            return self.pending.pop(0)
+        if call_id in self.pending:
+            self.pending.remove(call_id)
+            return call_id
+        raise UsageError(f"{self.where}: turn {k} is a tool result that answers no earlier tool call"
+                         + (f" (tool_call_id {call_id!r})" if call_id is not None else ""))
+
+
+def _row_tools(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return []
+    tools = _json(value, where, 0, "'tools'") if isinstance(value, str) else value
+    if not isinstance(tools, list):
+        raise UsageError(f"{where}: 'tools' must be a list of tools, got a {type(tools).__name__}")
+    specs = []
+    for i, tool in enumerate(tools):
+        try:
+            spec = tool_spec(tool)
+        except (KeyError, TypeError, AttributeError):
+            raise UsageError(f"{where}: tools.{i} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": ...}}}}") from None
+        if not isinstance(spec["parameters"], dict):
+            raise UsageError(f"{where}: tools.{i} ({spec['name']}): 'parameters' must be a JSON Schema object")
+        if any(s["name"] == spec["name"] for s in specs):
+            raise UsageError(f"{where}: tools.{i}: the tool {spec['name']!r} is listed twice")
+        specs.append(spec)
+    return specs
+
+
+def _json(value: Any, where: str, k: int, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise UsageError(f"{where}: {f'turn {k}: ' if k else ''}{what} is not valid JSON ({e})") from None
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _checked(msgs: list[dict[str, Any]], where: str) -> Conversation:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.errors import UsageError
-from llmkit.inference.sampling import Generation, OnText, SamplingOptions, StopScanner, check_context
+from llmkit.inference.constraints import llama_grammar
+from llmkit.inference.logprobs import entries, first, trim
+from llmkit.inference.sampling import Generation, OnText, SamplingOptions, StopScanner, TokenLogprob, check_context
 from llmkit.machine import CoreWatch, cpu_info, native_stderr_silenced
 from llmkit.models.refs import ModelRef
 from llmkit.models.templates import Prompt, chat_messages, render_chat
@@ -186,14 +188,19 @@ class LlamaCppBackend:
                 utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 emit = (lambda t, i=idx: on_text(i, t)) if on_text else (lambda t: None)
                 n, finish = 0, "length"
+                scored = self.prompt_logprobs(tokens, opts.logprobs or 0) if opts.prompt_logprobs else None
+                picked: list[TokenLogprob] | None = [] if opts.logprobs is not None else None
                 start = time.perf_counter()
                 self._recheck_threads()
+                grammar = llama_grammar(opts.constraint) if opts.constraint is not None else None
                 for tok in self.llm.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0,
-                                             temp=opts.temperature, repeat_penalty=opts.repetition_penalty):
+                                             temp=opts.temperature, repeat_penalty=opts.repetition_penalty, grammar=grammar):
                     if self._llama_cpp.llama_vocab_is_eog(vocab, tok):
                         n, finish = n + 1, "stop"
                         break
                     n += 1
+                    if picked is not None:  # the logits tok was drawn from are still the context's last output
+                        picked += self._last_logprobs(tok, opts.logprobs or 0)
                     self._recheck_threads()  # at most once a second: another process may have taken a core since
                     if shown := scanner.feed(utf8.decode(self.llm.detokenize([tok]))):
                         emit(shown)
@@ -204,7 +211,42 @@ class LlamaCppBackend:
                         break
                 if shown := scanner.feed(utf8.decode(b"", final=True)) + scanner.flush():
                     emit(shown)
-                yield Generation(prompt, scanner.text, n, time.perf_counter() - start, finish, idx, len(tokens))
+                yield Generation(prompt, scanner.text, n, time.perf_counter() - start, finish, idx, len(tokens),
+                                 trim(picked, scanner.text) if picked is not None else None, scored)
+
+    # -- log-probabilities (OpenAI's logprobs and echo: llmkit.inference.logprobs)
+
+    def _token_bytes(self, tok: int) -> bytes:
+        # the model wrapper's token_to_piece returns its whole 32-byte buffer, NULs included; detokenize does not
+        return self.llm._model.detokenize([tok], special=False)
+
+    def _last_logprobs(self, tok: int, k: int) -> list[TokenLogprob]:
+        import numpy as np
+
+        row = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        return entries(row[None, :], [tok], k, self._token_bytes)
+
+    def prompt_logprobs(self, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the ones before it (the first: None), from one pass over the
+        prompt that asks llama.cpp for every position's logits, a batch at a time (a 4k x 49k-vocabulary matrix would
+        be 800 MB). The KV cache keeps the prompt, so the generation that follows reuses it."""
+        import numpy as np
+
+        llm, n_vocab = self.llm, self.llm.n_vocab()
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        out = [first(tokens[0], self._token_bytes)]
+        for i in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[i:i + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[i:i + len(chunk)] = chunk  # as Llama.eval records it: generate() then finds the prefix cached
+            llm.n_tokens += len(chunk)
+            rows = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits(llm.ctx), shape=(len(chunk), n_vocab))
+            targets = tokens[i + 1:i + 1 + len(chunk)]
+            out += entries(rows[:len(targets)], targets, k, self._token_bytes)
+        llm._requires_eval = True  # the last logits are not where generate() expects them: it replays one token
+        return out
 
     # -- token-level measurements (llmkit quantize's report on GGUF files)
 

@@ -15,7 +15,7 @@ same kind of output for the same options.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import UsageError
@@ -50,6 +50,14 @@ class SamplingOptions:
     either is rendered with the model's own chat template (the one it was trained with)."""
     system: str | None = None
     """With `chat`: a system message put before a string prompt."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives (0: the chosen
+    token's only; None: off). Log-probabilities are the model's own (log-softmax of its logits), before
+    temperature, top-k/top-p or a constraint reshape the draw, as OpenAI and vLLM report them."""
+    prompt_logprobs: bool = False
+    """Also score the prompt: each prompt token's log-probability given the ones before it (OpenAI's `echo`)."""
+    constraint: Constraint | None = None
+    """Constrained decoding: the text generated must match this grammar or JSON schema (llmkit.inference.constraints)."""
 
     def validate(self) -> None:
         """Collect every problem, then raise one error that names the flags to change."""
@@ -76,6 +84,25 @@ class SamplingOptions:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What generated text must match: `kind` "json_schema" (text: the schema as JSON), "json_object" (any JSON
+    object; text unused) or "gbnf" (text: a llama.cpp GBNF grammar, root rule `root`)."""
+
+    kind: str
+    text: str = ""
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position (OpenAI's logprobs entry)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float | None  # None: the first prompt token, which nothing predicts
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
 @dataclass
 class Generation:
     """One generated continuation; `to_json()` is the `--json` line."""
@@ -87,6 +114,8 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     index: int = 0  # which of --num-return-sequences
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # with SamplingOptions.logprobs: one per generated token shown in `text`
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingOptions.prompt_logprobs: one per prompt token
 
     @property
     def tokens_per_s(self) -> float:

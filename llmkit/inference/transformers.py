@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmkit.errors import UsageError
-from llmkit.inference.sampling import Generation, OnText, SamplingOptions, StopScanner, check_context
+from llmkit.inference.logprobs import entries, first, trim
+from llmkit.inference.sampling import Generation, OnText, SamplingOptions, StopScanner, TokenLogprob, check_context
 from llmkit.models.refs import ModelRef
 from llmkit.models.templates import Prompt, chat_messages, render_chat
 
@@ -90,6 +91,12 @@ class TransformersBackend:
             kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
         if opts.stop:
             kwargs.update(stop_strings=list(opts.stop), tokenizer=self.tokenizer)
+        if opts.logprobs is not None:  # raw logits of every step, for llmkit.inference.logprobs
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        if opts.constraint is not None:
+            from llmkit.inference.constraints import hf_logits_processor
+
+            kwargs["logits_processor"] = [hf_logits_processor(opts.constraint, self.tokenizer, self.model.config.vocab_size)]
         return kwargs
 
     def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
@@ -108,7 +115,7 @@ class TransformersBackend:
                     start = time.perf_counter()
                     with torch.inference_mode():
                         out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), streamer=streamer)
-                    yield self._result(prompt, enc, out[0], idx, time.perf_counter() - start, opts)
+                    yield self._result(prompt, enc, out, 0, idx, time.perf_counter() - start, opts)
             return
         # Batches of similar length waste less compute on padding; results come back in the input order.
         texts = [self.format(p, opts) for p in prompts]
@@ -126,11 +133,13 @@ class TransformersBackend:
             n = opts.num_return_sequences
             for j, i in enumerate(batch):
                 row_enc = {k: v[j:j + 1] for k, v in enc.items()}
-                results[i] = [self._result(prompts[i], row_enc, out[j * per_prompt + k % per_prompt], k, seconds, opts) for k in range(n)]
+                results[i] = [self._result(prompts[i], row_enc, out, j * per_prompt + k % per_prompt, k, seconds, opts) for k in range(n)]
         for i in range(len(prompts)):
             yield from results[i]
 
-    def _result(self, prompt: Prompt, enc: Any, seq: Any, idx: int, seconds: float, opts: SamplingOptions) -> Generation:
+    def _result(self, prompt: Prompt, enc: Any, out: Any, row: int, idx: int, seconds: float, opts: SamplingOptions) -> Generation:
+        """Row `row` of generate()'s output (a tensor, or with logprobs a GenerateOutput) as a Generation."""
+        seq = out.sequences[row] if hasattr(out, "sequences") else out[row]
         prompt_len = enc["input_ids"].shape[1]
         new = seq[prompt_len:].tolist()
         finish = "length"
@@ -143,7 +152,27 @@ class TransformersBackend:
         if scanner.stopped:
             finish = "stop"
         real_prompt = int(enc["attention_mask"][0].sum())
-        return Generation(prompt, scanner.text, len(new), seconds, finish, idx, real_prompt)
+        gen = Generation(prompt, scanner.text, len(new), seconds, finish, idx, real_prompt)
+        if opts.logprobs is not None:
+            shown = [t for t in new if t not in self.eos_ids]
+            rows = [step[row].float().cpu().numpy() for step in out.logits[:len(shown)]]
+            gen.logprobs = trim(entries(rows, shown, opts.logprobs, self._token_bytes), gen.text)
+        if opts.prompt_logprobs:
+            gen.prompt_logprobs = self.prompt_logprobs(enc["input_ids"][0, prompt_len - real_prompt:].tolist(), opts.logprobs or 0)
+        return gen
+
+    # -- log-probabilities (OpenAI's logprobs and echo: llmkit.inference.logprobs)
+
+    def _token_bytes(self, tok: int) -> bytes:
+        return self.tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
+
+    def prompt_logprobs(self, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the ones before it (the first: None): one forward pass."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([tokens], device=self.model.device)).logits[0, :-1].float().cpu().numpy()
+        return [first(tokens[0], self._token_bytes), *entries(logits, tokens[1:], k, self._token_bytes)]
 
 
 class _TokenStreamer:

@@ -62,6 +62,12 @@ LLAMA_CPP_BATCH_CTX = 4 * LLAMA_CPP_CTX
 MAX_CHARS_PER_TOKEN = 128
 
 
+def _runs_alone(opts: SamplingOptions) -> bool:
+    """Requests continuous batching leaves to the one-at-a-time path: seeded sampling (repeatable whatever else
+    runs), and log-probabilities or a grammar, which llama_batch's sampler chain does not compute."""
+    return (opts.seed is not None and not opts.greedy) or opts.logprobs is not None or opts.prompt_logprobs or opts.constraint is not None
+
+
 class _Cancelled(Exception):
     """Raised from on_text to abort a generation whose client has gone."""
 
@@ -147,6 +153,8 @@ class Engine:
         prompts = req.prompts()
         max_tokens = (req.max_completion_tokens if isinstance(req, ChatRequest) else None) or req.max_tokens
         opts = req.options(chat, max_tokens or 1)
+        if max_tokens == 0:  # scoring only (completions echo + logprobs): one token is generated, the response drops it
+            max_tokens = 1
         chars = max(len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p) for p in prompts)
         if self.window and chars > self.window * MAX_CHARS_PER_TOKEN:
             raise APIError(400, f"the {'messages are' if chat else 'prompt is'} {chars:,} characters: far more than this model's "
@@ -273,7 +281,7 @@ class Engine:
                 self._jobs.clear()
             try:
                 for job in incoming:
-                    seqs: list[Sequence | Job] = [job] if job.opts.seed is not None and not job.opts.greedy else [*self._sequences(job)]
+                    seqs: list[Sequence | Job] = [job] if _runs_alone(job.opts) else [*self._sequences(job)]
                     jobs[id(job)], left[id(job)] = job, len(seqs)
                     waiting.extend(seqs)
                 for job in [job for job in jobs.values() if job.cancelled.is_set()]:  # gone: stop now, free the slot
