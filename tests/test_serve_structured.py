@@ -173,7 +173,7 @@ def test_bundled_parse_logprobs_and_tools_on_llama_cpp(tmp_path):
 def test_lm_eval_harness_scores_multiple_choice_against_llmkit_serve(tmp_path, cli):
     _bundled()
     if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("tenacity") is None:
-        pytest.skip("lm-eval[api] is not installed (pip install 'llmkit[bench]')")
+        pytest.skip("lm-eval[api] is not installed (pip install 'llmkit[dev]')")
     (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"question": "The capital of France is", "choices": [" Paris", " Rome", " Berlin"], "answer": 0},
         {"question": "The capital of Italy is", "choices": [" Madrid", " Rome", " Paris"], "answer": 1}]) + "\n")
