@@ -138,6 +138,28 @@ def test_finetune_trains_the_same_with_and_without_it(cli, tiny_llama, toy_data,
         assert all(x == y or abs(x - y) < 1e-4 for x, y in zip(a, b, strict=True) if x is not None), (a, b)
 
 
+def test_evaluation_asks_whether_the_model_takes_the_chunked_head_once(tmp_path, monkeypatch):
+    """`supports_chunked_loss` (wrappers unwrapped, the forward's signature read) runs once per evaluation, not per
+    batch; every batch still goes through the chunked head, and the metrics equal the plain path's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.training import evaluation
+
+    model = AutoModelForCausalLM.from_pretrained(build(FAMILIES["Llama 3"], tmp_path), dtype=torch.float32)
+    batch = _batch(model.config.vocab_size, sparse=False)
+    loader = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]  # 3 batches of one row
+    asked, chunked = [], []
+    real_supports, real_nll = evaluation.supports_chunked_loss, evaluation.chunked_causal_lm_nll
+    monkeypatch.setattr(evaluation, "supports_chunked_loss", lambda m: asked.append(1) or real_supports(m))
+    monkeypatch.setattr(evaluation, "chunked_causal_lm_nll", lambda m, b: chunked.append(1) or real_nll(m, b))
+    got = evaluation.evaluate_model(model, loader, "causal-lm")
+    assert len(asked) == 1 and len(chunked) == 3
+    monkeypatch.setattr(evaluation, "supports_chunked_loss", lambda m: False)
+    want = evaluation.evaluate_model(model, loader, "causal-lm")
+    assert got["tokens"] == want["tokens"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_half_precision_head_gives_the_gradients_of_an_fp32_copy(dtype, monkeypatch):
     """Through a bf16/fp16 head the hidden states' gradient is fp32 grad @ the weight in fp32, though the weight is
