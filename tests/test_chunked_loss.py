@@ -136,3 +136,56 @@ def test_finetune_trains_the_same_with_and_without_it(cli, tiny_llama, toy_data,
     assert len(losses["true"]) >= 4 and len(calls) == 4  # the chunked loss ran each step of the first run only
     for a, b in zip(losses["true"], losses["false"], strict=True):
         assert all(x == y or abs(x - y) < 1e-4 for x, y in zip(a, b, strict=True) if x is not None), (a, b)
+
+
+def test_evaluation_asks_whether_the_model_takes_the_chunked_head_once(tmp_path, monkeypatch):
+    """`supports_chunked_loss` (wrappers unwrapped, the forward's signature read) runs once per evaluation, not per
+    batch; every batch still goes through the chunked head, and the metrics equal the plain path's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.training import evaluation
+
+    model = AutoModelForCausalLM.from_pretrained(build(FAMILIES["Llama 3"], tmp_path), dtype=torch.float32)
+    batch = _batch(model.config.vocab_size, sparse=False)
+    loader = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]  # 3 batches of one row
+    asked, chunked = [], []
+    real_supports, real_nll = evaluation.supports_chunked_loss, evaluation.chunked_causal_lm_nll
+    monkeypatch.setattr(evaluation, "supports_chunked_loss", lambda m: asked.append(1) or real_supports(m))
+    monkeypatch.setattr(evaluation, "chunked_causal_lm_nll", lambda m, b: chunked.append(1) or real_nll(m, b))
+    got = evaluation.evaluate_model(model, loader, "causal-lm")
+    assert len(asked) == 1 and len(chunked) == 3
+    monkeypatch.setattr(evaluation, "supports_chunked_loss", lambda m: False)
+    want = evaluation.evaluate_model(model, loader, "causal-lm")
+    assert got["tokens"] == want["tokens"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_head_gives_the_gradients_of_an_fp32_copy(dtype, monkeypatch):
+    """Through a bf16/fp16 head the hidden states' gradient is fp32 grad @ the weight in fp32, though the weight is
+    converted a block of vocabulary rows at a time (never a whole-vocabulary fp32 copy); loss and gradients are those
+    of the same head in fp32 up to the half-precision matmul of the forward."""
+    import torch
+
+    from llmkit.training import chunked_loss
+    from llmkit.training.chunked_loss import _times_weight, linear_cross_entropy
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 1000)  # chunks of 7 rows; blocks of 437 vocabulary rows
+    torch.manual_seed(0)
+    weight = (torch.randn(1000, 16) * 0.3).to(getattr(torch, dtype))
+    grad = torch.randn(7, 1000)
+    assert torch.allclose(_times_weight(grad, weight, autocast=False), grad @ weight.float(), rtol=1e-5, atol=1e-4)  # fp32 sums reordered
+
+    hidden = torch.randn(24, 16).to(weight.dtype).requires_grad_(True)
+    weight.requires_grad_(True)
+    targets = torch.randint(0, 1000, (24,))
+    targets[:5] = -100
+    loss = linear_cross_entropy()(hidden, weight, None, targets, (None, None, 3.0))  # soft-capped: through the cap too
+    loss.backward()
+    h32, w32 = hidden.detach().float().requires_grad_(True), weight.detach().float().requires_grad_(True)  # same values
+    want = torch.nn.functional.cross_entropy(torch.tanh((h32 @ w32.t()) / 3.0) * 3.0, targets, ignore_index=-100)
+    want.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == weight.dtype
+    assert torch.allclose(loss, want, rtol=1e-3)
+    assert torch.allclose(hidden.grad.float(), h32.grad, rtol=2e-2, atol=1e-4)
+    assert torch.allclose(weight.grad.float(), w32.grad, rtol=2e-2, atol=1e-4)

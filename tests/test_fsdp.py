@@ -20,7 +20,7 @@ CHILD = Path(__file__).parent / "reliability" / "_child.py"  # llmkit's CLI, wit
 
 def env(**extra: str) -> dict[str, str]:
     base = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    for key in ("LLMKIT_TEST_STEP_DELAY", "LLMKIT_TEST_KILL_AT"):
+    for key in ("LLMKIT_TEST_STEP_DELAY", "LLMKIT_TEST_KILL_AT", "LLMKIT_TEST_HOLD_AT", "LLMKIT_TEST_PID_DIR"):
         base.pop(key, None)
     return {**base, **extra}
 
@@ -124,14 +124,48 @@ dist.destroy_process_group()
         assert got["optim"] <= 0.6 * 2 * got["whole"], got  # AdamW's two moments of the whole model would be 2x
 
 
-def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
+def held_ranks(proc: subprocess.Popen, folder: Path, nproc: int = 2, timeout: float = 240) -> list[int]:
+    """The pids of the `nproc` ranks, once each is holding at LLMKIT_TEST_HOLD_AT (tests/reliability/_child.py)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and len(losses(out)) >= step:
-            return
+        pids = [folder / f"rank{rank}.pid" for rank in range(nproc)]
+        if all(p.exists() for p in pids):
+            return [int(p.read_text()) for p in pids]
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-    raise AssertionError(f"step {step} never came")
+    raise AssertionError(f"the ranks never reached the hold ({sorted(p.name for p in folder.iterdir())} in {folder})")
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead and waiting for init to reap it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the command name, which may hold spaces
+
+
+def hard_kill(launcher: subprocess.Popen, ranks: list[int]) -> None:
+    """SIGKILL torchrun and every rank, and see them all gone.
+
+    Killing the launcher's process group is not enough: torch.distributed.elastic starts each worker in a session of its
+    own (so that it can kill a worker's whole group), so the ranks would live on, finish the run and race the --resume
+    run for the same folder. A SIGKILL cannot be forwarded, so each rank's group is killed here too; the launcher
+    first, so that it cannot see its workers die and tear down or restart anything itself."""
+    os.killpg(launcher.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:  # in the launcher's group after all (another torch), and gone with it
+            continue
+        assert group != os.getpgrp()  # never this test's own group
+        os.killpg(group, signal.SIGKILL)
+    launcher.wait()
+    assert launcher.returncode == -signal.SIGKILL
+    deadline = time.time() + 30
+    while any(running(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in ranks), [pid for pid in ranks if running(pid)]
 
 
 def test_sigkill_and_a_kill_during_a_sharded_save_resume_to_the_same_weights(models, toy_data, tmp_path):
@@ -140,14 +174,17 @@ def test_sigkill_and_a_kill_during_a_sharded_save_resume_to_the_same_weights(mod
     done = run(finetune(models["gpt2"], toy_data, reference, *steps))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # 1. SIGKILL the whole job (both ranks and torchrun) mid-run, after two checkpoints
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(finetune(models["gpt2"], toy_data, killed, *steps)), env=env(LLMKIT_TEST_STEP_DELAY="0.3"),
+    # 1. SIGKILL the whole job (both ranks and torchrun) mid-run, after two checkpoints: both ranks hold at the start of
+    # step 8 until killed, so the kill lands at the same point every time and never after the run's end
+    killed, held = tmp_path / "killed", tmp_path / "held"
+    held.mkdir()
+    proc = subprocess.Popen(torchrun(finetune(models["gpt2"], toy_data, killed, *steps)),
+                            env=env(LLMKIT_TEST_HOLD_AT="8", LLMKIT_TEST_PID_DIR=str(held)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_step(proc, killed, 7)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    hard_kill(proc, held_ranks(proc, held))
+    assert len(losses(killed)) == 7 and not (killed / "model.safetensors").exists()
     assert (killed / "checkpoints" / "step-00000006" / "sharded").is_dir()
+    assert not (killed / "checkpoints" / "step-00000009").exists()
     resumed = run(finetune(models["gpt2"], toy_data, killed, *steps, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(killed) == pytest.approx(losses(reference), rel=1e-5)

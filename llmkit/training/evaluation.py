@@ -104,15 +104,19 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens) if tokens else float("nan")
 
 
-def causal_lm_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+def causal_lm_nll(model: Any, batch: dict[str, Any], chunked: bool | None = None) -> tuple[Any, Any]:
     """Per-example summed NLL and predicted-token counts (labels -100 are not predicted).
 
     Models that take it get the chunked head (llmkit.training.chunked_loss): no tokens x vocabulary logits for the batch.
+    `chunked`: whether `model` takes it, as `supports_chunked_loss(model)` said; a loop over batches asks once and
+    passes it (the check walks the wrappers and reads the forward's signature). None: asked here.
     """
     import torch
     import torch.nn.functional as F
 
-    if supports_chunked_loss(model):
+    if chunked is None:
+        chunked = supports_chunked_loss(model)
+    if chunked:
         return chunked_causal_lm_nll(model, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch})
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")).logits
@@ -138,10 +142,11 @@ def evaluate_model(model: Any, loader: Any, task: str, accelerator: Any = None, 
     preds: list[int] = []
     refs: list[int] = []
     loss_sum = 0.0
+    chunked = task == "causal-lm" and supports_chunked_loss(model)  # the same model for every batch: asked once
     with torch.no_grad():
         for batch in loader:
             if task == "causal-lm":
-                nll, cnt = gather(causal_lm_nll(model, batch))
+                nll, cnt = gather(causal_lm_nll(model, batch, chunked))
                 nll_sum += float(nll.sum())
                 tokens += int(cnt.sum())
             else:

@@ -7,6 +7,9 @@ time to act between steps of a tiny model.
     LLMKIT_TEST_STEP_DELAY=0.1          sleep this long in every training step
     LLMKIT_TEST_KILL_AT=step-00000006/optimizer.pt   SIGKILL this process when it starts writing that file
                                         ("step-00000006/COMPLETE": after every file, before the rename)
+    LLMKIT_TEST_HOLD_AT=8 LLMKIT_TEST_PID_DIR=DIR    at the start of step 8 (steps 1-7 done, logged and
+                                        checkpointed as due) write DIR/rank<RANK>.pid and wait there to be killed:
+                                        the parent kills every rank at a known point, and the run cannot end first
 """
 
 from __future__ import annotations
@@ -23,11 +26,23 @@ import llmkit.training.loop as train
 
 delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0"))
 kill_at = os.environ.get("LLMKIT_TEST_KILL_AT", "")
+hold_at = int(os.environ.get("LLMKIT_TEST_HOLD_AT", "0"))
 
-if delay:
+if delay or hold_at:
     real_loss = train._default_loss
+    calls = 0
 
     def slow_loss(model, batch, **kw):
+        global calls
+        calls += 1  # one loss per optimizer step (no gradient accumulation in these tests): the step number
+        if calls == hold_at:
+            folder = os.environ["LLMKIT_TEST_PID_DIR"]
+            rank = os.environ.get("RANK", "0")
+            with open(os.path.join(folder, f".rank{rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(os.path.join(folder, f".rank{rank}.pid"), os.path.join(folder, f"rank{rank}.pid"))  # never half-written
+            time.sleep(120)
+            os._exit(3)  # the parent that should have killed this process is gone: do not run on without it
         time.sleep(delay)
         return real_loss(model, batch, **kw)
 

@@ -29,6 +29,7 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("LLMKIT_TEST_STEP_DELAY", None)
     env.pop("LLMKIT_TEST_KILL_AT", None)
+    env.pop("LLMKIT_TEST_HOLD_AT", None)
     env.update(extra)
     return env
 
