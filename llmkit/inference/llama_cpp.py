@@ -109,9 +109,11 @@ class LlamaCppBackend:
 
         llama_cpp.llama_cpp.llama_model_default_params = params
         try:
+            # a GGUF LoRA adapter (llmkit.export.adapter) is applied by llama.cpp at run time on the unchanged base
+            lora = {"lora_path": str(self.ref.adapter)} if self.ref.adapter is not None and self.ref.adapter.suffix == ".gguf" else {}
             with native_stderr_silenced():  # llama.cpp logs context warnings from C even with verbose=False
                 self.llm = llama_cpp.Llama(model_path=str(self.ref.path), n_ctx=n_ctx, n_threads=self.threads,
-                                           n_threads_batch=self.threads, logits_all=self.logits_all, verbose=False)
+                                           n_threads_batch=self.threads, logits_all=self.logits_all, verbose=False, **lora)
         except ValueError as e:
             raise UsageError(f"llama.cpp cannot load {self.ref.name}: {e}") from None
         finally:
