@@ -55,7 +55,9 @@ from llmkit.models.int8 import (  # noqa: F401  (re-exported: `from llmkit.quant
 from llmkit.runfolder import read_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type
-METHODS = ("int8", "bnb-int8", *GGUF_METHODS)
+# gguf-lora: a LoRA run folder as a llama.cpp adapter file, used with its unchanged base (llmkit.export.adapter)
+LORA_METHOD = "gguf-lora"
+METHODS = ("int8", "bnb-int8", *GGUF_METHODS, LORA_METHOD)
 REPORT = "quantize_report.json"
 # modules left in fp32: classifier heads (small, and their error goes straight into the prediction)
 KEEP_FP32 = ("score", "classifier", "qa_outputs")
@@ -147,7 +149,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
         raise UsageError(f"--max-ppl-increase must be >= 0, got {max_ppl_increase}")
     out = Path(out).expanduser()
     gguf_type = GGUF_METHODS.get(method)
-    if gguf_type and out.suffix != ".gguf":
+    if (gguf_type or method == LORA_METHOD) and out.suffix != ".gguf":
         raise UsageError(f"--out {out}: for {method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
     if gguf_type in LLAMA_CPP_TYPES:
         from llmkit.inference.backends import llama_cpp_available
@@ -159,6 +161,8 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if not ref.is_gguf and quantized_method(ref.path):  # a GGUF source is de-quantized to fp32: a fine start
         raise UsageError(f"{model_name} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
+    if method == LORA_METHOD and ref.adapter is None:
+        raise UsageError(f"--method {LORA_METHOD} writes a LoRA run folder's adapter; {model_name} is not a LoRA adapter (use gguf-q8_0)")
     if method == "bnb-int8":
         try:
             import bitsandbytes  # noqa: F401
@@ -166,7 +170,7 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             raise UsageError("--method bnb-int8 needs bitsandbytes: pip install 'llmkit[quant]' (or pip install bitsandbytes)") from None
     archs = architectures(ref)
     task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
-    if gguf_type and task != "causal-lm":
+    if (gguf_type or method == LORA_METHOD) and task != "causal-lm":
         raise UsageError("GGUF export is for causal LMs (llama.cpp runs text generation); use --method int8 for classifiers")
     if task == "seq-cls" and not eval_data:
         raise UsageError("a classifier's accuracy needs labelled data: pass --eval-data a .csv/.jsonl with text and label columns")
@@ -220,6 +224,16 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
             qmodel = _bnb_int8(model, ref, tmp, task, progress)
             del model
             tokenizer.save_pretrained(tmp)
+        elif method == LORA_METHOD:
+            # the gate measures what runs: the base, unchanged, plus this adapter applied by llama.cpp in fp32
+            from llmkit.export.adapter import write_adapter
+            from llmkit.export.gguf import for_llama_cpp
+
+            del model
+            write_adapter(ref, tmp)
+            base_gguf = for_llama_cpp(ref, progress=progress)[0].path  # the base itself, or its cached export
+            details["base"] = str(base_gguf)
+            qmodel = None
         else:
             # a LoRA adapter was merged into the fp32 model by _load_fp32, so every type starts from full precision
             details["tensor_types"] = export_gguf(model, tokenizer, tmp, gguf_type, source_gguf=ref.path if ref.is_gguf else None)
@@ -238,7 +252,8 @@ def quantize(model_name: str, out: str | Path, *, method: str, eval_data: str | 
                     after["tokens_per_s"] = round(generation_speed(qmodel, prompt), 2)
         else:
             after["memory_bytes"] = after["disk_bytes"]  # llama.cpp maps the file: weights in memory = the file
-            after.update(_gguf_quality_and_speed(tmp, blocks, prompt))
+            after.update(_gguf_quality_and_speed(base_gguf, blocks, prompt, adapter=tmp) if method == LORA_METHOD
+                         else _gguf_quality_and_speed(tmp, blocks, prompt))
         report = _report(model_name, method, task, eval_name, before, after, details, max_ppl_increase)
         if report["gate"]["failed"] and not force:
             raise QualityGateError(report)
@@ -382,15 +397,15 @@ def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | No
     return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], "samples_per_s": round(m["samples"] / (time.perf_counter() - t0), 1)}
 
 
-def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int]) -> dict[str, Any]:
-    """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself."""
+def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int], adapter: Path | None = None) -> dict[str, Any]:
+    """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself (with `adapter` applied)."""
     import math
 
     from llmkit.inference.llama_cpp import LlamaCppBackend
-    from llmkit.models.refs import resolve
+    from llmkit.models.refs import ModelRef
 
     n_new = 32
-    backend = LlamaCppBackend(resolve(str(path)), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
+    backend = LlamaCppBackend(ModelRef(str(path), "gguf", Path(path), adapter=adapter), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
     nll, count = 0.0, 0
     for block in blocks:
         nll += backend.nll(block)

@@ -141,3 +141,23 @@ def test_moved_run_folder_with_empty_cache_generates(tmp_path, cli, monkeypatch)
     shutil.rmtree(base)  # the base is gone: one line, exit 2
     code, _, err = cli("generate", "--model", moved, PROMPT, "-n", "4")
     assert code == 2 and "cannot be loaded" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_quantize_gguf_lora_writes_the_adapter_and_gates_what_runs(tmp_path, cli, cache, toy_data):
+    """`--method gguf-lora`: the adapter file; the gate compares base + adapter on llama.cpp with the fp32 adapter model."""
+    import gguf
+
+    base = build(FAMILIES["Llama 3"], tmp_path / "base")
+    lora = make_lora(base, tmp_path / "lora")
+    out = tmp_path / "sql.lora.gguf"
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text(((toy_data / "train.txt").read_text() + "\n") * 8)  # two 256-token windows at least
+    code, _, err = cli("quantize", "--model", lora, "--method", "gguf-lora", "--out", out,
+                       "--eval-data", held_out, "--max-ppl-increase", "1")
+    assert code == 0, err
+    field = gguf.GGUFReader(str(out)).fields["general.type"]
+    assert bytes(field.parts[field.data[0]]).decode() == "adapter"
+    report = json.loads(next(tmp_path.glob("sql.lora*.json")).read_text())
+    assert report["method"] == "gguf-lora" and Path(report["base"]).exists()
+    code, _, err = cli("quantize", "--model", base, "--method", "gguf-lora", "--out", tmp_path / "x.gguf")
+    assert code == 2 and "is not a LoRA adapter" in err and not (tmp_path / "x.gguf").exists()

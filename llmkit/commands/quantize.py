@@ -9,7 +9,8 @@ def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist unless --overwrite."),
     method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
-                               "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files)."),
+                               "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files) | "
+                               "gguf-lora (a LoRA run as a llama.cpp adapter for its unchanged base)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
                                   "[default: a built-in public-domain sample].", show_default=False),
     max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
