@@ -447,3 +447,36 @@ def print_report(report: dict[str, Any], stream: Any = None) -> None:
         print(f"{name:12s} {x:10.2f} {y:10.2f} {ratio:7.3f}", file=stream)
     g = report["gate"]
     print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)
+
+
+# gguf-auto: what `llmkit quantize` picks for llama.cpp when the user does not (see quantize_auto)
+AUTO_METHOD = "gguf-auto"
+
+
+def quantize_auto(model_name: str, out: str | Path, *, merge: bool = False, force: bool = False, **kw: Any) -> dict[str, Any]:
+    """`--method gguf-auto`: a LoRA run folder -> its llama.cpp adapter (gguf-lora) unless `merge`; anything else
+    (full fine-tunes, merged exports) -> gguf-q8_0, stepping up to gguf-f16 with one line when Q8_0 fails the gate.
+
+    Why: Q8_0 costs a fine-tune measurable quality on small models more often than it costs speed to keep F16; a
+    refusal leaves the user to guess the next method, so auto takes the next step itself and says so.
+    """
+    from llmkit.export.adapter import adapter_problem
+    from llmkit.models.refs import resolve
+
+    kw.pop("method", None)  # chosen here
+    ref = resolve(model_name, allow_pickle=kw.get("allow_pickle", False), trust_remote_code=kw.get("trust_remote_code", False))
+    if ref.adapter is not None and not merge:
+        why = adapter_problem(ref.adapter)
+        if why is None:
+            return quantize(model_name, out, method=LORA_METHOD, force=force, **kw)
+        print(f"{AUTO_METHOD}: llama.cpp cannot apply this LoRA at run time ({why}): writing the merged export", file=sys.stderr)
+    try:
+        return quantize(model_name, out, method="gguf-q8_0", **kw)  # never --force here: a failed Q8_0 steps up
+    except QualityGateError as e:
+        g = e.report["gate"]
+        print(f"{AUTO_METHOD}: gguf-q8_0 failed the quality gate ({g['metric']} {g['change']} > {g['allowed']}); "
+              "writing gguf-f16 instead", file=sys.stderr, flush=True)
+    report = quantize(model_name, out, method="gguf-f16", force=force, **kw)
+    report["stepped_up_from"] = "gguf-q8_0"
+    _report_path(Path(out).expanduser()).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

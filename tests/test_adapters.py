@@ -143,6 +143,7 @@ def test_moved_run_folder_with_empty_cache_generates(tmp_path, cli, monkeypatch)
     assert code == 2 and "cannot be loaded" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow  # 12 s alone, 102 s on 2 busy cores: the fp32 and llama.cpp perplexities
 def test_quantize_gguf_lora_writes_the_adapter_and_gates_what_runs(tmp_path, cli, cache, toy_data):
     """`--method gguf-lora`: the adapter file; the gate compares base + adapter on llama.cpp with the fp32 adapter model."""
     import gguf
@@ -161,3 +162,31 @@ def test_quantize_gguf_lora_writes_the_adapter_and_gates_what_runs(tmp_path, cli
     assert report["method"] == "gguf-lora" and Path(report["base"]).exists()
     code, _, err = cli("quantize", "--model", base, "--method", "gguf-lora", "--out", tmp_path / "x.gguf")
     assert code == 2 and "is not a LoRA adapter" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_auto_picks_the_adapter_and_steps_up_to_f16(tmp_path, monkeypatch, capsys):
+    """gguf-auto: a LoRA run -> gguf-lora (or merged with merge=True); a full model -> q8_0, and F16 when Q8_0 fails the gate."""
+    import llmkit.quantize as q
+
+    base = build(FAMILIES["Llama 3"], tmp_path / "base")
+    lora = make_lora(base, tmp_path / "lora")
+    calls: list[str] = []
+
+    def fake(model_name, out, *, method, force=False, **kw):
+        calls.append(method)
+        report = {"method": method, "gate": {"metric": "perplexity increase", "change": "+3.10%", "allowed": "2.0%", "failed": True}}
+        if method == "gguf-q8_0":
+            raise q.QualityGateError(report)
+        return report
+
+    monkeypatch.setattr(q, "quantize", fake)
+    capsys.readouterr()  # building the models' progress bars
+    assert q.quantize_auto(str(lora), tmp_path / "a.gguf")["method"] == "gguf-lora"
+    report = q.quantize_auto(str(base), tmp_path / "b.gguf")
+    assert calls[1:] == ["gguf-q8_0", "gguf-f16"] and report["stepped_up_from"] == "gguf-q8_0"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gguf-q8_0 failed the quality gate (perplexity increase +3.10% > 2.0%); writing gguf-f16" in err
+    assert json.loads((tmp_path / "b.quantize_report.json").read_text())["stepped_up_from"] == "gguf-q8_0"
+    calls.clear()
+    q.quantize_auto(str(lora), tmp_path / "c.gguf", merge=True)
+    assert calls == ["gguf-q8_0", "gguf-f16"]

@@ -10,7 +10,9 @@ def quantize(
     out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist unless --overwrite."),
     method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
                                "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files) | "
-                               "gguf-lora (a LoRA run as a llama.cpp adapter for its unchanged base)."),
+                               "gguf-lora (a LoRA run as a llama.cpp adapter for its unchanged base) | "
+                               "gguf-auto (gguf-lora for a LoRA run, else gguf-q8_0, stepping up to gguf-f16 when Q8_0 fails the gate)."),
+    merge: bool = typer.Option(False, "--merge", help="gguf-auto on a LoRA run: the merged export (Q8_0, F16 if it fails the gate) instead of the adapter."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
                                   "[default: a built-in public-domain sample].", show_default=False),
     max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
@@ -32,16 +34,24 @@ def quantize(
 
       llmkit quantize --model smollm2-135m --method gguf-q4_k_m --out runs/smollm2-q4_k_m.gguf --max-ppl-increase 15
 
+      llmkit quantize --model runs/lora-sql --method gguf-auto --out runs/sql.lora.gguf   # LoRA: adapter for the unchanged base
+
       llmkit generate --model runs/smollm2-q8_0.gguf "Once upon a time"
     """
+    import functools
     import json
     import sys
 
-    from llmkit.quantize import QualityGateError, print_report
+    from llmkit.errors import UsageError
+    from llmkit.quantize import AUTO_METHOD, QualityGateError, print_report, quantize_auto
     from llmkit.quantize import quantize as run
 
     keep = tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip())
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
+    if merge and method != AUTO_METHOD:
+        raise UsageError(f"--merge goes with --method {AUTO_METHOD}; --method gguf-q8_0 (or any gguf type) on a LoRA run is the merged export")
+    if method == AUTO_METHOD:
+        run = functools.partial(quantize_auto, merge=merge)
     try:
         report = run(model, out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase, force=force, keep=keep,
                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet, say=say,
