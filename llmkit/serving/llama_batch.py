@@ -16,6 +16,11 @@ Sampling keeps llmkit's semantics per sequence: a llama.cpp sampler chain (repet
 tokens, prompt included, then top-k, top-p, temperature and a seeded draw; argmax at temperature 0), text
 through an incremental UTF-8 decoder and `StopScanner`, end-of-generation tokens counted but not shown.
 
+LoRA adapters (`llmkit serve --adapter`): one decode call computes with one set of adapters, so each step makes one
+decode call per adapter in use (the current one first). The switch itself, `llama_set_adapters_lora` between two
+loaded adapters, measured 12 us on SmolLM2-135M (benchmarks/adapters.py, a busy 2-core Xeon): what a mix of k
+adapters costs is the k-1 extra decode calls per step (the weights read k times), not the switching.
+
 Numerics: llama.cpp's attention reduces over all the KV cells a ubatch sees (other sequences' cells masked to
 zero), so a sequence's logits depend, in the last bits, on where its cells sit and on how its tokens were grouped
 into ubatches (measured on SmolLM2-135M: up to 0.67 apart in one logit for the same prompt placed after another
