@@ -33,7 +33,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,77 +42,22 @@ from llmkit.errors import UsageError
 from llmkit.export.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.export.gguf import TYPES as GGUF_TYPES
 from llmkit.export.gguf import export as export_gguf
+from llmkit.export.int8 import KEEP_FP32, quantize_int8_, save_int8  # noqa: F401  (KEEP_FP32: --keep-fp32's help)
 from llmkit.models.int8 import (  # noqa: F401  (re-exported: `from llmkit.quantize import load_int8` is documented)
-    QUANT_METHOD,
     Int8Embedding,
     Int8Linear,
     TiedInt8Head,
-    int8_matmul,
     load_int8,
     quantized_method,
-    set_module,
 )
 from llmkit.runfolder import read_json, write_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type; METHODS (every --method) is below
+# gguf-lora: a LoRA run folder as a llama.cpp adapter file, used with its unchanged base (llmkit.export.adapter)
+LORA_METHOD = "gguf-lora"
+# gguf-auto: the adapter for a LoRA run (the merged export with --merge), else Q8_0 stepping up to F16 (quantize_auto)
+AUTO_METHOD = "gguf-auto"
 REPORT = "quantize_report.json"
-# modules left in fp32: classifier heads (small, and their error goes straight into the prediction)
-KEEP_FP32 = ("score", "classifier", "qa_outputs")
-
-
-# --------------------------------------------------------------------------------------------- int8 modules
-
-
-def quantize_int8_(model: Any, keep: tuple[str, ...] = ()) -> dict[str, str]:
-    """Replace linear, Conv1D and token-embedding layers by int8 ones in place; returns {module name: kind}."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    keep = (*KEEP_FP32, *keep)
-    emb = model.get_input_embeddings()
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = out_emb is not None and getattr(out_emb, "weight", None) is not None and out_emb.weight is emb.weight
-    modules: dict[str, str] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    int8_emb = None
-    for name, module in list(model.named_modules()):
-        if any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep):
-            continue
-        if module is emb and isinstance(module, torch.nn.Embedding):
-            int8_emb = Int8Embedding.from_float(module)
-            new, kind = int8_emb, "embedding"
-        elif isinstance(module, Conv1D):  # GPT-2: y = x W + b with W [in, out]
-            new, kind = Int8Linear.from_float(module.weight.t(), module.bias), "conv1d"
-        elif isinstance(module, torch.nn.Linear) and not (tied and module is out_emb):
-            new, kind = Int8Linear.from_float(module.weight, module.bias), "linear"
-        else:
-            continue
-        set_module(model, name, new)
-        modules[name] = kind
-    if tied and int8_emb is not None:
-        head = names[id(out_emb)]
-        set_module(model, head, TiedInt8Head(int8_emb))
-        modules[head] = "tied_head"
-    return modules
-
-
-def save_int8(model: Any, modules: dict[str, str], folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
-    # model_type "llmkit-int8": plain transformers then refuses the folder loudly ("does not recognize this
-    # architecture") instead of loading int8 codes as float weights, which it would otherwise do without a word.
-    path = folder / "config.json"
-    cfg = read_json(path)
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "base_model_type": cfg["model_type"], "bits": 8,
-                                  "scheme": "symmetric per-channel weight-only", "modules": modules,
-                                  "load_with": "from llmkit.quantize import load_int8; model = load_int8(folder)"}
-    cfg["model_type"] = QUANT_METHOD
-    write_json(path, cfg)
-
-
 # --------------------------------------------------------------------------------------------- the command
 
 
@@ -140,6 +85,8 @@ class QuantizeConfig:
     """Tokens per perplexity window (at most the model's context)."""
     max_blocks: int = 16
     """Perplexity windows measured, before and after."""
+    merge: bool = False
+    """--merge: gguf-auto on a LoRA run writes the merged export instead of the adapter."""
     allow_pickle: bool = False
     trust_remote_code: bool = False
     progress: bool = False
@@ -160,11 +107,13 @@ class QuantizeConfig:
         out, gguf_type = self.out_path, self.gguf_type
         if not self.model:
             problems.append("--model is required")
-        if self.method not in METHODS:
-            problems.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method not in (*METHODS, AUTO_METHOD):
+            problems.append(f"--method {self.method!r} is not one of {', '.join((*METHODS, AUTO_METHOD))}")
+        if self.merge and self.method != AUTO_METHOD:
+            problems.append(f"--merge goes with --method {AUTO_METHOD} (any --method gguf-TYPE on a LoRA run is the merged export)")
         if self.max_ppl_increase < 0:
             problems.append(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
-        if gguf_type and out.suffix != ".gguf":
+        if (gguf_type or self.method in (LORA_METHOD, AUTO_METHOD)) and out.suffix != ".gguf":
             problems.append(f"--out {out}: for {self.method}, --out is the .gguf file to write (e.g. {out.with_suffix('.gguf')})")
         if gguf_type in LLAMA_CPP_TYPES:
             from llmkit.inference.backends import llama_cpp_available
@@ -212,6 +161,8 @@ def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> d
 
     say = say or (lambda msg: None)
     cfg.validate()
+    if cfg.method == AUTO_METHOD:
+        return quantize_auto(cfg, say)
     if not tty_bars(cfg.progress):
         hf_logging.disable_progress_bar()  # "Writing model shards" bars
     src = load_source(cfg, say)  # refuses here what the model itself rules out
@@ -232,7 +183,8 @@ def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> d
         if qmodel is not None:
             after = {"disk_bytes": disk, "memory_bytes": weight_bytes(qmodel), **_measure(qmodel, src)}
         else:  # llama.cpp maps the file: weights in memory = the file
-            after = {"disk_bytes": disk, "memory_bytes": disk, **_gguf_quality_and_speed(tmp, src.blocks, src.prompt)}
+            gguf, adapter = (Path(details["base"]), tmp) if cfg.method == LORA_METHOD else (tmp, None)
+            after = {"disk_bytes": disk, "memory_bytes": disk, **_gguf_quality_and_speed(gguf, src.blocks, src.prompt, adapter)}
         report = _report(cfg.model, cfg.method, src.task, src.eval_name, before, after, details, cfg.max_ppl_increase)
         if report["gate"]["failed"] and not cfg.force:
             raise QualityGateError(report)
@@ -249,8 +201,10 @@ def load_source(cfg: QuantizeConfig, say: Callable[[str], None]) -> Source:
     ref = resolve(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     if not ref.is_gguf and quantized_method(ref.path):  # a GGUF source is de-quantized to fp32: a fine start
         raise UsageError(f"{cfg.model} is already quantized ({quantized_method(ref.path)}); quantize the fp32 / bf16 original instead")
+    if cfg.method == LORA_METHOD and ref.adapter is None:
+        raise UsageError(f"--method {LORA_METHOD} writes a LoRA run folder's adapter; {cfg.model} is not a LoRA adapter (use gguf-q8_0)")
     task = "seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures(ref)) else "causal-lm"
-    if cfg.gguf_type and task != "causal-lm":
+    if (cfg.gguf_type or cfg.method == LORA_METHOD) and task != "causal-lm":
         raise UsageError("GGUF export is for causal LMs (llama.cpp runs text generation); use --method int8 for classifiers")
     if task == "seq-cls" and not cfg.eval_data:
         raise UsageError("a classifier's accuracy needs labelled data: pass --eval-data a .csv/.jsonl with text and label columns")
@@ -320,8 +274,19 @@ def _gguf(gguf_type: str, src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[
     return None, details
 
 
+def _lora(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
+    # the gate measures what runs: the base, unchanged (or its cached export), plus this adapter applied by llama.cpp
+    from llmkit.export.adapter import write_adapter
+    from llmkit.export.gguf import for_llama_cpp
+
+    src.take_model()  # measured already; freed before llama.cpp loads the base
+    write_adapter(src.ref, tmp)
+    return None, {"base": str(for_llama_cpp(src.ref, progress=cfg.progress)[0].path)}
+
+
 Method = Callable[[Source, Path, QuantizeConfig], tuple[Any, dict[str, Any]]]
-METHODS: dict[str, Method] = {"int8": _int8, "bnb-int8": _bnb, **{m: functools.partial(_gguf, t) for m, t in GGUF_METHODS.items()}}
+METHODS: dict[str, Method] = {"int8": _int8, "bnb-int8": _bnb, **{m: functools.partial(_gguf, t) for m, t in GGUF_METHODS.items()},
+                              LORA_METHOD: _lora}
 
 
 def _files_bytes(path: Path) -> int:
@@ -446,15 +411,15 @@ def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | No
     return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], "samples_per_s": round(m["samples"] / (time.perf_counter() - t0), 1)}
 
 
-def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int]) -> dict[str, Any]:
-    """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself."""
+def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int], adapter: Path | None = None) -> dict[str, Any]:
+    """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself (with `adapter` applied)."""
     import math
 
     from llmkit.inference.llama_cpp import LlamaCppBackend
-    from llmkit.models.refs import resolve
+    from llmkit.models.refs import ModelRef
 
     n_new = 32
-    backend = LlamaCppBackend(resolve(str(path)), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
+    backend = LlamaCppBackend(ModelRef(str(path), "gguf", Path(path), adapter=adapter), n_ctx=max(len(blocks[0]), len(prompt) + n_new) + 8, logits_all=True)
     nll, count = 0.0, 0
     for block in blocks:
         nll += backend.nll(block)
@@ -496,3 +461,31 @@ def print_report(report: dict[str, Any], stream: Any = None) -> None:
         print(f"{name:12s} {x:10.2f} {y:10.2f} {ratio:7.3f}", file=stream)
     g = report["gate"]
     print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)
+
+
+def quantize_auto(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`--method gguf-auto`: a LoRA run folder -> its llama.cpp adapter (gguf-lora) unless `--merge`; anything else
+    (full fine-tunes, merged exports) -> gguf-q8_0, stepping up to gguf-f16 with one line when Q8_0 fails the gate.
+
+    Why: Q8_0 costs a fine-tune measurable quality on small models more often than it costs speed to keep F16; a
+    refusal leaves the user to guess the next method, so auto takes the next step itself and says so.
+    """
+    from llmkit.export.adapter import adapter_problem
+    from llmkit.models.refs import resolve
+
+    ref = resolve(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    if ref.adapter is not None and not cfg.merge:
+        why = adapter_problem(ref.adapter)
+        if why is None:
+            return quantize(replace(cfg, method=LORA_METHOD, merge=False), say)
+        print(f"{AUTO_METHOD}: llama.cpp cannot apply this LoRA at run time ({why}): writing the merged export", file=sys.stderr)
+    try:  # never --force here: a failed Q8_0 steps up
+        return quantize(replace(cfg, method="gguf-q8_0", merge=False, force=False), say)
+    except QualityGateError as e:
+        g = e.report["gate"]
+        print(f"{AUTO_METHOD}: gguf-q8_0 failed the quality gate ({g['metric']} {g['change']} > {g['allowed']}); "
+              "writing gguf-f16 instead", file=sys.stderr, flush=True)
+    report = quantize(replace(cfg, method="gguf-f16", merge=False), say)
+    report["stepped_up_from"] = "gguf-q8_0"
+    write_json(_report_path(cfg.out_path), report)
+    return report

@@ -9,7 +9,10 @@ def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist unless --overwrite."),
     method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
-                               "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files)."),
+                               "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files) | "
+                               "gguf-lora (a LoRA run as a llama.cpp adapter for its unchanged base) | "
+                               "gguf-auto (gguf-lora for a LoRA run, else gguf-q8_0, stepping up to gguf-f16 when Q8_0 fails the gate)."),
+    merge: bool = typer.Option(False, "--merge", help="gguf-auto on a LoRA run: the merged export (Q8_0, F16 if it fails the gate) instead of the adapter."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out text (.txt / .csv / .jsonl) for perplexity, or labelled data for classifiers "
                                   "[default: a built-in public-domain sample].", show_default=False),
     max_ppl_increase: float = typer.Option(2.0, "--max-ppl-increase", help="Quality gate: allowed perplexity increase in % (accuracy drop in points)."),
@@ -31,6 +34,8 @@ def quantize(
 
       llmkit quantize --model smollm2-135m --method gguf-q4_k_m --out runs/smollm2-q4_k_m.gguf --max-ppl-increase 15
 
+      llmkit quantize --model runs/lora-sql --method gguf-auto --out runs/sql.lora.gguf   # LoRA: adapter for the unchanged base
+
       llmkit generate --model runs/smollm2-q8_0.gguf "Once upon a time"
     """
     import json
@@ -41,7 +46,7 @@ def quantize(
 
     cfg = QuantizeConfig(model=model, out=out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase,
                          overwrite=overwrite, force=force, keep_fp32=tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip()),
-                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
+                         merge=merge, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
     try:
         report = run(cfg, say)

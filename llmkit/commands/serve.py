@@ -43,6 +43,8 @@ def serve(
     max_concurrency: int = typer.Option(64, "--max-concurrency", help="Requests waiting or running at once; beyond that: HTTP 429."),
     max_body_mb: float = typer.Option(None, "--max-body-mb", help="Largest request body, in MB; larger ones get HTTP 413 unread "
                                       "[default: 1 + 256 bytes per token of the model's context, e.g. 2 MB at 4096].", show_default=False),
+    adapter: list[str] = typer.Option(None, "--adapter", help="NAME=RUN_FOLDER: a LoRA run folder trained on --model, served beside it "
+                                      "as model NAME (repeat for more; each loaded once).", show_default=False),
     backend: str = typer.Option("auto", "--backend", help="auto | transformers | llama.cpp (auto: llama.cpp for .gguf)."),
     batch_size: int = typer.Option(8, "--batch-size", help="transformers backend: most sequences generated together."),
     parallel: int = typer.Option(None, "--parallel", help="llama.cpp backend: requests decoded together (continuous batching); "
@@ -69,11 +71,14 @@ def serve(
         llmkit serve --model smollm2-135m --parallel 16 --threads 1   # many clients: 1.6x llama_cpp.server's tokens/s
 
         llmkit serve --model runs/smollm2-q8_0.gguf --host 0.0.0.0 --port 8080 --api-key sk-local --quiet
+
+        llmkit serve --model smollm2-135m --adapter sql=runs/lora-sql --adapter poet=runs/lora-poet --parallel 8
     """
     import logging
 
     import uvicorn
 
+    from llmkit.serving.adapters import parse_adapters
     from llmkit.serving.app import create_app
     from llmkit.serving.engine import Engine
 
@@ -91,11 +96,12 @@ def serve(
         raise UsageError(f"--parallel must be at least 1 (got {parallel})")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty: pass a key, or leave the flag out to serve without one")
+    adapters = parse_adapters(adapter or [])
     sock = _bind(host, port)
     try:
         engine = Engine.open(model, backend=backend, device=device, dtype=dtype, batch_size=batch_size, threads=threads,
                              max_concurrency=max_concurrency, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             parallel=parallel)
+                             parallel=parallel, adapters=adapters)
     except BaseException:
         sock.close()
         raise

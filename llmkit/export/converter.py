@@ -153,7 +153,7 @@ def convert(src: Path, dst: Path, out_type: str, source_gguf: Path | None = None
             self.gguf_writer.close()
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
-    with torch.inference_mode(), _quiet_converter():
+    with torch.inference_mode(), quiet_converter():
         try:
             model = Model(src, file_type, dst)
             # transformers 5 writes GPT-2 configs without the legacy `n_ctx` the converter reads
@@ -183,7 +183,7 @@ def _llama_cpp_layout_problem(base: Any, hparams: dict[str, Any], gguf: Any) -> 
 
 
 @contextmanager
-def _quiet_converter() -> Any:
+def quiet_converter() -> Any:
     """The converter logs every tensor at INFO and warns about cases it handles: only its errors are the user's."""
     logs = [logging.getLogger("hf-to-gguf"), logging.getLogger("gguf")]  # gguf: "Duplicated key" for keys it sets twice
     levels = [log.level for log in logs]

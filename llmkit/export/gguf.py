@@ -6,6 +6,7 @@
     >>> from llmkit.export.gguf import cached_gguf
     >>> cached_gguf(resolve("runs/my-finetune"))                            # converted once, then reused
     >>> for_llama_cpp(resolve("runs/my-finetune"))                          # (GGUF ModelRef, trained context)
+    >>> for_llama_cpp(resolve("runs/my-lora"))       # the base GGUF unchanged + the LoRA as a GGUF adapter (ref.adapter)
 
 Types (`llmkit quantize --method gguf-TYPE`, or `LLMKIT_GGUF_TYPE` for the cache):
 
@@ -309,12 +310,18 @@ def cached_gguf(ref: ModelRef, gguf_type: str | None = None, *, progress: bool =
 
 
 def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool = True,
-                  threads: int | None = None) -> tuple[ModelRef, int | None]:
+                  threads: int | None = None, merged: bool = False) -> tuple[ModelRef, int | None]:
     """`ref` as a GGUF file llama.cpp loads: itself when it is one, else its export from the cache (`cached_gguf`).
+
+    A LoRA adapter runs as its base, unchanged (the user's Q4_K_M stays Q4_K_M; an HF folder base is exported once),
+    plus the adapter as a GGUF adapter file (`llmkit.export.adapter`) that llama.cpp applies at run time in full
+    precision: the returned ref's `adapter` is that file. An adapter llama.cpp cannot apply (embeddings,
+    modules_to_save, DoRA), or `merged=True`, gets the merged export instead (one line says why).
 
     Also returns the context the model was trained for where the export may not record it (an HF folder's
     config.json), else None: the file says. Raises GgufUnusable like `cached_gguf`.
     """
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from llmkit.models.load import context_length
@@ -322,6 +329,22 @@ def for_llama_cpp(ref: ModelRef, gguf_type: str | None = None, *, progress: bool
 
     if ref.is_gguf and ref.adapter is None:
         return ref, None
-    path = cached_gguf(ref, gguf_type, progress=progress, threads=threads)
     trained = None if ref.is_gguf else context_length(SimpleNamespace(**read_json(ref.path / "config.json")))
+    if ref.adapter is not None and not merged:
+        from llmkit.export.adapter import AdapterUnsupported, cached_adapter
+
+        why = why_not_exportable(ref)
+        if why:
+            raise GgufUnusable(f"{ref.name} cannot run on llama.cpp: {why}")
+        try:
+            lora = cached_adapter(ref)
+        except AdapterUnsupported as e:
+            if progress:
+                print(f"{ref.name}: llama.cpp cannot apply this LoRA at run time ({e}); running it merged into its base",
+                      file=sys.stderr, flush=True)
+        else:
+            base = ref.path if ref.is_gguf else cached_gguf(replace(ref, adapter=None, name=str(ref.path)), gguf_type, progress=progress,
+                                                            threads=threads)
+            return ModelRef(ref.name, "gguf", base, ref.source, adapter=lora), trained
+    path = cached_gguf(ref, gguf_type, progress=progress, threads=threads)
     return ModelRef(ref.name, "gguf", path, ref.source), trained

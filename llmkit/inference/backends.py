@@ -151,6 +151,12 @@ def open_backend(ref: ModelRef, prompts: list[Prompt], opts: SamplingOptions, ba
     return model
 
 
+def llama_cpp_ref(ref: ModelRef, gguf_type: str | None = None, *, threads: int | None = None) -> ModelRef:
+    """`ref` as the llama.cpp backend runs it: a GGUF file, plus for a LoRA run its GGUF adapter file (None when
+    llama.cpp can only run it merged): `llmkit.export.gguf.for_llama_cpp`, for layers that do not import export."""
+    return for_llama_cpp(ref, gguf_type, progress=False, threads=threads)[0]
+
+
 @functools.cache
 def _torch_default_threads() -> int:
     import torch

@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import UsageError
@@ -47,6 +47,20 @@ class NativeLlama:
     flash_attn_type: int  # the backend's own context's attention kernel, for contexts that must compute like it
     tokens: Callable[[Prompt, SamplingOptions], list[int]]  # a prompt's token ids, exactly as generate() sees them
     detokenize: Callable[[list[int]], bytes]
+    adapters: dict[str, Any] = field(default_factory=dict)  # name -> llama_adapter_lora * loaded on `model` (load_adapter)
+
+
+def set_adapters(llama_cpp: Any, ctx: Any, adapter: Any | None) -> None:
+    """Make context `ctx` compute with the one loaded LoRA `adapter` (scale 1), or with none."""
+    import ctypes
+
+    if adapter is None:
+        rc = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+    else:
+        rc = llama_cpp.llama_set_adapters_lora(ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                               (ctypes.c_float * 1)(1.0))
+    if rc != 0:
+        raise RuntimeError(f"llama_set_adapters_lora returned {rc}")
 
 
 class LlamaCppBackend:
@@ -71,6 +85,10 @@ class LlamaCppBackend:
         self.watch = CoreWatch() if not threads else None
         self.ref, self.logits_all = ref, logits_all  # logits_all: for nll()
         self.threads = threads or self.watch.cores  # type: ignore[union-attr]
+        # more LoRA adapters on this model (llmkit serve --adapter), by name, and the one the context computes with
+        self.adapter_files: dict[str, str] = {}
+        self.adapters: dict[str, Any] = {}
+        self.active_adapter: str | None = None
         self._load(n_ctx)
         self.context = self.llm._model.n_ctx_train() or None
         if self.watch is not None:
@@ -111,13 +129,38 @@ class LlamaCppBackend:
 
         llama_cpp.llama_cpp.llama_model_default_params = params
         try:
+            # a GGUF LoRA adapter (llmkit.export.adapter) is applied by llama.cpp at run time on the unchanged base
+            lora = {"lora_path": str(self.ref.adapter)} if self.ref.adapter is not None and self.ref.adapter.suffix == ".gguf" else {}
             with native_stderr_silenced():  # llama.cpp logs context warnings from C even with verbose=False
                 self.llm = llama_cpp.Llama(model_path=str(self.ref.path), n_ctx=n_ctx, n_threads=self.threads,
-                                           n_threads_batch=self.threads, logits_all=self.logits_all, verbose=False)
+                                           n_threads_batch=self.threads, logits_all=self.logits_all, verbose=False, **lora)
         except ValueError as e:
             raise UsageError(f"llama.cpp cannot load {self.ref.name}: {e}") from None
         finally:
             llama_cpp.llama_cpp.llama_model_default_params = defaults
+        # a reload frees the model and with it its adapters: load them again on the new one
+        self.adapters = {name: self._init_adapter(path) for name, path in self.adapter_files.items()}
+        self.active_adapter = None
+
+    def _init_adapter(self, path: str) -> Any:
+        handle = self._llama_cpp.llama_adapter_lora_init(self.llm._model.model, path.encode("utf-8"))
+        if not handle:
+            raise UsageError(f"llama.cpp cannot load the adapter {path} on {self.ref.name}")
+        return handle
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the GGUF LoRA adapter `path` once, on this model, to be selected by `use_adapter(name)`."""
+        self.adapters[name] = self._init_adapter(path)  # freed with the model (llama.cpp owns loaded adapters)
+        self.adapter_files[name] = path
+
+    def use_adapter(self, name: str | None) -> None:
+        """Compute with the adapter loaded as `name` from now on (None: the base alone)."""
+        if name == self.active_adapter:
+            return
+        set_adapters(self._llama_cpp, self.llm._ctx.ctx, self.adapters[name] if name is not None else None)
+        # the KV cache holds keys and values the previous adapter computed: never reuse them as a prompt prefix
+        self.llm.reset()
+        self.active_adapter = name
 
     def close(self) -> None:
         """Free the model and its context now rather than when the object is collected."""
@@ -170,7 +213,7 @@ class LlamaCppBackend:
     def native_llama(self) -> NativeLlama:
         model = self.llm._model
         return NativeLlama(model.model, model.vocab, self.threads, self.watch is not None,
-                           self.llm.context_params.flash_attn_type, self.tokens, self.llm.detokenize)
+                           self.llm.context_params.flash_attn_type, self.tokens, self.llm.detokenize, dict(self.adapters))
 
     def generate(self, prompts: list[Prompt], opts: SamplingOptions, on_text: OnText | None = None) -> Iterator[Generation]:
         encoded = [self.tokens(p, opts) for p in prompts]

@@ -43,6 +43,24 @@ class TransformersBackend:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id] if i is not None}
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the peft LoRA folder `path` beside the model's other adapters, selected by `use_adapter(name)`."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self.model.eval()
+
+    def use_adapter(self, name: str | None) -> None:
+        """Generate with the adapter loaded as `name` from now on (None: the base alone, its adapters switched off)."""
+        if name is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name)
+
     @property
     def window(self) -> int | None:
         return self.context

@@ -83,7 +83,9 @@ class ModelRef:
     source: Literal["local", "alias", "hub"] = "local"
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    adapter: Path | None = None  # a LoRA adapter folder to apply on top of the model at `path`
+    # a LoRA adapter folder to apply on top of the model at `path`; for kind "gguf" it may also be a GGUF adapter
+    # file (llmkit.export.adapter), which llama.cpp applies at run time
+    adapter: Path | None = None
 
     @property
     def is_gguf(self) -> bool:

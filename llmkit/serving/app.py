@@ -136,8 +136,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return {"id": name, "object": "model", "created": engine.created, "owned_by": "llmkit"}
 
     def check_model(name: str | None) -> None:
-        if name is not None and name not in engine.names:
-            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{engine.model_name}'",
+        if name is not None and name not in engine.names and name not in engine.adapters:
+            served = ", ".join(f"'{n}'" for n in [engine.model_name, *engine.adapters])
+            raise APIError(404, f"the model '{name}' does not exist here; this server serves {served}",
                            param="model", code="model_not_found")
 
     @app.get("/")
@@ -160,12 +161,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(engine.model_name)]}
+        return {"object": "list", "data": [model_card(n) for n in [engine.model_name, *engine.adapters]]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         check_model(name)
-        return model_card(engine.model_name)
+        return model_card(name if name in engine.adapters else engine.model_name)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Any:
@@ -187,7 +188,7 @@ async def _complete(engine: Engine, req: ChatRequest | CompletionRequest, reques
     except BaseException:
         engine.release()  # refused before it reached the worker (400), or the client left during prep
         raise
-    out = Output(engine.model_name, chat, req, job)
+    out = Output(job.adapter or engine.model_name, chat, req, job)
     if req.stream:
         return StreamingResponse(out.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     gens: dict[int, Generation] = {}

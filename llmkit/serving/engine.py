@@ -76,10 +76,14 @@ class Engine:
     """The model, its worker thread, the request queue and the slot count; independent of HTTP."""
 
     def __init__(self, backend: Backend, ref: ModelRef, *, names: Iterable[str] = (),
-                 max_concurrency: int = 64, batch_size: int = 8, parallel: int = 1) -> None:
+                 max_concurrency: int = 64, batch_size: int = 8, parallel: int = 1, adapters: Iterable[str] = ()) -> None:
         self.backend, self.ref = backend, ref
         self.names = list(dict.fromkeys(n for n in [*names, ref.name] if n))  # the first is the one we report
         self.model_name = self.names[0]
+        # LoRA adapters loaded on the backend (llmkit.serving.adapters): a request's `model` picks one by name
+        self.adapters = list(adapters)
+        if clash := next((a for a in self.adapters if a in self.names), None):
+            raise UsageError(f"--adapter {clash} has the base model's own name: give it another")
         self.max_concurrency, self.batch_size = max_concurrency, max(1, batch_size)
         self.created = int(time.time())
         self.window = backend.window  # as loaded: a reload of llama.cpp's KV cache would stall everyone
@@ -101,8 +105,11 @@ class Engine:
     @classmethod
     def open(cls, model: str, *, backend: str = "auto", device: str | None = None, dtype: str = "auto",
              batch_size: int = 8, threads: int | None = None, max_concurrency: int = 64, allow_pickle: bool = False,
-             trust_remote_code: bool = False, progress: bool = False, parallel: int | None = None) -> Engine:
+             trust_remote_code: bool = False, progress: bool = False, parallel: int | None = None,
+             adapters: dict[str, str] | None = None) -> Engine:
         """Resolve and load `model` for serving; bad references raise a one-line UsageError.
+
+        `adapters`: {name: LoRA run folder} trained on `model`, each loaded once beside it (llmkit.serving.adapters).
 
         `parallel`: llama.cpp sequences decoded together (1 = one request at a time); default $LLMKIT_SERVE_PARALLEL or 1."""
         if parallel is None:
@@ -118,7 +125,13 @@ class Engine:
                               threads=threads, progress=progress)
         path = ref.adapter or ref.path
         names = [model, Path(model).name, path.name, path.stem if ref.is_gguf else ""]
-        return cls(engine, ref, names=names, max_concurrency=max_concurrency, batch_size=batch_size, parallel=parallel)
+        loaded: list[str] = []
+        if adapters:
+            from llmkit.serving.adapters import attach_adapters
+
+            loaded = attach_adapters(engine, ref, adapters, allow_pickle=allow_pickle, threads=threads)
+        return cls(engine, ref, names=names, max_concurrency=max_concurrency, batch_size=batch_size, parallel=parallel,
+                   adapters=loaded)
 
     # -- admission, on the event loop
 
@@ -143,7 +156,7 @@ class Engine:
         """Validate and queue a request that holds a slot; errors are APIErrors, raised before any generation."""
         loop = asyncio.get_running_loop()
         prompts, opts, counts = await loop.run_in_executor(self._prep, self._prepare, req, chat)
-        job = Job(prompts, opts, req.stream, loop, counts)
+        job = Job(prompts, opts, req.stream, loop, counts, adapter=req.model if req.model in self.adapters else None)
         with self._cond:
             self._jobs.append(job)
             self._cond.notify()
@@ -199,14 +212,14 @@ class Engine:
             if live:
                 self._run(live)
 
-    def _batch_key(self, job: Job) -> SamplingOptions | None:
+    def _batch_key(self, job: Job) -> tuple[SamplingOptions, str | None] | None:
         """Requests with equal keys can be generated together; None: alone. A seeded sampling request runs
         alone, so the same seed gives the same text whatever else is being served."""
         if job.stream or not self.backend.batches:
             return None
         if job.opts.seed is not None and not job.opts.greedy:
             return None
-        return replace(job.opts, seed=None)
+        return replace(job.opts, seed=None), job.adapter  # one generate() call computes with one adapter
 
     def _run(self, group: list[Job]) -> None:
         first, opts = group[0], group[0].opts
@@ -228,6 +241,8 @@ class Engine:
         watch = len(group) == 1 and (first.stream or not self.backend.batches)
         prompts = [p for job in group for p in job.prompts]
         try:
+            if self.adapters:
+                self.backend.use_adapter(first.adapter)  # type: ignore[attr-defined]
             for gen in self.backend.generate(prompts, replace(opts, num_return_sequences=opts.num_return_sequences // copies),
                                              on_text if watch else None):
                 job, k = owners[done]
@@ -340,7 +355,7 @@ class Engine:
                         job.post("text", out + c, text)
 
                 seqs.append(Sequence(prompt, tokens, opts, k, base_seed + k, on_text if job.stream else (lambda text: None),
-                                     owner=job, tag=(out, copies)))
+                                     owner=job, tag=(out, copies), adapter=job.adapter))
         return seqs
 
     def close(self, timeout: float = 5.0) -> None:

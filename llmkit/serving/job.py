@@ -31,6 +31,7 @@ class Job:
     prompt_tokens: list[int] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    adapter: str | None = None  # the LoRA adapter the request named (llmkit.serving.adapters); None: the base
 
     def post(self, *event: Any) -> None:
         try:

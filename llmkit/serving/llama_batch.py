@@ -16,6 +16,11 @@ Sampling keeps llmkit's semantics per sequence: a llama.cpp sampler chain (repet
 tokens, prompt included, then top-k, top-p, temperature and a seeded draw; argmax at temperature 0), text
 through an incremental UTF-8 decoder and `StopScanner`, end-of-generation tokens counted but not shown.
 
+LoRA adapters (`llmkit serve --adapter`): one decode call computes with one set of adapters, so each step makes one
+decode call per adapter in use (the current one first). The switch itself, `llama_set_adapters_lora` between two
+loaded adapters, measured 12 us on SmolLM2-135M (benchmarks/adapters.py, a busy 2-core Xeon): what a mix of k
+adapters costs is the k-1 extra decode calls per step (the weights read k times), not the switching.
+
 Numerics: llama.cpp's attention reduces over all the KV cells a ubatch sees (other sequences' cells masked to
 zero), so a sequence's logits depend, in the last bits, on where its cells sit and on how its tokens were grouped
 into ubatches (measured on SmolLM2-135M: up to 0.67 apart in one logit for the same prompt placed after another
@@ -31,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.inference.llama_cpp import NativeLlama
+from llmkit.inference.llama_cpp import NativeLlama, set_adapters
 from llmkit.inference.sampling import Generation, SamplingOptions, StopScanner
 from llmkit.machine import CoreWatch
 from llmkit.models.templates import Prompt
@@ -56,6 +61,7 @@ class Sequence:
     on_text: Callable[[str], None] = lambda text: None
     owner: Any = None  # the serve Job this belongs to; opaque here
     tag: Any = None  # where the owner files the result; opaque here
+    adapter: str | None = None  # the LoRA adapter (a name in NativeLlama.adapters) it computes with; None: the base
     # filled in by BatchedLlama
     slot: int = -1
     pending: list[int] = field(default_factory=list)  # tokens not yet decoded (prompt chunks, then the last sampled one)
@@ -106,6 +112,9 @@ class BatchedLlama:
         self.active: list[Sequence] = []
         self.cache_seq = self.parallel
         self.cache_tokens: list[int] = []
+        self.cache_adapter: str | None = None  # the cached prompt's cells hold what this adapter computed
+        self.adapter: str | None = None  # the adapter the context computes with now
+        self.switches = 0  # adapter changes between decode calls (each costs one llama_set_adapters_lora)
         self.reserved = 0
 
     def close(self) -> None:
@@ -125,9 +134,14 @@ class BatchedLlama:
             return False
         # Requests that arrive together all start like the one still prefilling (a chat template's system
         # prompt): wait the one step until its prompt is the cached prefix, rather than prefill that prefix again.
-        cached = _common(self.cache_tokens, seq.tokens)
-        return not any(s.new_tokens == 0 and _common(s.tokens, seq.tokens) >= max(cached + MIN_SHARED_PREFIX, 2 * MIN_SHARED_PREFIX)
+        cached = self._cached(seq)
+        return not any(s.new_tokens == 0 and s.adapter == seq.adapter
+                       and _common(s.tokens, seq.tokens) >= max(cached + MIN_SHARED_PREFIX, 2 * MIN_SHARED_PREFIX)
                        for s in self.active)
+
+    def _cached(self, seq: Sequence) -> int:
+        """Prompt tokens of `seq` the cached prefix holds: keys and values depend on the adapter, so only under the same one."""
+        return _common(self.cache_tokens, seq.tokens) if seq.adapter == self.cache_adapter else 0
 
     def _need(self, seq: Sequence) -> int:
         return len(seq.tokens) + seq.opts.max_new_tokens
@@ -138,7 +152,7 @@ class BatchedLlama:
     def drop_cache(self) -> None:
         """Forget the cached prompt: its cells are what stands between an idle context and a long request."""
         self._ll.llama_memory_seq_rm(self.mem, self.cache_seq, -1, -1)
-        self.cache_tokens = []
+        self.cache_tokens, self.cache_adapter = [], None
 
     def add(self, seq: Sequence) -> None:
         """Start `seq` (call `fits` first): take a slot, reuse the cached prefix, queue the rest of its prompt."""
@@ -147,7 +161,7 @@ class BatchedLlama:
         seq.reserved = self._need(seq)
         self.reserved += seq.reserved
         # at least one prompt token is decoded: its logits start the text
-        shared = min(_common(self.cache_tokens, seq.tokens), len(seq.tokens) - 1)
+        shared = min(self._cached(seq), len(seq.tokens) - 1)
         ll.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
         if shared >= MIN_SHARED_PREFIX:
             ll.llama_memory_seq_cp(self.mem, self.cache_seq, seq.slot, 0, shared)
@@ -199,17 +213,41 @@ class BatchedLlama:
         for seq in list(self.active):
             self.remove(seq)
         self._ll.llama_memory_clear(self.mem, True)
-        self.cache_tokens = []
+        self.cache_tokens, self.cache_adapter = [], None
 
     # -- one step
 
     def step(self) -> list[Sequence]:
-        """Decode one batch for the active sequences; return those that finished in it (already removed)."""
+        """Decode one batch per adapter in use for the active sequences; return those that finished (already removed).
+
+        One llama_decode computes with one set of adapters, so sequences of different adapters cannot share it:
+        each adapter's sequences get their own decode call this step, the current adapter's first (no switch).
+        """
+        if self.watch is not None and (threads := self.watch.recheck()) is not None:
+            self._ll.llama_set_n_threads(self.ctx, threads, threads)
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in sorted(self.active, key=lambda s: s.adapter != self.adapter):
+            groups.setdefault(seq.adapter, []).append(seq)
+        done: list[Sequence] = []
+        for adapter, seqs in groups.items():
+            done += self._step(adapter, seqs)
+        for seq in done:
+            self._finish(seq)
+        return done
+
+    def _use(self, adapter: str | None) -> None:
+        if adapter != self.adapter:
+            set_adapters(self._ll, self.ctx, self.native.adapters[adapter] if adapter is not None else None)
+            self.adapter = adapter
+            self.switches += 1
+
+    def _step(self, adapter: str | None, seqs: list[Sequence]) -> list[Sequence]:
+        """One decode call for `seqs` (all on `adapter`); returns those that finished, not yet removed."""
         ll, batch = self._ll, self.batch
         rows: list[tuple[Sequence, int]] = []  # sequences whose logits come out of this batch, and their row
         n = 0
         # sequences already generating first: each adds one token, so prefill never stalls them
-        for seq in sorted(self.active, key=lambda s: s.new_tokens == 0):
+        for seq in sorted(seqs, key=lambda s: s.new_tokens == 0):
             room = self.n_batch + self.parallel - n if seq.new_tokens else self.n_batch - n
             take = min(len(seq.pending), room)
             if take <= 0:
@@ -230,8 +268,7 @@ class BatchedLlama:
         if n == 0:
             return []
         batch.n_tokens = n
-        if self.watch is not None and (threads := self.watch.recheck()) is not None:
-            ll.llama_set_n_threads(self.ctx, threads, threads)
+        self._use(adapter)
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc} for {n} tokens over {len(self.active)} sequences")
@@ -244,8 +281,6 @@ class BatchedLlama:
                 done.append(seq)
             else:
                 seq.pending = [tok]
-        for seq in done:
-            self._finish(seq)
         return done
 
     def _remember_prompt(self, seq: Sequence) -> None:
@@ -254,7 +289,7 @@ class BatchedLlama:
             return
         self._ll.llama_memory_seq_rm(self.mem, self.cache_seq, -1, -1)
         self._ll.llama_memory_seq_cp(self.mem, seq.slot, self.cache_seq, 0, len(seq.tokens))
-        self.cache_tokens = list(seq.tokens)
+        self.cache_tokens, self.cache_adapter = list(seq.tokens), seq.adapter
 
     def _advance(self, seq: Sequence, tok: int) -> bool:
         """Account for sampled `tok`, exactly as LlamaCppBackend.generate does; True when `seq` is finished."""

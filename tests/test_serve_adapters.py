@@ -1,0 +1,114 @@
+"""Many LoRA adapters behind one `llmkit serve` (llmkit.serving.adapters): a request's `model` picks the adapter.
+
+Two LoRAs with different random (nonzero) B on one tiny Llama: each answers with its own adapter's greedy text, the
+text `llmkit generate --model RUN_FOLDER` gives, one at a time, concurrently, with `--parallel 4` and on transformers;
+/v1/models lists the base and both names; an unknown name is an OpenAI-shaped 404 naming `model`; an --adapter that
+is not a LoRA on the served base is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.families import FAMILIES, build
+from tests.test_adapters import make_lora
+from tests.test_serve import Server
+
+PROMPTS = ["Once upon a time the fox", "To be, or not to be"]
+N = 8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    base = build(FAMILIES["Llama 3"], root / "base")
+    return {"base": base, "sql": make_lora(base, root / "runs" / "lora-sql", seed=1),
+            "poet": make_lora(base, root / "runs" / "lora-poet", seed=2)}
+
+
+def _generate(model: Path, backend: str) -> list[str]:
+    """Greedy texts of `llmkit generate --model MODEL --backend BACKEND -n N --temperature 0` (its backend, opened
+    the same way, in-process: a subprocess per model costs a minute of imports on a busy machine)."""
+    from llmkit.inference.backends import open_backend
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.models.refs import resolve
+
+    opts = SamplingOptions(max_new_tokens=N, temperature=0)
+    engine = open_backend(resolve(str(model)), PROMPTS, opts, backend, threads=1, progress=False)
+    try:
+        return [g.text for g in engine.generate(PROMPTS, opts)]
+    finally:
+        getattr(engine, "close", lambda: None)()
+
+
+@pytest.fixture(scope="module")
+def expected(runs) -> dict[str, list[str]]:
+    want = {name: _generate(path, "llama.cpp") for name, path in runs.items()}
+    assert want["sql"] != want["poet"] != want["base"]  # the adapters really differ
+    return want
+
+
+def _ask(srv: Server, model: str, prompt: str) -> str:
+    code, body = srv.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": N, "temperature": 0})
+    assert code == 200, body
+    assert body["model"] == model
+    return body["choices"][0]["text"]
+
+
+def _mixed(srv: Server, expected: dict[str, list[str]], base_name: str, rounds: int = 3) -> None:
+    """Requests of the base and both adapters at once (8 in flight): each gets its own model's text."""
+    asks = [(name, i) for _ in range(rounds) for name in ("sql", "poet", "base") for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda a: _ask(srv, base_name if a[0] == "base" else a[0], PROMPTS[a[1]]), asks))
+    assert got == [expected[name][i] for name, i in asks]
+
+
+@pytest.mark.parametrize("parallel", ["1", "4"])
+def test_each_adapter_answers_with_its_own_text(runs, expected, tmp_path, parallel):
+    srv = Server(tmp_path, "--model", str(runs["base"]), "--adapter", f"sql={runs['sql']}", "--adapter", f"poet={runs['poet']}",
+                 "--parallel", parallel, "--threads", "1")
+    try:
+        assert srv.backend == "llama.cpp"
+        listing = json.loads(_get(srv, "/v1/models"))
+        assert [m["id"] for m in listing["data"]] == [srv.model, "sql", "poet"]
+        for name in ("sql", "poet"):
+            assert [_ask(srv, name, p) for p in PROMPTS] == expected[name]
+        assert [_ask(srv, srv.model, p) for p in PROMPTS] == expected["base"]
+        _mixed(srv, expected, srv.model)
+        code, body = srv.post("/v1/completions", {"model": "nope", "prompt": "hi", "max_tokens": 2})
+        assert code == 404 and body["error"]["param"] == "model" and "'sql'" in body["error"]["message"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow  # 64 s on 2 busy cores: a transformers server process plus peft
+def test_adapters_on_transformers(runs, tmp_path):
+    want = {name: _generate(path, "transformers") for name, path in runs.items()}
+    srv = Server(tmp_path, "--model", str(runs["base"]), "--adapter", f"sql={runs['sql']}", "--adapter", f"poet={runs['poet']}",
+                 "--backend", "transformers")
+    try:
+        assert srv.backend == "transformers"
+        _mixed(srv, want, srv.model, rounds=1)
+    finally:
+        srv.stop()
+
+
+def _get(srv: Server, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(srv.url + path, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_bad_adapters_are_one_line_exit_2(runs, cli, tmp_path, capsys):
+    other = build(FAMILIES["Qwen 2.5"], tmp_path / "other")
+    stranger = make_lora(other, tmp_path / "lora-other")
+    capsys.readouterr()  # building the models' progress bars
+    for spec, words in [(f"x={runs['base']}", "is not a LoRA run folder"), (f"x={stranger}", "not on the served --model"),
+                        ("sql", "NAME=RUN_FOLDER"), (f"x={tmp_path / 'missing'}", "")]:
+        code, _, err = cli("serve", "--model", runs["base"], "--adapter", spec, "--port", "0")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
