@@ -28,7 +28,7 @@ def test_the_page_is_served_without_the_key_and_the_api_still_needs_it():
 
     from llmkit.serving.app import create_app
 
-    engine = SimpleNamespace(model_name="tiny", names={"tiny"}, created=0, window=None, close=lambda *a: None)
+    engine = SimpleNamespace(model_name="tiny", names={"tiny"}, adapters={}, created=0, window=None, close=lambda *a: None)
     client = TestClient(create_app(engine, api_key=KEY))
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

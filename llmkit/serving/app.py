@@ -149,7 +149,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
 
         from fastapi.responses import HTMLResponse
 
-        page = (Path(__file__).parent / "serving" / "static" / "chat.html").read_text(encoding="utf-8")
+        page = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
         return HTMLResponse(page, headers={"Cache-Control": "no-cache", "Content-Security-Policy": (
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
             "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")})
