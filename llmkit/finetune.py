@@ -79,27 +79,41 @@ class Finetune(Objective):
 
     def preference_job(self, run: Run) -> TrainJob:
         """DPO and relatives: pairs in, [chosen; rejected] rows through the model; the reference's log-probs (DPO, IPO)
-        computed once with the model as built, before any step, and cached."""
-        from llmkit.training.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference, reference_key, reference_logps
+        for the rows the run draws (llmkit/training/reference.py): with LoRA computed per batch as it is drawn (the
+        adapter off), for a full fine-tune before any step with the model as built; cached per row either way."""
+        from llmkit.training.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference
+        from llmkit.training.reference import BatchReference, Indexed, ReferenceCache, fill, planned_rows, reference_key
 
-        cfg, data, p, model = self.cfg, run.data, self.cfg.preference, self.model
+        cfg, data, p, model, t, acc = self.cfg, run.data, self.cfg.preference, self.model, self.cfg.train, run.accelerator
         collate = PreferenceCollator(run.tokenizer.pad_token_id)
-        loss = PreferenceLoss(cfg.objective, p.beta, p.sft_weight, p.simpo_gamma, model)
-        sets = [data.train, data.eval]
+        sets, reference = [data.train, data.eval], None
         if cfg.objective in NEEDS_REFERENCE:
-            device = run.accelerator.device
-            if device.type != "cpu" and cfg.method != "qlora" and not cfg.train.fsdp:
-                model.to(device)  # where training puts it anyway; a 4-bit base is already placed
+            if acc.device.type != "cpu" and cfg.method != "qlora" and not t.fsdp:
+                model.to(acc.device)  # where training puts it anyway; a 4-bit base is already placed
+            lazy = cfg.method in ("lora", "qlora")  # the adapter disabled is the reference at every step
             for i, examples in enumerate(sets):
                 if examples is None:
                     continue
-                key = reference_key(weights_fingerprint(run.ref), run.ref.name, cfg.method, run.accelerator.mixed_precision, examples)
-                path = cache_folder(p.cache_dir, "reference-logps") / f"{key}.safetensors"
-                run.say(f"reference log-probs of the {'training' if i == 0 else 'eval'} pairs: {path}"
-                        + (" (found)" if path.exists() else " (computing once)"))
-                logps = reference_logps(model, examples, collate, run.accelerator, path,
-                                        cfg.train.eval_batch_size or 2 * cfg.train.batch_size, run.progress)
-                sets[i] = WithReference(examples, logps)
+                key = reference_key(weights_fingerprint(run.ref), run.ref.name, cfg.method, acc.mixed_precision, examples)
+                folder = cache_folder(p.cache_dir, "reference-logps") / key
+                rows = planned_rows(len(examples), examples.lengths, t.batch_size, t.grad_accum, t.max_steps, t.seed,
+                                    acc.num_processes, t.group_by_length) if i == 0 else list(range(len(examples)))
+                later = lazy and i == 0
+                with acc.main_process_first():  # the main process fills the cache; the others then read it
+                    cache = ReferenceCache(folder, acc.process_index)
+                    todo = cache.missing(rows)
+                    which = "training" if i == 0 else "eval"
+                    run.say(f"reference log-probs of the {which} pairs: {folder}" + (" (found)" if not todo else
+                            f" (computing once) for {len(todo)} of the {len(rows)} pairs the run draws"
+                            + (", as their batches are drawn (the adapter off)" if later else "")))
+                    if acc.is_main_process and not later:
+                        fill(model, examples, todo, cache, collate, acc, t.eval_batch_size or 2 * t.batch_size, run.progress)
+                if i == 0:
+                    reference = BatchReference(model, cache, acc, lazy, len(todo), run.progress)
+                    sets[0] = Indexed(examples)
+                else:
+                    sets[1] = WithReference(examples, cache.tensor(rows))
+        loss = PreferenceLoss(cfg.objective, p.beta, p.sft_weight, p.simpo_gamma, model, reference)
         return TrainJob(model, sets[0], sets[1], collate, "preference", cfg.train, run.out, quiet=not run.progress, resume=cfg.resume,
                         loss_fn=loss, log_extra=loss.log_extra, eval_fn=loss.evaluate,
                         rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, None, False, grow_vocab=bool(data.added_tokens)))

@@ -285,3 +285,93 @@ def test_dpo_output_is_a_chat_model(dpo_run):
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert tok.chat_template and json.loads((dpo_run / "llmkit.json").read_text())["objective"] == "dpo"
+
+
+# ------------------------------------------------------------------------------------------ the reference, per batch
+
+
+@pytest.fixture(scope="module")
+def many_prefs(tmp_path_factory) -> Path:
+    words = "red blue green sky sea fox dog cat sun moon tree leaf".split()
+    rows = [{"prompt": f"Say {words[i % 12]} {i}.", "chosen": f"{words[i % 12]} {words[(i * 5) % 12]}" + " yes" * (i % 4),
+             "rejected": f"{words[(i + 3) % 12]} no" + " no" * (i % 3)} for i in range(200)]
+    return _write(tmp_path_factory.mktemp("many") / "pairs.jsonl", rows)
+
+
+def _cached_rows(cache: Path) -> dict[int, list[float]]:
+    from safetensors.torch import load_file
+
+    (folder,) = [d for d in cache.iterdir() if d.is_dir()]  # one reference key
+    rows = {}
+    for f in folder.glob("rows-*.safetensors"):
+        t = load_file(str(f))
+        rows.update(zip(t["index"].tolist(), t["logps"].tolist(), strict=True))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reference_covers_only_the_rows_drawn_and_equals_the_up_front_pass(method, tiny_llama, many_prefs, tmp_path, cli, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmkit.training.reference as reference
+    from llmkit.training.preference import PreferenceCollator, pair_logps
+
+    drawn, seen = [], {}
+    real_call, real_init = reference.BatchReference.__call__, reference.Indexed.__init__
+    monkeypatch.setattr(reference.BatchReference, "__call__", lambda self, batch: drawn.extend(batch["index"].tolist()) or real_call(self, batch))
+    monkeypatch.setattr(reference.Indexed, "__init__", lambda self, examples: seen.setdefault("train", examples) and real_init(self, examples))
+    cache = tmp_path / "cache"
+    code, _, err = cli(*_dpo(tiny_llama, many_prefs, tmp_path / "run", "--method", method, "--max-steps", "2", "--batch-size", "2",
+                             "--set", f"preference.cache_dir={cache}"))
+    assert code == 0, err
+    rows = _cached_rows(cache)
+    assert sorted(rows) == sorted(set(drawn)) and len(drawn) == 4  # 2 steps x 2 pairs of 200: only those were computed
+    assert "(computing once) for 4 of the 4 pairs the run draws" in err
+
+    # the old way: every pair, before training, with the model as built, in batches of 8 in data order
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    up_front = pair_logps(model, seen["train"], PreferenceCollator(0), batch_size=8)
+    assert len(up_front) == 200
+    for i, values in rows.items():
+        assert values == pytest.approx(up_front[i].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_reuses_the_cached_reference_rows(method, tiny_llama, many_prefs, tmp_path, monkeypatch):
+    import llmkit.training.checkpoints as checkpoints
+    import llmkit.training.reference as reference
+    from llmkit.config import load_recipe
+    from llmkit.finetune import finetune
+
+    def cfg(resume: bool = False):
+        c = load_recipe(None, [], {"model.name": str(tiny_llama), "data.train": str(many_prefs), "out": str(tmp_path / "run"),
+                                   "objective": "dpo", "method": method, "train.batch_size": 2, "train.max_steps": 4,
+                                   "train.save_every": 2, "train.mixed_precision": "no", "quiet": True,
+                                   "preference.cache_dir": str(tmp_path / "cache")})
+        c.resume = resume
+        return c
+
+    computed: list[list[int]] = [[]]
+    real_add = reference.ReferenceCache.add
+    monkeypatch.setattr(reference.ReferenceCache, "add", lambda self, index, logps: computed[-1].extend(index) or real_add(self, index, logps))
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_die(accelerator, root, state, *args, **kwargs):
+        path = real_save(accelerator, root, state, *args, **kwargs)
+        if state.step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg())
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    computed.append([])
+    finetune(cfg(resume=True))
+    first, resumed = computed
+    # the killed run's rows were on disk: the resumed run computes none of them again, only the rows still to draw
+    # (a full fine-tune computed every row it would draw before step 1; LoRA the first two steps' rows)
+    assert not set(first) & set(resumed)
+    assert sorted(set(first) | set(resumed)) == sorted(_cached_rows(tmp_path / "cache")) and len(_cached_rows(tmp_path / "cache")) == 8
+    assert len(resumed) == (0 if method == "full" else 4)

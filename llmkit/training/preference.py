@@ -1,7 +1,7 @@
 """Preference tuning on the one loop: DPO, IPO, SimPO, ORPO (+ RPO's NLL term), with a cached reference.
 
     >>> loss = PreferenceLoss("dpo", beta=0.1)         # TrainJob.loss_fn: batches of [chosen; rejected] rows
-    >>> ref = reference_logps(model, examples, collate, accelerator, path)   # once, before training: [N, 2]
+    >>> loss = PreferenceLoss("dpo", reference=BatchReference(...))   # reference log-probs per batch (training/reference.py)
 
 Every objective scores a response by the sum of its tokens' log-probs under the policy (pi) and, for DPO and IPO,
 under the reference (ref: the starting model). With c / r for chosen / rejected and |y| a response's length:
@@ -12,10 +12,10 @@ under the reference (ref: the starting model). With c / r for chosen / rejected 
     orpo    NLL(c) - beta * log sigmoid(log odds(c) - log odds(r)),  odds(y) = p / (1 - p),  p = exp(pi/|y|)
     + sft_weight * NLL(c)   (RPO)        NLL(c): the chosen tokens' mean cross-entropy
 
-The reference needs no second model in memory: its log-probs of every pair are computed once, before training,
-with the model as built (a fresh LoRA adapter is zero, so that is the base; a continued adapter is merged into
-it; a full fine-tune starts from the weights loaded), and cached on disk keyed by those weights, the data and
-the precision, like distillation's teacher logits. `--resume` finds them; any change computes them anew.
+The reference needs no second model in memory (llmkit/training/reference.py): with LoRA it is the model with its
+adapter disabled, computed per batch as the batch is drawn; a full fine-tune's is computed before training with the
+model as built, for the rows the run will draw only. Either way each row is cached on disk as it is computed, keyed
+by the starting weights, the data and the precision: `--resume` and later runs find them; any change computes anew.
 
 Both sides of a batch go through the model in one forward ([chosen; rejected] rows), and the LM head runs only
 at response positions (`logits_to_keep`), as chat SFT's sparse loss does.
@@ -23,19 +23,15 @@ at response positions (`logits_to_keep`), as chat SFT's sparse loss does.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from llmkit.data.examples import Collator
 from llmkit.progress import bar as progress_bar
-from llmkit.training.checkpoints import cached_tensors
 from llmkit.training.losses import LoggedParts, keeps_logits
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
 NEEDS_REFERENCE = ("dpo", "ipo")
-CACHE_VERSION = 1
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen", "logps/rejected")
 
 
@@ -96,6 +92,8 @@ class PreferenceCollator:
                           + [{"input_ids": it["rejected_ids"], "labels": it["rejected_labels"]} for it in items])
         if "reference" in items[0]:
             batch["reference"] = torch.tensor([it["reference"] for it in items], dtype=torch.float32)
+        if "index" in items[0]:  # the reference is looked up (or computed) per batch: llmkit/training/reference.py
+            batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.int64)
         batch["num_tokens"] = batch["attention_mask"].sum()
         batch["num_examples"] = torch.tensor(len(items))  # samples/s counts pairs
         return batch
@@ -123,7 +121,8 @@ class PreferenceLoss(LoggedParts):
     """`TrainJob.loss_fn` for preference objectives; keeps the metrics of the batches since the last log line."""
 
     def __init__(self, objective: str, beta: float | None = None, sft_weight: float = 0.0, simpo_gamma: float = 0.5,
-                 model: Any = None) -> None:
+                 model: Any = None, reference: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        self.reference = reference  # batch -> [pairs, 2], for batches that carry row indices, not log-probs
         self.objective, self.beta, self.sft_weight, self.simpo_gamma = objective, resolved_beta(objective, beta), sft_weight, simpo_gamma
         self.sparse = model is None or keeps_logits(model)
         super().__init__()
@@ -134,6 +133,8 @@ class PreferenceLoss(LoggedParts):
         pairs = len(logps) // 2
         chosen, rejected, n_c, n_r = logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:]
         ref = batch.get("reference")
+        if ref is None and "index" in batch and self.reference is not None:
+            ref = self.reference(batch)
         ref_c, ref_r = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
         losses, rc, rr = preference_losses(self.objective, self.beta, chosen, rejected, n_c, n_r, ref_c, ref_r, self.simpo_gamma)
         loss = losses.mean()
@@ -173,22 +174,7 @@ class PreferenceLoss(LoggedParts):
         return out
 
 
-# ------------------------------------------------------------------------------------------ the reference
-
-
-def reference_key(weights: list[Any], model_name: str, method: str, precision: str, examples: Any) -> str:
-    """What reference log-probs depend on: the starting weights, how they are held (4-bit or not), the precision of
-    the forward pass, and the pairs (their prepared-data key: tokenizer, template, lengths, rows)."""
-    facts = [CACHE_VERSION, model_name, weights, method == "qlora", precision, examples.key, len(examples)]
-    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:24]
-
-
-def reference_logps(model: Any, examples: Any, collate: PreferenceCollator, accelerator: Any, path: Path,
-                    batch_size: int = 8, progress: bool = False) -> Any:
-    """[N, 2] summed log-probs of each pair's (chosen, rejected) response under `model` as it is now: loaded from `path`,
-    or computed once (dropout off, the training precision) and kept there."""
-    return cached_tensors(path, accelerator, lambda: {"logps": pair_logps(model, examples, collate, accelerator, batch_size,
-                                                                           progress)})["logps"]
+# ------------------------------------------------------------------------------------------ scoring pairs
 
 
 def pair_logps(model: Any, examples: Any, collate: PreferenceCollator, accelerator: Any = None, batch_size: int = 8,
