@@ -35,7 +35,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/llmkit generate "$(PROMPT)"
 
 test: setup lint browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30
 
 # the chat page's test (tests/test_chat_page.py) drives Debian's headless chromium through Playwright (never
 # `playwright install`, which downloads); as root (CI) this installs it, elsewhere the test says it skipped and why
