@@ -4,6 +4,7 @@
 - `backends`: the `Backend` protocol, choosing one, opening a model on it
 - `transformers`, `llama_cpp`: the two backends
 - `terminal_chat`: `llmkit chat`: history, the context budget, /commands, Ctrl-C
+- `rollouts`: the interface GRPO's rollout backends implement (G completions per prompt, synced to the policy)
 """
 
 from llmkit import lazy_exports
