@@ -131,3 +131,42 @@ def test_evaluate_reports_tool_metrics_on_a_tiny_model(tmp_path, cli, monkeypatc
     assert result["tool_calls"] == 2 and result["conversations"] == 2
     for key in ("tool_call_accuracy", "tool_name_accuracy", "tool_valid_json_rate"):
         assert 0.0 <= result[key] <= 1.0
+
+
+def test_the_tool_use_recipe_data_is_valid_and_its_validation_values_are_unseen(tmp_path):
+    """recipes/data/tool_use.py: every row reads as tool data, every reference call validates against its tool's
+    schema, the results are computed (the calculator's is the expression's value), and validation questions carry
+    cities and numbers no training row has (so evaluate measures copying, not memory)."""
+    import re
+    import subprocess
+    import sys
+
+    from llmkit.evaluate import tool_examples
+    from llmkit.models.tools import schema_errors
+
+    script = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tool_use.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--train", "200", "--validation", "40"],
+                   check=True, capture_output=True)
+    splits = {s: read_conversations(str(tmp_path / f"{s}.jsonl")) for s in ("train", "validation")}
+    assert [len(c) for c in splits.values()] == [200, 40]
+    cases = {s: tool_examples(c) for s, c in splits.items()}
+    assert len(cases["train"]) == 150  # three calling rows in four; the fourth needs no tool
+    assert {calls[0]["name"] for _, calls, _ in cases["train"]} == {"get_weather", "convert_units", "calculator"}
+    for _, calls, specs in cases["train"] + cases["validation"]:
+        spec = next(s for s in specs if s["name"] == calls[0]["name"])
+        assert schema_errors(calls[0]["arguments"], spec["parameters"]) == []
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        m = row["messages"]
+        if len(m) == 4 and m[1]["tool_calls"][0]["function"]["name"] == "calculator":
+            expression = json.loads(m[1]["tool_calls"][0]["function"]["arguments"])["expression"]
+            assert json.loads(m[2]["content"])["result"] == round(eval(expression), 4)  # digits the script wrote
+
+    def values(split: str) -> set[str]:
+        text = " ".join(m["content"] for conv in splits[split] for m in conv.messages if m["role"] == "user")
+        return set(re.findall(r"\b[A-Z][a-z]+\b|\b\d+\b", text))
+
+    arguments = [calls[0]["arguments"] for _, calls, _ in cases["validation"]]
+    cities = {a["city"] for a in arguments if "city" in a}
+    numbers = {str(a["value"]) for a in arguments if "value" in a}
+    assert cities and numbers and not (cities | numbers) & values("train")
