@@ -120,6 +120,43 @@ def test_model_output_cannot_drive_the_terminal():
     assert printable("ok\x1b[2J\x07\r\x9b done\n\tend") == "ok\ufffd[2J\ufffd\ufffd\ufffd done\n\tend"
 
 
+def test_a_tool_call_is_shown_its_typed_result_goes_back_and_the_model_answers_from_it():
+    """With tools, a reply in the tool-call format is shown as the call; the line the user types next is its
+    result (as the user turn serve and training use), and the model answers again, from it."""
+    from llmkit.inference.terminal_chat import run
+    from llmkit.models.tools import call_text, tool_spec
+
+    weather = tool_spec({"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}})
+    backend = FakeBackend(answer=call_text("get_weather", {"city": "Paris"}))
+    session = ChatSession(backend, SamplingOptions(max_new_tokens=80, temperature=0, chat=True), limit=2000, tools=[weather])
+    lines = iter(["Weather in Paris?", "sunny, 21 C"])
+
+    def read(prompt: str) -> str:
+        if len(backend.prompts) == 1:  # the result is being asked for: from it, the fake answers plainly
+            backend.answer = "It is sunny."
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D: the session ends
+
+    out, err = io.StringIO(), io.StringIO()
+    run(session, read=read, out=out, err=err)
+    assert '[tool call: get_weather({"city": "Paris"}): type its result]' in err.getvalue()
+    assert backend.prompts[0].startswith("s:You can call these tools")  # offered in the system turn
+    assert '<tool_response>{"tool_call_id": "call_1", "content": "sunny, 21 C"}</tool_response>' in backend.prompts[1]
+    assert len(backend.prompts) == 2 and session.history[-1] == {"role": "assistant", "content": "It is sunny."}
+
+
+def test_chat_tools_file_errors_are_one_line(tmp_path, cli):
+    for text, message in (("[", "not JSON"), ("[]", "non-empty list of tools"), ('[{"type": "function", "function": {}}]', "without a usable name")):
+        (tmp_path / "t.json").write_text(text)
+        code, _, err = cli("chat", "--tools", str(tmp_path / "t.json"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("chat", "--tools", str(tmp_path / "missing.json"))
+    assert code == 2 and "--tools" in err and "cannot read it" in err
+
+
 # ------------------------------------------------------------------------------- the command, in a pseudo-terminal
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")

@@ -38,6 +38,8 @@ def chat(
     threads: int = _same("threads"),
     allow_pickle: bool = _same("allow_pickle"),
     trust_remote_code: bool = _same("trust_remote_code"),
+    tools: str = typer.Option(None, "--tools", help="JSON file with OpenAI `tools` (a list, or an object with a \"tools\" list): "
+                              "the model may call them; you type each call's result.", show_default=False),
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each turn's prompt, as the chat template renders it, on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No loading messages or banner on stderr."),
 ) -> None:
@@ -58,6 +60,8 @@ def chat(
         llmkit chat --model runs/smollm2-q8_0.gguf --context 8192
 
         printf "Hi!\\nName three colors.\\n" | llmkit chat -t 0 -n 32 --quiet
+
+        llmkit chat --model runs/tools-lora --tools tools.json -t 0    # a tool call is shown; type its result
     """
     from llmkit.inference.backends import open_backend
     from llmkit.inference.sampling import SamplingOptions
@@ -82,6 +86,7 @@ def chat(
         raise UsageError(f"--threads must be at least 1 (got {threads}); leave it out to use the cores other processes leave idle")
     if system is not None and not system.strip():
         raise UsageError("--system is empty: give the system prompt some text, or leave the flag out")
+    specs = _read_tools(tools) if tools else []
     ref = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if not sys.stderr.isatty() or quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -91,7 +96,7 @@ def chat(
     engine = open_backend(ref, ["x" * max(1, context - max_new_tokens - 16)], sizing, backend, device=device, dtype=dtype,
                           threads=threads, progress=not quiet)
     limit = min(context, engine.window or context)
-    session = ChatSession(engine, opts, limit=limit, system=system)
+    session = ChatSession(engine, opts, limit=limit, system=system, tools=specs)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -102,3 +107,26 @@ def chat(
         print(f"chatting with {ref.name} ({engine.name}, {limit}-token context)" + (": /help for commands, Ctrl-C stops an answer, "
               "Ctrl-D leaves" if interactive else ""), file=sys.stderr, flush=True)
     run(session, show_prompt=show_prompt)
+
+
+def _read_tools(path: str) -> list[dict[str, Any]]:
+    """--tools FILE: OpenAI's `tools` list (or a data row holding one), as the specs the session offers."""
+    import json
+    from pathlib import Path
+
+    from llmkit.models.tools import tool_spec
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--tools {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise UsageError(f"--tools {path}: not JSON ({e})") from None
+    listed = value.get("tools") if isinstance(value, dict) else value
+    if not isinstance(listed, list) or not listed:
+        raise UsageError(f"--tools {path}: expected a non-empty list of tools, or an object with a \"tools\" list")
+    try:
+        return [tool_spec(t) for t in listed]
+    except (KeyError, TypeError) as e:
+        shape = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'
+        raise UsageError(f"--tools {path}: a tool without a usable name ({e}); each is {shape}") from None

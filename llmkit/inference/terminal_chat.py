@@ -14,6 +14,10 @@ Every turn sends the whole conversation, rendered with the model's own chat temp
 history. Each turn must leave room for a full answer (`opts.max_new_tokens`) within `limit` tokens: when the
 conversation grows past that, its oldest turns are dropped (and the user told); a message that does not fit even
 alone is refused, and the session goes on. Ctrl-C while an answer streams stops that answer only.
+
+With tools (`llmkit chat --tools tools.json`), the session offers them in the format `llmkit serve` and training use
+(`llmkit.models.tools`): a reply that calls a tool is shown as the call, the user types each call's result (or
+presses Enter to skip it), and the model answers from the results, as an agent framework would drive it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, TextIO
 
 from llmkit.errors import UsageError
 from llmkit.inference.sampling import SamplingOptions
+from llmkit.models.tools import parse_calls, result_turn, with_tools
 
 HELP = """commands:
   /system TEXT   set the system prompt (the conversation so far is kept); /system alone removes it
@@ -66,6 +71,7 @@ class Turn:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    calls: list[dict[str, Any]] = field(default_factory=list)  # tool calls the answer made ({"name", "arguments"})
 
 
 @dataclass
@@ -79,6 +85,8 @@ class ChatSession:
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
     """user / assistant messages, in pairs, oldest first (the system prompt is kept apart)."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """Tools offered to the model ({"name", "description", "parameters"} each, `llmkit.models.tools.tool_spec`)."""
 
     def __post_init__(self) -> None:
         if not self.opts.chat:
@@ -96,7 +104,7 @@ class ChatSession:
 
     def messages(self, tail: list[dict[str, str]], history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        msgs = system + (self.history if history is None else history) + tail
+        msgs = with_tools(system + (self.history if history is None else history) + tail, self.tools)
         self.backend.format(msgs, self.opts)  # the template's own refusal (e.g. no system role) as a UsageError
         return msgs
 
@@ -156,6 +164,8 @@ class ChatSession:
         except KeyboardInterrupt:
             turn.answer, turn.stopped = "".join(parts), True
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.answer}]
+        if self.tools and not turn.stopped:
+            turn.calls = parse_calls(turn.answer, [t["name"] for t in self.tools])[1]
         return turn
 
     def ask(self, user: str, on_text: Callable[[str], None]) -> Turn:
@@ -208,23 +218,39 @@ def run(session: ChatSession, *, show_prompt: bool = False, read: Callable[[str]
                 note(f"unknown command {command}; /help lists them")
             continue
         try:
-            _turn(session, text, show_prompt, write, note, err)
+            turn = _turn(session, text, show_prompt, write, note, err)
+            while turn is not None and turn.calls:  # the model called tools: their results go back, then it answers
+                turn = _turn(session, _results(turn.calls, read, note), show_prompt, write, note, err)
         except KeyboardInterrupt:  # Ctrl-C just before or after the answer streamed: it too stops only this turn
             write("\n")
             note("stopped")
+        except EOFError:  # input ended while a tool's result was asked for
+            return
+
+
+def _results(calls: list[dict[str, Any]], read: Callable[[str], str], note: Callable[[str], None]) -> str:
+    """The user turn that carries the results of `calls`, each typed by the user (the tools run outside llmkit)."""
+    import json
+
+    parts = []
+    for k, call in enumerate(calls, 1):
+        note(f"tool call: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}): type its result")
+        text = read(f"{call['name']}> " if sys.stdin.isatty() else "").strip()
+        parts.append(result_turn(f"call_{k}", text or "(no result)")["content"])
+    return "\n".join(parts)
 
 
 def _turn(session: ChatSession, text: str, show_prompt: bool, write: Callable[[str], None], note: Callable[[str], None],
-          err: TextIO) -> None:
-    """One message: fit it (dropping old turns, or refusing it), then stream the answer."""
+          err: TextIO) -> Turn | None:
+    """One message: fit it (dropping old turns, or refusing it), then stream the answer; None when it was refused."""
     try:
         fitted = session.fit(text)
     except TooLong as e:
         note(str(e))
-        return
+        return None
     except UsageError as e:
         note(f"error: {e}")
-        return
+        return None
     if fitted.dropped:
         note(f"the conversation outgrew the context of {session.limit} tokens: dropped the oldest "
              f"{fitted.dropped} turn{'s' if fitted.dropped > 1 else ''}")
@@ -236,7 +262,8 @@ def _turn(session: ChatSession, text: str, show_prompt: bool, write: Callable[[s
         turn = session.answer(text, fitted, write)
     except UsageError as e:
         note(f"error: {e}")
-        return
+        return None
     write("\n")
     if turn.stopped:
         note("stopped")
+    return turn
