@@ -243,7 +243,7 @@ def test_open_rollouts_picks_transformers_and_explains_a_missing_backend(tiny_ll
     with pytest.raises(UsageError, match="--rollout-backend"):
         open_rollouts("vllm", model, tok, model_ref="x", max_context=128)
     monkeypatch.setitem(sys.modules, "llmkit.inference.llama_rollouts", None)  # as if the module were absent
-    with pytest.raises(UsageError, match="llama.cpp is not available"):
+    with pytest.raises(UsageError, match=r"llama\.cpp is not available"):
         open_rollouts("llama.cpp", model, tok, model_ref="x", max_context=128)
     assert isinstance(open_rollouts("auto", model, tok, model_ref="x", max_context=128), TransformersRollouts)
 

@@ -109,7 +109,7 @@ def open_rollouts(backend: str, model: Any, tokenizer: Any, *, model_ref: str, m
     if backend == "transformers":
         return TransformersRollouts(model, tokenizer, stop_ids=stop_ids)
     try:
-        from llmkit.inference import llama_rollouts
+        import llmkit.inference.llama_rollouts as llama_rollouts
     except ImportError as e:
         raise UsageError(f"--rollout-backend llama.cpp is not available here ({e}); use --rollout-backend transformers") from None
     return llama_rollouts.LlamaCppRollouts(model, tokenizer, model_ref=model_ref, max_context=max_context)
@@ -121,7 +121,7 @@ def _llama_cpp_can_run(model: Any) -> bool:
     if next(model.parameters()).device.type != "cpu" or importlib.util.find_spec("llama_cpp") is None:
         return False
     try:
-        from llmkit.inference import llama_rollouts
+        import llmkit.inference.llama_rollouts as llama_rollouts
     except ImportError:
         return False
     can_run = getattr(llama_rollouts, "can_run", None)

@@ -1,7 +1,7 @@
 """Learning from rewards on the one loop: GRPO and its Dr. GRPO / DAPO variants as a `TrainJob.loss_fn`.
 
     >>> loss = GRPOLoss(prompts, rollouts, rewards, weights, cfg.rl, pad_id=..., seed=0, grad_accum=1, out=out)
-    >>> TrainJob(model, prompts, None, collate_prompts, "grpo", cfg.train, out, loss_fn=loss, log_extra=loss.log_extra)
+    >>> TrainJob(model, prompts, None, PromptCollator(G), "grpo", cfg.train, out, loss_fn=loss, log_extra=loss.log_extra)
 
 Each micro-batch the loop draws is a batch of B prompt rows. For it the loss samples G completions per prompt from
 the current policy (the rollouts backend, injected by llmkit/finetune.py: transformers or llama.cpp), scores them with
