@@ -360,3 +360,9 @@ def test_cli_end_to_end_output_loads_with_plain_transformers_and_peft(tiny_llama
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("question", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=2, do_sample=False).shape[1] >= ids["input_ids"].shape[1]
+    from llmkit.evaluate import evaluate_data
+
+    result = evaluate_data(str(out), str(prompts_file), rewards=["exact:answer", "regex:.*"], max_new_tokens=3)
+    assert result["prompts"] == 8 and result["per_reward"]["regex:.*"] == 1.0
+    assert result["reward"] == pytest.approx(result["per_reward"]["exact:answer"] + 1.0)
+    assert result["pass_rate"] == pytest.approx(result["per_reward"]["exact:answer"])  # regex always passes: exact decides
