@@ -145,6 +145,10 @@ class Finetune(Objective):
         latest = latest_checkpoint(run.out / CHECKPOINTS) if cfg.resume else None
         if latest is not None:
             start = int(read_json(latest / "state.json", strict=False).get("step", 0))
+        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16:
+            run.say(f"note: {cfg.train.batch_size} prompts x {r.num_generations} completions = {cfg.train.batch_size * r.num_generations} "
+                    "sequences go through each forward and backward; if memory runs short, lower --batch-size and raise --grad-accum "
+                    "(the same prompts per step)")
         run.say(f"rollouts: {self.rollouts.name}, {r.num_generations} completions of up to {r.max_new_tokens} tokens per prompt; "
                 f"rewards: {', '.join(x.name for x in self.rewards)}")
         loss = GRPOLoss(data.train, self.rollouts, self.rewards, r.reward_weights, r, tokenizer=run.tokenizer, request=RolloutRequest,
@@ -157,7 +161,12 @@ class Finetune(Objective):
 
     def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:
         if getattr(self, "rollouts", None) is not None:
+            import shutil
+
+            from llmkit.training.grpo import BUFFERS
+
             self.rollouts.close()
+            shutil.rmtree(run.out / BUFFERS, ignore_errors=True)  # rollouts kept for --resume: the run is done
         return save_model(self.cfg, run.ref, result.model, run.tokenizer, tmp, run.data.chat)
 
 

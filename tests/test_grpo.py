@@ -366,3 +366,16 @@ def test_cli_end_to_end_output_loads_with_plain_transformers_and_peft(tiny_llama
     assert result["prompts"] == 8 and result["per_reward"]["regex:.*"] == 1.0
     assert result["reward"] == pytest.approx(result["per_reward"]["exact:answer"] + 1.0)
     assert result["pass_rate"] == pytest.approx(result["per_reward"]["exact:answer"])  # regex always passes: exact decides
+
+
+def test_a_reward_raising_during_training_stops_the_run_in_one_line(tiny_llama, prompts_file, tmp_path):
+    rw = tmp_path / "late.py"
+    rw.write_text("def late(prompts, completions, **kw):\n    if 'question 5' in str(prompts[0]):\n        raise KeyError('score')\n"
+                  "    return [0.0] * len(completions)\n")
+    r = _cli("finetune", "--objective", "grpo", "--model", str(tiny_llama), "--method", "lora", "--data", str(prompts_file),
+             "--reward", f"{rw}:late", "--num-generations", "2", "--max-new-tokens", "2", "--rollout-backend", "transformers",
+             "--batch-size", "1", "--epochs", "1", "--set", "train.group_by_length=false", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(errors) == 1 and "late.py:late raised KeyError" in errors[0] and "prompts.jsonl:line 6" in errors[0], errors
+    assert "Traceback" not in r.stderr

@@ -295,10 +295,16 @@ class GRPOLoss(LoggedParts):
 
     def evaluate(self, model: Any, loader: Any, accelerator: Any = None) -> dict[str, float]:
         """Greedy answers to the held-out prompts: mean reward and pass rate (every applicable reward >= 1)."""
+        import torch
+
         rows = [int(i) for batch in loader for i in batch["index"]]
         result = greedy_scores(model, self.tokenizer, self.prompts_eval, rows, self.rewards, self.weights, self.rl.max_new_tokens,
                                getattr(self.rollouts, "stop_ids", None))
-        return {"reward": result["reward"], "pass_rate": result["pass_rate"]}
+        # every process scores its share; all of them must see the same numbers (the best-model decision is shared)
+        per_row = torch.tensor([result["totals"], [float(p) for p in result["passed"]]], dtype=torch.float32).t()
+        if accelerator is not None:
+            per_row = accelerator.gather_for_metrics(per_row.to(accelerator.device)).cpu()
+        return {"reward": float(per_row[:, 0].mean()), "pass_rate": float(per_row[:, 1].mean()), "prompts": len(per_row)}
 
 
 def greedy_scores(model: Any, tokenizer: Any, prompts: Any, rows: list[int], rewards: list[Reward], weights: list[float],
@@ -335,7 +341,7 @@ def greedy_scores(model: Any, tokenizer: Any, prompts: Any, rows: list[int], rew
     totals = [sum(wk * (v[k] or 0.0) for wk, v in zip(w, values, strict=True)) for k in range(len(rows))]
     passed = [all(v[k] is None or v[k] >= 1.0 for v in values) for k in range(len(rows))]
     n = max(len(rows), 1)
-    return {"reward": sum(totals) / n, "pass_rate": sum(passed) / n, "completions": texts,
+    return {"reward": sum(totals) / n, "pass_rate": sum(passed) / n, "completions": texts, "totals": totals, "passed": passed,
             "per_reward": {r.name: _nanmean_list([v[k] for k in range(len(rows))]) for r, v in zip(rewards, values, strict=True)}}
 
 
