@@ -379,3 +379,17 @@ def test_a_reward_raising_during_training_stops_the_run_in_one_line(tiny_llama, 
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(errors) == 1 and "late.py:late raised KeyError" in errors[0] and "prompts.jsonl:line 6" in errors[0], errors
     assert "Traceback" not in r.stderr
+
+
+def test_estimate_memory_counts_every_completion_of_the_batch(tiny_llama):
+    from llmkit.config import load_recipe
+    from llmkit.training.memory import estimate, model_shape
+
+    def activations(objective: str, **rl) -> float:
+        flags = {"model.name": str(tiny_llama), "method": "lora", "objective": objective, "data.block_size": 64, "train.batch_size": 2,
+                 **({"rl.rewards": ["exact:answer"], **rl} if objective == "grpo" else {})}
+        cfg = load_recipe(None, [], flags)
+        return estimate(model_shape(cfg), cfg, 1, "cpu").activations
+
+    sft, g4, g8 = activations("sft"), activations("grpo", **{"rl.num_generations": 4}), activations("grpo", **{"rl.num_generations": 8})
+    assert g4 > 3 * sft and g8 > 1.9 * g4  # 2 prompts x G sequences per forward, not 2 rows
