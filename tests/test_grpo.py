@@ -393,3 +393,21 @@ def test_estimate_memory_counts_every_completion_of_the_batch(tiny_llama):
 
     sft, g4, g8 = activations("sft"), activations("grpo", **{"rl.num_generations": 4}), activations("grpo", **{"rl.num_generations": 8})
     assert g4 > 3 * sft and g8 > 1.9 * g4  # 2 prompts x G sequences per forward, not 2 rows
+
+
+def test_two_processes_train_and_count_each_eval_prompt_once(tiny_llama, prompts_file, tmp_path):
+    import os
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(prompts_file.read_text().splitlines(keepends=True)[:3]))  # 3 rows over 2 processes: one is padding
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmkit",
+                           "finetune", "--objective", "grpo", "--model", str(tiny_llama), "--method", "lora", "--data", str(prompts_file),
+                           "--eval-data", str(evals), "--reward", "exact:answer", "--num-generations", "2", "--max-new-tokens", "3",
+                           "--rollout-backend", "transformers", "--max-steps", "2", "--batch-size", "2", "--set", "train.log_every=1",
+                           "--set", "rl.log_rollouts_every=1", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_prompts"] for r in rows if "eval_prompts" in r] == [3]
+    assert all("reward" in r for r in rows if "loss" in r)

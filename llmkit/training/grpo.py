@@ -300,11 +300,14 @@ class GRPOLoss(LoggedParts):
         rows = [int(i) for batch in loader for i in batch["index"]]
         result = greedy_scores(model, self.tokenizer, self.prompts_eval, rows, self.rewards, self.weights, self.rl.max_new_tokens,
                                getattr(self.rollouts, "stop_ids", None))
-        # every process scores its share; all of them must see the same numbers (the best-model decision is shared)
-        per_row = torch.tensor([result["totals"], [float(p) for p in result["passed"]]], dtype=torch.float32).t()
-        if accelerator is not None:
-            per_row = accelerator.gather_for_metrics(per_row.to(accelerator.device)).cpu()
-        return {"reward": float(per_row[:, 0].mean()), "pass_rate": float(per_row[:, 1].mean()), "prompts": len(per_row)}
+        # every process scores its share; all of them must see the same numbers (the best-model decision is shared).
+        # Accelerate pads the last shares with repeated rows: each row counts once, by its index.
+        per_row = torch.tensor([[float(i) for i in rows], result["totals"], [float(p) for p in result["passed"]]], dtype=torch.float64).t()
+        if accelerator is not None and accelerator.num_processes > 1:
+            per_row = accelerator.gather(per_row.to(accelerator.device)).cpu()
+        once = {int(r[0]): (float(r[1]), float(r[2])) for r in per_row}
+        return {"reward": sum(v[0] for v in once.values()) / len(once), "pass_rate": sum(v[1] for v in once.values()) / len(once),
+                "prompts": len(once)}
 
 
 def greedy_scores(model: Any, tokenizer: Any, prompts: Any, rows: list[int], rewards: list[Reward], weights: list[float],
