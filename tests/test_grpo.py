@@ -151,6 +151,14 @@ def test_none_rewards_count_as_zero_in_the_sum_and_stay_out_of_their_own_mean(ti
     assert rb.stats["reward/some"] == pytest.approx(2.0) and rb.stats["reward/one"] == pytest.approx(0.5)
     assert rb.stats["clipped_ratio"] == pytest.approx(1 / 4)  # only [9, 9, 9] reached max_new_tokens without EOS
     assert rb.completion_mask.sum(-1).tolist() == [2, 1, 3, 1]
+    assert rb.stats["zero_signal_groups"] == 0
+    same = Reward("same", lambda prompts, completions, **kw: [1.0] * len(completions))
+    for mode, tokens in (("keep", 7), ("drop", 0)):
+        rl = RLConfig(num_generations=4, max_new_tokens=3, log_rollouts_every=0, zero_signal=mode)
+        flat = GRPOLoss(prompts, Fixed(), [same], [], rl, tokenizer=tok, request=RolloutRequest, pad_id=0, seed=0, grad_accum=1,
+                        out=tmp_path).generate(model, [0], 0, 0)
+        assert flat.stats["zero_signal_groups"] == 1 and flat.advantages.tolist() == [0.0] * 4
+        assert int(flat.completion_mask.sum()) == tokens  # drop: out of the token average
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -216,7 +216,8 @@ class GRPOLoss(LoggedParts):
                  **{f"reward/{r.name}": _nanmean(table[k]) for k, r in enumerate(self.rewards)},
                  "completion_length": n_tokens / len(completions),
                  "clipped_ratio": sum(1 for c, e in zip(completions, ended, strict=True) if not e and len(c) >= rl.max_new_tokens) / len(completions),
-                 "zero_signal_groups": float(zero.sum())}
+                 # x grad_accum: the logged mean over micro-batches is then the count per optimizer step
+                 "zero_signal_groups": float(zero.sum()) * self.grad_accum}
         ids, mask, cmask = self._layout(request.prompts, completions, g)
         if rl.zero_signal == "drop":
             cmask[zero.repeat_interleave(g)] = 0  # out of the token average: no gradient and no dilution of the others
