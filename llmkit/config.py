@@ -31,7 +31,11 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORT_TO = ("none", "tensorboard", "mlflow", "wandb", "trackio")  # llmkit.training.trackers
 DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "prompt-completion", "preference")  # llmkit.data.formats.FORMATS
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "grpo")
+RL_LOSSES = ("grpo", "dr_grpo", "dapo")  # llmkit.training.grpo: how a batch's token losses are averaged
+SCALE_REWARDS = ("group", "batch", "none")
+ROLLOUT_BACKENDS = ("auto", "llama.cpp", "transformers")  # llmkit.inference.rollouts.ROLLOUT_BACKENDS
+ZERO_SIGNAL = ("keep", "drop")
 REFERENCE_FREE = ("simpo", "orpo")  # objectives that need no reference model
 
 
@@ -197,6 +201,45 @@ class PreferenceConfig:
 
 
 @dataclass
+class RLConfig:
+    """--objective grpo: learning from reward functions (llmkit/training/grpo.py)."""
+
+    num_generations: int = 8
+    """--num-generations: G completions sampled per prompt; advantages compare each with its group's mean."""
+    max_new_tokens: int = 64
+    """--max-new-tokens: longest completion; one cut there is scored as it is (its share is logged: clipped_ratio)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (log-probs are taken at the same temperature, as TRL does)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts; 1 = the whole distribution (what the policy gradient assumes)."""
+    beta: float = 0.0
+    """Weight of the KL term to the reference (the LoRA adapter disabled); 0 = none and no reference pass (TRL's
+    default since the Dr. GRPO / DAPO papers found it unneeded with verifiable rewards)."""
+    epsilon: float = 0.2
+    """PPO clip: the probability ratio to the rollouts' policy is clipped to [1 - eps, 1 + eps]."""
+    loss: str = "dapo"
+    """How token losses are averaged: grpo (per completion, then over completions: short answers weigh more),
+    dr_grpo (sum / (completions x max_new_tokens): no length bias), dapo (over all tokens of the batch; TRL's default)."""
+    scale_rewards: str = "group"
+    """Advantages = (reward - group mean) / std: group (each group's std), batch (the batch's std), none (Dr. GRPO)."""
+    steps_per_generation: int = 1
+    """Optimizer steps on each batch of rollouts (their log-probs kept as the "old" policy, so the clip acts after the
+    first); the prompt batches drawn in between are skipped. 1 = new rollouts every step."""
+    zero_signal: str = "keep"
+    """Groups whose rewards are all equal have zero advantage (no signal): keep (they still count in the token
+    average, as TRL) or drop (out of the average: the other groups' gradients are not diluted). Counted either way."""
+    rewards: list[str] = field(default_factory=list)
+    """--reward: exact:COLUMN, contains:COLUMN, regex:PATTERN, json, json:schema.json, length:max=N, or
+    path/to/file.py:function (TRL's signature: fn(prompts, completions, **columns) -> list[float | None])."""
+    reward_weights: list[float] = field(default_factory=list)
+    """--reward-weights: one weight per --reward (comma-separated); empty = all 1."""
+    rollout_backend: str = "auto"
+    """--rollout-backend: auto (llama.cpp on CPU for GGUF-convertible families, else transformers), llama.cpp, transformers."""
+    log_rollouts_every: int = 10
+    """Append the step's prompts, completions and rewards to OUT/rollouts.jsonl every N steps (0 = never)."""
+
+
+@dataclass
 class RunConfig:
     """The top-level keys every training command shares."""
 
@@ -228,6 +271,7 @@ class FinetuneConfig(RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> None:
         """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
@@ -259,6 +303,7 @@ class FinetuneConfig(RunConfig):
              "not compiled); use --method lora, or qlora without --compile")
         need(self.method != "qlora" or str(t.liger).lower() != "true", "train.liger=true cannot be combined with --method qlora; use lora")
         problems.extend(preference_problems(self))
+        problems.extend(rl_problems(self))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -336,10 +381,78 @@ class DistillConfig(RunConfig):
             raise UsageError("; ".join(problems))
 
 
+def rl_problems(cfg: FinetuneConfig) -> list[str]:
+    """--objective grpo's checks; its flags without it."""
+    r, d = cfg.rl, cfg.data
+    if cfg.objective != "grpo":
+        return ["--reward is for --objective grpo (learning from rewards); add --objective grpo"] if r.rewards else []
+    problems = [f"{flag} is not for --objective grpo: {why}" for flag, on, why in (
+        ("--task seq-cls", cfg.task != "causal-lm", "rewards train a causal LM (--task causal-lm)"),
+        ("--packing", d.packing, "each prompt is sampled on its own"),
+        ("--streaming", d.streaming, "prompts are prepared once; drop --streaming"),
+        ("--train-on-prompt", d.train_on_prompt, "only the sampled completions are learned"),
+        ("--fsdp", cfg.train.fsdp, "rollouts need the whole model on each process; use DDP (torchrun without --fsdp)"),
+        (f"--format {d.format}", d.format != "auto", "the data is prompts (a 'prompt' column)")) if on]
+    if not r.rewards:
+        problems.append("--objective grpo needs at least one --reward (e.g. --reward exact:answer)")
+    problems.extend(f"--reward {spec!r}: {why}" for spec in r.rewards if (why := reward_spec_problem(spec)))
+    if r.reward_weights and len(r.reward_weights) != len(r.rewards):
+        problems.append(f"--reward-weights has {len(r.reward_weights)} weights for {len(r.rewards)} --reward; give one per reward")
+    if r.num_generations < 2:
+        problems.append(f"--num-generations must be >= 2 (advantages compare completions of the same prompt), got {r.num_generations}")
+    if r.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1, got {r.max_new_tokens}")
+    for name, ok, want in (("temperature", r.temperature > 0, "> 0"), ("top_p", 0 < r.top_p <= 1, "in (0, 1]"),
+                           ("beta", r.beta >= 0, ">= 0"), ("epsilon", r.epsilon > 0, "> 0"),
+                           ("steps_per_generation", r.steps_per_generation >= 1, ">= 1"),
+                           ("log_rollouts_every", r.log_rollouts_every >= 0, ">= 0")):
+        if not ok:
+            problems.append(f"rl.{name} must be {want}, got {getattr(r, name)}")
+    for name, value, allowed in (("rl.loss", r.loss, RL_LOSSES), ("rl.scale_rewards", r.scale_rewards, SCALE_REWARDS),
+                                 ("--rollout-backend", r.rollout_backend, ROLLOUT_BACKENDS), ("rl.zero_signal", r.zero_signal, ZERO_SIGNAL)):
+        if value not in allowed:
+            problems.append(f"{name} {value!r} is not one of {', '.join(allowed)}")
+    if r.beta > 0 and cfg.method == "full":
+        problems.append("rl.beta > 0 needs --method lora or qlora: the reference is the model with its adapter disabled (no second "
+                        "model in memory); with --method full set rl.beta=0")
+    return problems
+
+
+REWARD_KINDS = ("exact", "contains", "regex", "json", "length")
+
+
+def reward_spec_problem(spec: str) -> str | None:
+    """What is wrong with a --reward spec's shape (llmkit/training/rewards.py loads it), or None."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("exact", "contains") and not arg:
+        return f"{kind}: needs a column, e.g. {kind}:answer"
+    if kind == "regex":
+        import re
+
+        try:
+            re.compile(arg)
+        except re.error as e:
+            return f"not a valid regular expression ({e})"
+        return None if arg else "regex: needs a pattern, e.g. regex:^(yes|no)$"
+    if kind == "length":
+        n = arg.removeprefix("max=")
+        return None if arg.startswith("max=") and n.isdigit() and int(n) > 0 else "length: needs max=N tokens, e.g. length:max=32"
+    if kind in ("exact", "contains", "json"):
+        return None
+    path, _, fn = spec.rpartition(":")
+    if not path.endswith(".py") or not fn.isidentifier():
+        return f"not a reward: use one of {', '.join(REWARD_KINDS)} (exact:COLUMN, ...) or path/to/file.py:function"
+    return None
+
+
 def preference_problems(cfg: FinetuneConfig) -> list[str]:
     p, d, obj = cfg.preference, cfg.data, cfg.objective
     if obj not in OBJECTIVES:
         return [f"--objective {obj!r} is not one of {', '.join(OBJECTIVES)}"]
+    if obj == "grpo":
+        changed = [flag for flag, on in (("--beta", p.beta is not None), ("--sft-weight", p.sft_weight != 0)) if on]
+        return [f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for preference objectives; grpo's KL weight is "
+                "rl.beta"] if changed else []
     if obj == "sft":
         changed = [flag for flag, on in (("--beta", p.beta is not None), ("--sft-weight", p.sft_weight != 0)) if on]
         return [f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for preference objectives; add --objective dpo "

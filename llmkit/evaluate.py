@@ -19,12 +19,13 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
                   device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                   progress: bool = False, data_format: str = "auto", chat_template: str | None = None,
                   answers: bool = False, max_new_tokens: int = 64, max_examples: int | None = None,
-                  reference: str | None = None) -> dict[str, Any]:
+                  reference: str | None = None, rewards: list[str] | None = None) -> dict[str, Any]:
     """Perplexity (causal-lm) or accuracy / F1 (seq-cls) of any model llmkit can load, on a data file.
 
     Conversations (chat data) give the perplexity of the assistant tokens only, and with `answers` the
     exact-match / contains-match of greedy answers to each conversation's last user turn (`evaluate_chat`).
-    Preference pairs give `evaluate_preference`'s accuracies.
+    Preference pairs give `evaluate_preference`'s accuracies. With `rewards` (--reward), prompt rows are answered
+    greedily and scored as `--objective grpo` scores them (`evaluate_rewards`).
 
         >>> evaluate_data("runs/shakespeare", "../shared/data/tinyshakespeare/validation.txt", block_size=256)
         {'perplexity': 21.3, 'tokens': 32640, 'blocks': 128, 'block_size': 256, ...}
@@ -39,6 +40,10 @@ def evaluate_data(model_name: str, data: str, *, task: str | None = None, block_
     from llmkit.models.refs import adapter_task, resolve
     from llmkit.training.evaluation import default_max_length, evaluate_examples
 
+    if rewards:
+        return evaluate_rewards(model_name, data, rewards, max_new_tokens=max_new_tokens, max_examples=max_examples,
+                                chat_template=chat_template, batch_size=batch_size, device=device, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code, progress=progress)
     ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     inferred = adapter_task(ref) or ("seq-cls" if any(a.endswith("ForSequenceClassification") for a in architectures(ref)) else "causal-lm")
     task = task or inferred
@@ -152,6 +157,50 @@ def evaluate_chat(ref: Any, data: str, *, data_format: str = "auto", chat_templa
                           for p, r, o, e in list(zip(prompts, refs, outs, exact, strict=True))[:3]])
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def evaluate_rewards(model_name: str, data: str, rewards: list[str], *, max_new_tokens: int = 64, max_examples: int | None = None,
+                     chat_template: str | None = None, batch_size: int = 8, device: str | None = None, allow_pickle: bool = False,
+                     trust_remote_code: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Greedy answers to prompt rows ({"prompt": text or messages, other columns}), scored by reward functions as
+    `--objective grpo` scores rollouts: the mean (summed) reward, the pass rate (every applicable reward >= 1: the
+    built-ins' success) and each reward's mean. Bad reward specs fail before the model loads."""
+    from llmkit.config import reward_spec_problem
+    from llmkit.data.chat import ChatEncoder
+    from llmkit.data.prompts import PromptSet, read_prompts
+    from llmkit.errors import UsageError
+    from llmkit.models.load import load_causal_lm, load_tokenizer
+    from llmkit.models.refs import resolve
+    from llmkit.models.templates import resolve_template
+    from llmkit.training.grpo import greedy_scores
+    from llmkit.training.rewards import check_columns, load_rewards
+
+    for spec in rewards:
+        if why := reward_spec_problem(spec):
+            raise UsageError(f"--reward {spec!r}: {why}")
+    if max_examples is not None and max_examples < 1:
+        raise UsageError(f"--max-examples must be >= 1, got {max_examples}")
+    ref = resolve(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(ref)
+    encoder = ChatEncoder(tokenizer, resolve_template(tokenizer, chat_template, ref.name)) if chat_template or tokenizer.chat_template else None
+    prompts = PromptSet(read_prompts(data, tokenizer, encoder), data).head(max_examples or 0)
+    scorers = load_rewards(rewards, tokenizer)
+    check_columns(scorers, set(prompts.columns(0)), data)
+    start = time.perf_counter()
+    model = load_causal_lm(ref, device=device, dtype="float32", progress=progress)
+    gen = getattr(model, "generation_config", None)
+    stops = gen.eos_token_id if gen is not None and isinstance(gen.eos_token_id, list) else [gen.eos_token_id] if gen is not None else []
+    result = greedy_scores(model, tokenizer, prompts, list(range(len(prompts))), scorers, [], max_new_tokens,
+                           [s for s in stops if s is not None], batch_size=batch_size)
+    return {"task": "rewards", "model": model_name, "data": data, "prompts": len(prompts), "reward": result["reward"],
+            "pass_rate": result["pass_rate"], "per_reward": result["per_reward"],
+            "examples": [{"prompt": _prompt_text(prompts.prompt(i))[-80:], "answer": result["completions"][i]} for i in range(min(5, len(prompts)))],
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt as a person reads it: text, or the last message's content."""
+    return prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
 
 
 def evaluate_preference(ref: Any, data: str, *, reference: str | None = None, chat_template: str | None = None,

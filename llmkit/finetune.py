@@ -6,7 +6,8 @@
 
 What is particular to fine-tuning: the model to train (a base with a new head for seq-cls, LoRA adapters, a
 4-bit QLoRA base), the loss (the sparse causal-LM loss for prompt/response and chat rows; a preference objective,
-llmkit/training/preference.py, for --objective dpo|ipo|simpo|orpo), and what is saved (an adapter or a merged model, with
+llmkit/training/preference.py, for --objective dpo|ipo|simpo|orpo; rewards, llmkit/training/grpo.py, for --objective grpo,
+with the rollouts backend made here from llmkit/inference/rollouts.py and handed to training), and what is saved (an adapter or a merged model, with
 the chat template it was trained with).
 """
 
@@ -38,14 +39,19 @@ def finetune(cfg: FinetuneConfig) -> Path:
 class Finetune(Objective):
     resume_keys = ("task", "method", "objective", "preference.beta", "preference.sft_weight",
                    "data.block_size", "data.max_length", "data.packing", "data.format", "data.chat_template",
-                   "data.train_on_prompt", "train.batch_size", "train.grad_accum", "train.seed")
+                   "data.train_on_prompt", "train.batch_size", "train.grad_accum", "train.seed", "rl.num_generations",
+                   "rl.max_new_tokens", "rl.rewards", "rl.reward_weights", "rl.steps_per_generation", "rl.loss", "rl.scale_rewards")
 
     def build(self, run: Run) -> None:
         cfg, data = self.cfg, run.data
         if data.added_tokens and cfg.method in ("lora", "qlora"):
             raise UsageError(f"the chat template needs {', '.join(data.added_tokens)}, which {run.ref.name}'s tokenizer lacks; new "
                              "token embeddings must be trained, so use --method full, or a template made of the model's own tokens")
+        if cfg.objective == "grpo":  # every reward and length problem before the model loads and anything is written
+            self.rewards = grpo_checks(cfg, run)
         self.model = build_model(cfg, run.ref, run.tokenizer, data.labels, run.progress, grow_vocab=bool(data.added_tokens))
+        if cfg.objective == "grpo":
+            check_context(cfg, run, self.model)
         self.liger = liger(cfg, run, self.model)
         if cfg.objective != "sft" and cfg.preference.disable_dropout:
             from llmkit.training.preference import disable_dropout
@@ -63,6 +69,8 @@ class Finetune(Objective):
         what = cfg.task if cfg.objective == "sft" else cfg.objective
         run.say(f"fine-tuning {run.ref.name} ({what}, {cfg.method}, {n:,} trainable parameters) on {_describe_data(cfg, data)}, "
                 f"{machine_summary(run.record['machine'])}")
+        if cfg.objective == "grpo":
+            return self.grpo_job(run)
         if cfg.objective != "sft":
             return self.preference_job(run)
         # prompt/response and chat rows learn a few tokens each: run the LM head only where a label is
@@ -118,8 +126,77 @@ class Finetune(Objective):
                         loss_fn=loss, log_extra=loss.log_extra, eval_fn=loss.evaluate,
                         rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, None, False, grow_vocab=bool(data.added_tokens)))
 
+    def grpo_job(self, run: Run) -> TrainJob:
+        """Learning from rewards: the prompt rows go through the loop; the loss samples, scores and learns
+        (llmkit/training/grpo.py). The rollouts backend is made here, where inference may be imported, and injected."""
+        from llmkit.data.prompts import PromptCollator
+        from llmkit.inference.rollouts import RolloutRequest, open_rollouts
+        from llmkit.runfolder import CHECKPOINTS, read_json
+        from llmkit.training.checkpoints import latest_checkpoint
+        from llmkit.training.grpo import GRPOLoss
+
+        cfg, data, model, acc, r = self.cfg, run.data, self.model, run.accelerator, self.cfg.rl
+        if acc.device.type != "cpu" and cfg.method != "qlora":
+            model.to(acc.device)  # rollouts run before the loop's first step places it
+        stop_ids = sorted(data.chat.end_of_turn) if data.chat is not None and data.chat.end_of_turn else None
+        self.rollouts = open_rollouts(r.rollout_backend, model, run.tokenizer, model_ref=cfg.model.name, max_context=context_length(model),
+                                      stop_ids=stop_ids)
+        start = 0
+        latest = latest_checkpoint(run.out / CHECKPOINTS) if cfg.resume else None
+        if latest is not None:
+            start = int(read_json(latest / "state.json", strict=False).get("step", 0))
+        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16:
+            run.say(f"note: {cfg.train.batch_size} prompts x {r.num_generations} completions = {cfg.train.batch_size * r.num_generations} "
+                    "sequences go through each forward and backward; if memory runs short, lower --batch-size and raise --grad-accum "
+                    "(the same prompts per step)")
+        run.say(f"rollouts: {self.rollouts.name}, {r.num_generations} completions of up to {r.max_new_tokens} tokens per prompt; "
+                f"rewards: {', '.join(x.name for x in self.rewards)}")
+        loss = GRPOLoss(data.train, self.rollouts, self.rewards, r.reward_weights, r, tokenizer=run.tokenizer, request=RolloutRequest,
+                        pad_id=run.tokenizer.pad_token_id, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, out=run.out,
+                        start_step=start, process=acc.process_index, main=acc.is_main_process, save_every=cfg.train.save_every,
+                        eval_prompts=data.eval)
+        return TrainJob(model, data.train, data.eval, PromptCollator(r.num_generations), "grpo", cfg.train, run.out, quiet=not run.progress, resume=cfg.resume,
+                        loss_fn=loss, log_extra=loss.log_extra, eval_fn=loss.evaluate if data.eval is not None else None,
+                        rebuild=lambda: build_model(cfg, run.ref, run.tokenizer, None, False))
+
     def save(self, run: Run, result: TrainResult, tmp: Path) -> Card:
+        if getattr(self, "rollouts", None) is not None:
+            import shutil
+
+            from llmkit.training.grpo import BUFFERS
+
+            self.rollouts.close()
+            shutil.rmtree(run.out / BUFFERS, ignore_errors=True)  # rollouts kept for --resume: the run is done
         return save_model(self.cfg, run.ref, result.model, run.tokenizer, tmp, run.data.chat)
+
+
+def grpo_checks(cfg: FinetuneConfig, run: Run) -> list[Any]:
+    """The rewards, loaded (a bad file or function is an error here), and the columns they read, checked on the data."""
+    from llmkit.training.rewards import check_columns, load_rewards
+
+    rewards = load_rewards(cfg.rl.rewards, run.tokenizer)
+    for prompts, spec in ((run.data.train, cfg.data.train), (run.data.eval, cfg.data.eval or cfg.data.train)):
+        if prompts is not None and len(prompts):
+            check_columns(rewards, set(prompts.columns(0)), spec)
+    return rewards
+
+
+def context_length(model: Any) -> int:
+    c = model.config
+    return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+
+
+def check_context(cfg: FinetuneConfig, run: Run, model: Any) -> None:
+    """A prompt plus --max-new-tokens must fit the model's context, or the rollouts would run past its positions."""
+    limit = context_length(model)
+    for prompts in (run.data.train, run.data.eval):
+        if prompts is None or not len(prompts):
+            continue
+        i = int(prompts.lengths.argmax())
+        if int(prompts.lengths[i]) + cfg.rl.max_new_tokens > limit:
+            raise UsageError(f"{prompts.where(i)}: the prompt ({int(prompts.lengths[i])} tokens) plus --max-new-tokens "
+                             f"{cfg.rl.max_new_tokens} is over {run.ref.name}'s context of {limit} tokens; lower --max-new-tokens "
+                             "or shorten the prompt")
 
 
 def liger(cfg: FinetuneConfig, run: Run, model: Any) -> bool:
@@ -220,6 +297,8 @@ def keep_chat_format(chat: ChatEncoder, tokenizer: Any, model: Any) -> None:
 
 def _describe_data(cfg: FinetuneConfig, data: Prepared) -> str:
     d = cfg.data
+    if cfg.objective == "grpo":
+        return f"{len(data.train)} prompts, rewards {', '.join(cfg.rl.rewards)}"
     if cfg.objective != "sft":
         return f"{len(data.train)} preference pairs"
     if d.streaming:

@@ -26,6 +26,8 @@ def evaluate(
     max_examples: int = typer.Option(None, "--max-examples", help="Chat / preference data: only the first N conversations or pairs.", show_default=False),
     reference: str = typer.Option(None, "--reference", help="Preference data: the model rewards are measured against [default: "
                                   "an adapter's base, or the model the run started from].", show_default=False),
+    reward: list[str] = typer.Option(None, "--reward", help="Prompt rows: answer greedily and score with these rewards (as "
+                                     "finetune --objective grpo): mean reward and pass rate (repeatable).", show_default=False),
     device: str = typer.Option(None, "--device", help="cpu, cuda, mps [default: best available].", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -43,6 +45,8 @@ def evaluate(
       llmkit evaluate --model runs/chat --data chat-val.jsonl --generate-answers --max-examples 200   # conversations
 
       llmkit evaluate --model runs/dpo --data pairs-val.jsonl --json   # prompt/chosen/rejected: preference accuracy
+
+      llmkit evaluate --model runs/grpo --data prompts-val.jsonl --reward exact:answer -n 8   # prompt rows: mean reward, pass rate
     """
     from llmkit.evaluate import evaluate_data
 
@@ -50,9 +54,16 @@ def evaluate(
                            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                            max_length=max_length, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            progress=not quiet, data_format=data_format, chat_template=chat_template,
-                           answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples, reference=reference)
+                           answers=generate_answers, max_new_tokens=max_new_tokens, max_examples=max_examples, reference=reference,
+                           rewards=reward or None)
     if as_json:
         typer.echo(json.dumps(result))
+    elif result["task"] == "rewards":
+        for ex in result["examples"]:
+            typer.echo(f"  {ex['prompt'][-50:]!r} -> {ex['answer'][:40]!r}")
+        per = "  ".join(f"{k} {v:.4f}" for k, v in result["per_reward"].items() if v is not None)
+        typer.echo(f"mean reward {result['reward']:.4f}  pass rate {result['pass_rate']:.4f}  ({per}) over {result['prompts']} prompts "
+                   f"in {result['seconds']} s")
     elif result["task"] == "preference":
         line = f"logp accuracy {result['logp_accuracy']:.4f}"
         if "preference_accuracy" in result:

@@ -10,7 +10,9 @@ from llmkit.commands import options as o
 
 FLAG_KEYS = {**o.TRAIN_KEYS, **o.model_keys("model"), "model": "model.name", "method": "method", "lora_r": "lora.r",
              "lora_alpha": "lora.alpha", "lora_targets": "lora.target_modules", "merge": "lora.merge", "fsdp": "train.fsdp",
-             "streaming": "data.streaming", "objective": "objective", "beta": "preference.beta", "sft_weight": "preference.sft_weight"}
+             "streaming": "data.streaming", "objective": "objective", "beta": "preference.beta", "sft_weight": "preference.sft_weight",
+             "reward": "rl.rewards", "reward_weights": "rl.reward_weights", "num_generations": "rl.num_generations",
+             "max_new_tokens": "rl.max_new_tokens", "rollout_backend": "rl.rollout_backend"}
 
 
 def finetune(
@@ -19,7 +21,15 @@ def finetune(
     method: str = typer.Option(None, "--method", help="full | lora | qlora (LoRA on a 4-bit base) [default: full].", show_default=False),
     data: str = o.DATA,
     objective: str = typer.Option(None, "--objective", help="sft (next-token loss) | dpo | ipo | simpo | orpo (on prompt/chosen/"
-                                  "rejected pairs) [default: sft].", show_default=False),
+                                  "rejected pairs) | grpo (on prompts, learning from --reward) [default: sft].", show_default=False),
+    reward: list[str] = typer.Option(None, "--reward", help="grpo: exact:COLUMN | contains:COLUMN | regex:PATTERN | json[:schema.json] | "
+                                     "length:max=N | file.py:function (repeatable; summed).", show_default=False),
+    reward_weights: str = typer.Option(None, "--reward-weights", help="grpo: one weight per --reward, comma-separated [default: 1 each].",
+                                       show_default=False),
+    num_generations: int = typer.Option(None, "--num-generations", help="grpo: completions sampled per prompt [default: 8].", show_default=False),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="grpo: longest completion [default: 64].", show_default=False),
+    rollout_backend: str = typer.Option(None, "--rollout-backend", help="grpo: auto | llama.cpp | transformers [default: auto: "
+                                        "llama.cpp on CPU where it runs the model].", show_default=False),
     beta: float = typer.Option(None, "--beta", help="Preference objectives: distance from the reference (DPO/IPO), reward "
                                "scale (SimPO), odds-ratio weight (ORPO) [default: 0.1; SimPO 2.0].", show_default=False),
     sft_weight: float = typer.Option(None, "--sft-weight", help="Preference objectives: add W x the chosen responses' NLL "
@@ -84,6 +94,8 @@ def finetune(
 
       llmkit finetune --objective dpo --model runs/chat --method lora --data pairs.jsonl --beta 0.1 --out runs/dpo   # prompt/chosen/rejected
 
+      llmkit finetune --objective grpo --method lora --data prompts.jsonl --reward exact:answer --num-generations 8 --out runs/grpo
+
       torchrun --nproc_per_node 2 -m llmkit finetune --recipe recipes/minilm-l6-sentiment-full.yaml --out runs/ddp
 
       torchrun --nproc_per_node 2 -m llmkit finetune --model smollm2-135m --data train.txt --fsdp --out runs/fsdp
@@ -92,7 +104,7 @@ def finetune(
     """
     from llmkit.finetune import finetune as run
 
-    flags = o.recipe_flags(dict(locals()), FLAG_KEYS)
+    flags = o.recipe_flags({**locals(), "reward": reward or None}, FLAG_KEYS)
     if lora_targets is not None:
         flags["lora.target_modules"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
     cfg = o.load(recipe, set_, flags)

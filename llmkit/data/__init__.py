@@ -6,6 +6,7 @@
 - `encoding`: rows tokenized by worker processes; packing
 - `chat`: conversations to ids with assistant-only labels
 - `pairs`: preference pairs (prompt, chosen, rejected)
+- `prompts`: --objective grpo's prompts (text or messages) and the columns rewards read
 - `prepare`: the keyed, memory-mapped prepared-data cache (`llmkit prepare`)
 - `streaming`: --streaming: read, tokenize and pack while training
 - `examples`: the encoded examples, labels, the collator and the epoch sampler the loop takes
@@ -18,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "formats": ["Conversation", "read_conversations"],
     "chat": ["ChatEncoder"],
     "pairs": ["Pair", "encode_pairs"],
+    "prompts": ["PromptCollator", "PromptSet"],
     "prepare": ["Prepared", "prepare_data", "prepare_eval"],
     "files": ["find_sources"],
     "streaming": ["StreamingExamples"],

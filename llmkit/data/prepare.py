@@ -108,6 +108,8 @@ def prepare_data(cfg: Any, tokenizer: Any, labels: Labels | None = None, *, main
     from llmkit.models.templates import add_template_tokens, resolve_template
 
     d, task = cfg.data, cfg.task
+    if getattr(cfg, "objective", "sft") == "grpo":
+        return prepare_prompts(cfg, tokenizer, main=main)
     train_name, train_sources = find_sources(d.train, task=task, what="--data")
     eval_spec = find_sources(d.eval, task=task, what="--eval-data") if d.eval else None
     plan = make_plan(train_sources, task, d)
@@ -180,6 +182,44 @@ def _streaming(cfg: Any, splits: list[Split], tokenizer: Any, chat: Any, added: 
         # the saved model must know which token ends a reply (generation stops there): encoding one row tells
         next(iter(StreamingExamples(train.spec, train.sources, train.plan, job, block_size=d.block_size, packing=False, seed=0, buffer=0)))
     return Prepared(stream, evals, None, chat, added, key, folder, meta)  # type: ignore[arg-type]
+
+
+def prepare_prompts(cfg: Any, tokenizer: Any, *, main: bool = True) -> Prepared:
+    """--objective grpo: PromptSets (llmkit/data/prompts.py) for training, and for eval from --eval-data or
+    data.eval_split; cached under a key of the files, the tokenizer and the template, like all prepared data."""
+    from llmkit.data.chat import ChatEncoder
+    from llmkit.data.prompts import PromptSet, read_prompts
+    from llmkit.models.templates import resolve_template
+
+    d = cfg.data
+    encoder = None
+    if d.chat_template or getattr(tokenizer, "chat_template", None):
+        encoder = ChatEncoder(tokenizer, resolve_template(tokenizer, d.chat_template, cfg.model.name))
+    specs = {"train": d.train, **({"eval": d.eval} if d.eval else {})}
+    inputs = {name: [s.fingerprint() for s in find_sources(spec, task="causal-lm", what="--data")[1]] for name, spec in specs.items()}
+    facts = [FORMAT_VERSION, "prompts", tokenizer_fingerprint(tokenizer), encoder.template if encoder else None, inputs]
+    key = "prompts-" + hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:20]
+    folder = cache_folder() / key
+    if not (folder / "prompts.json").exists() or (d.rebuild and main):
+        splits = {name: read_prompts(spec, tokenizer, encoder, "--data" if name == "train" else "--eval-data") for name, spec in specs.items()}
+        with atomic_path(folder, sweep=True) as tmp:
+            tmp.mkdir()
+            (tmp / "prompts.json").write_text(json.dumps(splits), encoding="utf-8")
+    splits = read_json(folder / "prompts.json")
+    train = PromptSet(splits["train"], f"{key}:train")
+    evals = PromptSet(splits["eval"], f"{key}:eval") if "eval" in splits else None
+    if evals is None and d.eval_split > 0:
+        import random
+
+        idx = list(range(len(train)))
+        random.Random(cfg.train.seed).shuffle(idx)
+        n_eval = max(1, round(len(idx) * d.eval_split))
+        if n_eval >= len(idx):
+            raise UsageError(f"data.eval_split={d.eval_split} leaves no training prompts out of {len(idx)}; lower it or pass --eval-data")
+        train, evals = (PromptSet([train.rows[i] for i in sorted(part)], f"{train.key}:{tag}")
+                        for part, tag in ((idx[n_eval:], "train"), (idx[:n_eval], "eval")))
+    return Prepared(train.head(d.max_train_samples), evals.head(d.max_eval_samples) if evals is not None else None, None,
+                    encoder, (), key, folder, {"rows": len(train)})
 
 
 def prepare_eval(spec: str, tokenizer: Any, *, task: str, block_size: int, max_length: int, labels: Labels | None,

@@ -4,7 +4,8 @@
 - `backends`: the `Backend` protocol, choosing one, opening a model on it
 - `transformers`, `llama_cpp`: the two backends
 - `terminal_chat`: `llmkit chat`: history, the context budget, /commands, Ctrl-C
-- `rollouts`: the interface GRPO's rollout backends implement (G completions per prompt, synced to the policy)
+- `rollouts`: the interface GRPO's rollout backends implement (G completions per prompt, synced to the policy), the
+  transformers one, and `open_rollouts` (--rollout-backend)
 """
 
 from llmkit import lazy_exports
@@ -15,4 +16,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "llama_cpp": ["LlamaCppBackend"],
     "transformers": ["TransformersBackend"],
     "terminal_chat": ["ChatSession"],
+    "rollouts": ["RolloutRequest", "TransformersRollouts", "open_rollouts"],
 })

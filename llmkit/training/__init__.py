@@ -7,6 +7,7 @@
 - `evaluation`: THE evaluation path: training-time eval, evaluate, distill's report, quantize's gate
 - `losses`, `chunked_loss`: KD losses; the LM head and cross-entropy in chunks
 - `preference`: DPO, IPO, SimPO, ORPO losses and the cached reference
+- `grpo`, `rewards`: learning from rewards (GRPO, Dr. GRPO, DAPO) on the one loop; built-in and user reward functions
 - `students`: students cut from a teacher (layer choice, importance)
 - `sharding`, `speedups`, `memory`, `trackers`: FSDP; --compile and Liger; --estimate-memory; --report-to
 """
@@ -18,5 +19,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "loop": ["TrainJob", "TrainResult", "fit"],
     "evaluation": ["evaluate_examples", "evaluate_model"],
     "memory": ["estimate_run"],
+    "grpo": ["GRPOLoss", "greedy_scores"],
+    "rewards": ["load_rewards"],
     "students": ["choose_layers", "layer_importance", "student_from_layers"],
 })

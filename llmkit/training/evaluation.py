@@ -167,7 +167,8 @@ def evaluate_model(model: Any, loader: Any, task: str, accelerator: Any = None, 
 
 
 # Which eval metric decides "best" and early stopping, and whether lower is better.
-BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True), "preference": ("loss", False)}
+BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True), "preference": ("loss", False),
+               "grpo": ("reward", True)}  # grpo: mean reward of greedy answers to the eval prompts
 
 
 def generation_speed(model: Any, prompt_ids: list[int], new_tokens: int = 32) -> float:

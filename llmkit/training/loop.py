@@ -374,8 +374,8 @@ class StepLog:
         self.append({"step": state.step, "epoch": self.epoch(), "loss": None if mean_loss is None else round(mean_loss, 6), **extra,
                      "lr": lr, "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(samples / seconds, 2),
                      **({"skipped_steps": self.skipped} if self.skipped else {})})
-        if mean_loss is not None:
-            self.postfix(f"loss={mean_loss:.4f} tok/s={tokens / seconds:,.0f}")
+        if mean_loss is not None:  # learning from rewards: the reward is what people watch
+            self.postfix(f"loss={mean_loss:.4f} tok/s={tokens / seconds:,.0f}" + (f" reward={extra['reward']:.3f}" if extra.get("reward") is not None else ""))
         self.window_loss, self.tokens, self.samples, self.start, self.skipped = [], 0, 0, time.perf_counter(), 0
 
     def append(self, record: dict[str, Any]) -> None:

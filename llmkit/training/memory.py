@@ -103,8 +103,8 @@ def model_shape(cfg: FinetuneConfig) -> Shape:
 
 def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> Estimate:
     t = cfg.train
-    seq = cfg.data.block_size if cfg.task == "causal-lm" else cfg.data.max_length
-    tokens = t.batch_size * seq
+    seq, rows = grpo_rows(cfg)
+    tokens = rows * seq
     act_bytes = 2 if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device == "cuda") else 4
     # Per token and block, the tensors autograd keeps (a Llama-style block; GPT-2's is about the same): the block
     # input and two norm outputs, q / k / v and their rotated copies, the attention output and the o_proj input,
@@ -126,6 +126,9 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
     logits = 3 * tokens * shape.vocab * 4 if cfg.task == "causal-lm" else 0
     if logits and t.chunked_loss and not t.fsdp:
         logits = 3 * min(tokens * shape.vocab, CHUNK_ELEMENTS) * 4 + tokens * shape.hidden * 4
+    if cfg.objective == "grpo":  # the LM head runs at the completion's positions only; the rollouts' KV cache (no grad)
+        logits = 3 * rows * (cfg.rl.max_new_tokens + 1) * shape.vocab * 4  # is freed before this forward: the larger counts
+        blocks_bytes = max(blocks_bytes, 2 * shape.layers * shape.kv_hidden * tokens * act_bytes)
     if cfg.method == "full":
         trainable, weights = shape.params, shape.params * 4
     else:
@@ -138,6 +141,15 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
         weights = weights / processes + gathered
         grads, optim = grads / processes + gathered, optim / processes
     return Estimate(weights / GB, grads / GB, optim / GB, (blocks_bytes + logits) / GB, holes / GB, RUNTIME_GB.get(device, 0.45))
+
+
+def grpo_rows(cfg: FinetuneConfig) -> tuple[int, int]:
+    """(tokens per row, rows per forward): --objective grpo puts batch x G sequences of a prompt (at most
+    data.block_size: an upper bound) plus --max-new-tokens through each forward; other objectives their batch."""
+    seq = cfg.data.block_size if cfg.task == "causal-lm" else cfg.data.max_length
+    if cfg.objective == "grpo":
+        return seq + cfg.rl.max_new_tokens, cfg.train.batch_size * cfg.rl.num_generations
+    return seq, cfg.train.batch_size
 
 
 def available_gb(device: str, processes_here: int) -> tuple[float, str]:
@@ -165,9 +177,10 @@ def estimate_run(cfg: FinetuneConfig) -> str:
     shape = model_shape(cfg)
     est = estimate(shape, cfg, processes, device)
     have, where = available_gb(device, here)
-    seq = cfg.data.block_size if cfg.task == "causal-lm" else cfg.data.max_length
+    seq = grpo_rows(cfg)[0]
+    grpo = f" prompts x {cfg.rl.num_generations} completions" if cfg.objective == "grpo" else ""
     what = (f"{cfg.method}{', fsdp' if cfg.train.fsdp else ''}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}, "
-            f"{processes} process{'es' if processes > 1 else ''}, batch {cfg.train.batch_size} x {seq} tokens")
+            f"{processes} process{'es' if processes > 1 else ''}, batch {cfg.train.batch_size}{grpo} x {seq} tokens")
     trainable = shape.params if cfg.method == "full" else shape.lora_params + shape.head_params
     lines = [f"memory estimate per process for {cfg.model.name} ({what}) on {device}:",
              f"  weights          {est.weights:8.2f} GB   {shape.params / 1e6:,.1f}M parameters"

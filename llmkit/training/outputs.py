@@ -169,7 +169,8 @@ def plot_losses(out: Path, png: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     rewards = {name: [(r["step"], r[name]) for r in rows if r.get(name) is not None]
-               for name in ("rewards/margins", "rewards/accuracy", "eval_rewards/margins", "eval_rewards/accuracy")}
+               for name in ("rewards/margins", "rewards/accuracy", "eval_rewards/margins", "eval_rewards/accuracy",
+                            "reward", "eval_reward", "eval_pass_rate")}  # the last three: --objective grpo
     rewards = {k: v for k, v in rewards.items() if v}
     fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), dpi=100, squeeze=False)
     ax = axes[0][0]
@@ -187,7 +188,7 @@ def plot_losses(out: Path, png: Path, title: str) -> bool:
         for name, points in rewards.items():
             ax.plot(*zip(*points, strict=True), "o-" if name.startswith("eval_") else "-", label=name, lw=1.2)
         ax.set_xlabel("optimizer step")
-        ax.set_title("rewards (implicit): margin chosen - rejected, accuracy")
+        ax.set_title("reward per step (eval: greedy answers)" if "reward" in rewards else "rewards (implicit): margin chosen - rejected, accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
