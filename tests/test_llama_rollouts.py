@@ -147,7 +147,7 @@ def test_context_overflow_is_one_clear_error_and_close_cleans_up(tiny_llama, cac
     from llmkit.errors import UsageError
 
     model = _lora(tiny_llama)
-    rollouts, tok = _open(model, tiny_llama)
+    rollouts, _ = _open(model, tiny_llama)
     folder = rollouts.dir
     assert folder.is_dir()
     with pytest.raises(UsageError, match="over the model's context of 128"):

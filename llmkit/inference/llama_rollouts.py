@@ -95,11 +95,16 @@ def merged_state_dict(model: Any) -> dict[str, Any]:
 
 
 class LlamaCppRollouts:
-    """The Rollouts protocol (llmkit.inference.rollouts) on llama.cpp; see the module docstring."""
+    """The Rollouts protocol (llmkit.inference.rollouts) on llama.cpp; see the module docstring.
+
+    `threads`: llama.cpp's (default: the cores other processes leave idle). `merged`: sync a LoRA by re-exporting
+    merged weights, as full fine-tuning does (what benchmarks/grpo.py compares the adapter path with).
+    """
 
     name = "llama.cpp"
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_ref: str, max_context: int, threads: int | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, model_ref: str, max_context: int, threads: int | None = None,
+                 merged: bool = False) -> None:
         from llmkit.export.adapter import AdapterUnsupported, AdapterWriter
         from llmkit.models.refs import resolve
 
@@ -114,7 +119,7 @@ class LlamaCppRollouts:
         self.syncs = 0
         self.writer: AdapterWriter | None = None
         self.why_merged: str | None = None
-        if _is_peft(model):
+        if _is_peft(model) and not merged:
             try:
                 peft_cfg = model.peft_config[model.active_adapter].to_dict()
                 self.writer = AdapterWriter(_config(model), peft_cfg, "policy")
