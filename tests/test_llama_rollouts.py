@@ -20,7 +20,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def _lora(base: Path, seed: int = 1):
+def _lora(base: Path, seed: int = 1, targets: str | list[str] = "all-linear"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -28,7 +28,7 @@ def _lora(base: Path, seed: int = 1):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
     # init_lora_weights=False: B is random too, so the adapter really changes what the model says
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
 
 
 def _prompts(tokenizer) -> list[list[int]]:
@@ -121,6 +121,23 @@ def test_full_weights_sync_by_reexport(tiny_llama, cache):
             for i, ids in enumerate(prompts):
                 want, scores = _greedy(model, ids)
                 _same_or_tie(after[i], want[:len(after[i])], scores)
+    finally:
+        rollouts.close()
+
+
+def test_lora_llama_cpp_cannot_apply_falls_back_to_merged(tiny_llama, cache, capsys):
+    import torch
+
+    model = _lora(tiny_llama, targets=["q_proj", "embed_tokens"])  # an adapted embedding: not an adapter llama.cpp applies
+    rollouts, tok = _open(model, tiny_llama)
+    try:
+        assert rollouts.mode == "merged" and "re-export the merged weights" in capsys.readouterr().err
+        prompts = _prompts(tok)
+        got = rollouts.generate(_request(prompts))
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                want, scores = _greedy(model, ids)
+                _same_or_tie(got[i], want[:len(got[i])], scores)
     finally:
         rollouts.close()
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from collections import deque
 from dataclasses import replace
@@ -124,21 +125,33 @@ class LlamaCppRollouts:
         self.adapter: Any = None  # llama_adapter_lora * of the current sync
         self.syncs = 0
         self.writer: AdapterWriter | None = None
-        self.why_merged: str | None = None
         if _is_peft(model) and not merged:
             try:
                 peft_cfg = model.peft_config[model.active_adapter].to_dict()
                 self.writer = AdapterWriter(_config(model), peft_cfg, "policy")
             except AdapterUnsupported as e:
-                self.why_merged = f"llama.cpp cannot apply this LoRA at run time ({e}); rollouts re-export merged weights"
+                self._fall_back(e)
         self.mode = "adapter" if self.writer is not None else "merged"
+
+    def _fall_back(self, why: Exception) -> None:
+        """Sync by merged re-export from now on, saying why in one line (DoRA, modules_to_save, embeddings, ...)."""
+        print(f"llama.cpp cannot apply this LoRA at run time ({why}); rollouts re-export the merged weights every step",
+              file=sys.stderr, flush=True)
+        self.writer, self.mode = None, "merged"
 
     # -- keeping the weights in sync
 
     def sync(self, model: Any) -> None:
         """Make the next `generate` sample from `model`'s current weights (see the module docstring for how)."""
         if self.mode == "adapter":
-            self._sync_adapter(model)
+            from llmkit.export.adapter import AdapterUnsupported
+
+            try:
+                self._sync_adapter(model)
+            except AdapterUnsupported as e:  # the weights' names show what the config did not (an adapted embedding)
+                self._close_model()
+                self._fall_back(e)
+                self._sync_merged(model)
         else:
             self._sync_merged(model)
         self.syncs += 1
@@ -152,23 +165,21 @@ class LlamaCppRollouts:
         return cached_gguf(self.base_ref, "f16", progress=True, threads=self.threads)
 
     def _sync_adapter(self, model: Any) -> None:
+        import llama_cpp as ll
         from peft import get_peft_model_state_dict
 
         assert self.writer is not None
         if self.backend is None:
             self._open(self._base_gguf())
-        # two file names in turn: llama.cpp has read a file completely once llama_adapter_lora_init returns
-        path = self.dir / f"policy-{self.syncs % 2}.lora.gguf"
+        path = self.dir / "policy.lora.gguf"
         self.writer.write(get_peft_model_state_dict(model), path)
-        import llama_cpp as ll
-
         handle = ll.llama_adapter_lora_init(self.native.model, str(path).encode("utf-8"))
         if not handle:
             raise RuntimeError(f"llama.cpp could not load the policy's adapter {path}")
         self._drop_adapter()
         self.adapter = handle
         self.native.adapters[ADAPTER] = handle
-        path.unlink()
+        path.unlink()  # llama.cpp has copied the tensors by the time llama_adapter_lora_init returns
 
     def _drop_adapter(self) -> None:
         """Free the previous sync's adapter, after making sure no context still computes with it."""
@@ -195,7 +206,7 @@ class LlamaCppRollouts:
             self.tokenizer.save_pretrained(folder)  # once: the converter reads the vocabulary from the folder
             (folder / "config.json").write_text(model.config.to_json_string(), encoding="utf-8")
         save_file(merged_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-        path = self.dir / f"policy-{self.syncs % 2}.f16.gguf"
+        path = self.dir / "policy.f16.gguf"
         convert(folder, path, "f16", self.base_ref.path if self.base_ref.is_gguf else None)
         self._close_model()
         self._open(path)
