@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UsageError
-from llmkit.inference.rollouts import RolloutRequest
 
 ADAPTER = "policy"  # the name the live adapter has among the batcher's adapters (one at a time)
 
@@ -241,8 +240,9 @@ class LlamaCppRollouts:
 
     # -- sampling
 
-    def generate(self, request: RolloutRequest) -> list[list[int]]:
-        """len(prompts) * G completions, prompt-major; each ends with the end-of-generation id when the model stopped."""
+    def generate(self, request: Any) -> list[list[int]]:
+        """len(prompts) * G completions of a `RolloutRequest`, prompt-major; each ends with the end-of-generation id when
+        the model stopped. (`request` is not annotated with its class: llmkit.inference.rollouts imports this module.)"""
         from llmkit.inference.llama_batch import Sequence
         from llmkit.inference.sampling import SamplingOptions
 
