@@ -186,7 +186,7 @@ def main() -> None:
                # 2 prompts x G per forward, 4 micro-batches: the same 8 prompts per optimizer step as TRL's one batch of 64
                # (llmkit's recipe does so: 64 sequences in one forward took 11.7 GB of activations)
                "--batch-size", 2, "--grad-accum", PROMPTS_PER_STEP // 2, "--max-steps", a.steps, "--lr", a.lr, "--out", out,
-               "--beta", a.beta, "--set", f"rl.temperature={a.temperature}", "--set", "train.scheduler=constant"]
+               "--set", f"rl.beta={a.beta}", "--set", f"rl.temperature={a.temperature}", "--set", "train.scheduler=constant"]
         try:
             mine = measured(cmd, "llmkit", logs)
         except SystemExit as e:  # the grpo objective is not on this branch yet: say so, keep the other numbers
