@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -122,23 +121,19 @@ def rollouts_only(new_tokens: int) -> None:
 # ----------------------------------------------------------------------------------- parts 1 and 2: the trainers
 
 
-def llmkit_steps(out: Path, text: str) -> tuple[list[float], list[float], list[float]]:
-    """(rewards, rollout seconds, train seconds) per step, from the run's metrics file, else its progress output."""
-    rewards, rollout, train = [], [], []
-    for f in sorted(out.rglob("*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "reward" in row and "step" in row:
-                rewards.append(float(row["reward"]))
-                rollout.append(float(row.get("rollout_s", row.get("rollout_seconds", "nan"))))
-                train.append(float(row.get("train_s", row.get("train_seconds", "nan"))))
-        if rewards:
-            return rewards, rollout, train
-    rewards = [float(x) for x in re.findall(r"reward[ =:]+(-?[\d.]+)", text)]
-    return rewards, [float("nan")] * len(rewards), [float("nan")] * len(rewards)
+def llmkit_steps(out: Path) -> tuple[list[float], float, float]:
+    """(reward per step, rollout seconds per step, train seconds per step) of a finished llmkit run.
+
+    metrics.jsonl has each step's reward and its rollout tokens/s; the run's seconds are in llmkit.json. Rollout seconds
+    = the step's completion tokens / rollout tokens/s; train = the mean step time less that.
+    """
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if "reward" in r and "rollout_tokens_per_s" in r]
+    facts = json.loads((out / "llmkit.json").read_text(encoding="utf-8"))["llmkit"]
+    step_s = facts["train_seconds"] / facts["steps"]
+    rollout_s = [r["completion_length"] * PROMPTS_PER_STEP * G / r["rollout_tokens_per_s"] for r in rows]
+    roll = sum(rollout_s) / len(rollout_s)
+    return [r["reward"] for r in rows], roll, step_s - roll
 
 
 def main() -> None:
@@ -186,20 +181,22 @@ def main() -> None:
                # 2 prompts x G per forward, 4 micro-batches: the same 8 prompts per optimizer step as TRL's one batch of 64
                # (llmkit's recipe does so: 64 sequences in one forward took 11.7 GB of activations)
                "--batch-size", 2, "--grad-accum", PROMPTS_PER_STEP // 2, "--max-steps", a.steps, "--lr", a.lr, "--out", out,
-               "--set", f"rl.beta={a.beta}", "--set", f"rl.temperature={a.temperature}", "--set", "train.scheduler=constant"]
+               "--set", f"rl.beta={a.beta}", "--set", f"rl.temperature={a.temperature}", "--set", "train.scheduler=constant",
+               "--set", "train.log_every=1"]
         try:
             mine = measured(cmd, "llmkit", logs)
         except SystemExit as e:  # the grpo objective is not on this branch yet: say so, keep the other numbers
             print(f"llmkit finetune --objective grpo did not run: {str(e).splitlines()[0]}", flush=True)
         if mine is not None:
-            rewards, roll, train = llmkit_steps(out, mine.stdout + mine.stderr)
-            for k, (r, ro, tr) in enumerate(zip(rewards, roll, train, strict=True), 1):
-                print(f"llmkit_grpo_step step={k} reward={r:.4f} rollout_s={ro:.2f} train_s={tr:.2f}")
+            rewards, roll, train = llmkit_steps(out)
+            for k, r in enumerate(rewards, 1):
+                print(f"llmkit_grpo_step step={k} reward={r:.4f}")
+            step_s = roll + train
+            print(f"llmkit_grpo steps={len(rewards)} step_s={step_s:.2f} rollout_s={roll:.2f} train_s={train:.2f} (mean over "
+                  f"all steps, the first included)", flush=True)
             print(f"llmkit peak_rss_mb={mine.peak_rss_mb:.0f} wall_s={mine.wall:.1f}", flush=True)
             if peer is not None and rewards:
                 f = fields(peer.stdout, "peer_grpo ")
-                steady = roll[1:] if len(roll) > 1 else roll
-                step_s = (sum(steady) + sum(train[1:] if len(train) > 1 else train)) / len(steady)
                 print(f"ratios steps_per_s={f['step_s'] / step_s:.2f}x (target >= 3) "
                       f"peak_rss={mine.peak_rss_mb / peer.peak_rss_mb:.2f}x (target <= 0.8) "
                       f"reward_last llmkit={rewards[-1]:.4f} trl={f['reward_last']:.4f} (target >= trl - 0.02)", flush=True)
