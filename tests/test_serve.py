@@ -500,7 +500,7 @@ def test_bundled_gguf_continuous_batching(tmp_path):
             # usage counts the whole prompt even though the chat template's system prompt came from the cache
             assert a.usage.prompt_tokens == b.usage.prompt_tokens > 20 and 0 < b.usage.completion_tokens <= 16
             assert b.choices[0].finish_reason in ("stop", "length")
-            # Each answers its own question. Batched attention rounds differently (see llmkit.serving.llama_batch),
+            # Each answers its own question. Batched attention rounds differently (see llmkit.inference.llama_batch),
             # so greedy text may take the other branch at a near-tie later on, never in the first words.
             assert b.choices[0].message.content.split()[:3] == a.choices[0].message.content.split()[:3], (a, b)
         same = sum(a.choices[0].message.content == b.choices[0].message.content for a, b in zip(alone, together, strict=True))

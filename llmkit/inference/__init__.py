@@ -4,8 +4,10 @@
 - `backends`: the `Backend` protocol, choosing one, opening a model on it
 - `transformers`, `llama_cpp`: the two backends
 - `terminal_chat`: `llmkit chat`: history, the context budget, /commands, Ctrl-C
+- `llama_batch`: many sequences in one llama.cpp context, one decode call per step (`BatchedLlama`; serve, rollouts)
 - `rollouts`: the interface GRPO's rollout backends implement (G completions per prompt, synced to the policy), the
   transformers one, and `open_rollouts` (--rollout-backend)
+- `llama_rollouts`: GRPO's rollouts on llama.cpp: the base GGUF + the policy's LoRA as an adapter, re-synced every step
 """
 
 from llmkit import lazy_exports

@@ -8,7 +8,7 @@
 
 This is the one module that touches llama-cpp-python's internals (`Llama._model`, its wrapper of the C model:
 the library has no public way to the token texts or the C handles). Code that drives llama.cpp's C API itself,
-such as continuous batching in `llmkit.serving.llama_batch`, gets the handles from `native_llama()`.
+such as continuous batching in `llmkit.inference.llama_batch`, gets the handles from `native_llama()`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""Serving: `llmkit serve`, an OpenAI-compatible HTTP server, its engine and continuous batching.
+"""Serving: `llmkit serve`, an OpenAI-compatible HTTP server, its engine and continuous batching (on `llmkit.inference.llama_batch`).
 
 - `app`: the HTTP routes (FastAPI) and the chat page at /
 - `engine`: the model, the worker thread that owns it, the request queue and slots (`Engine`)
 - `job`: one request's work and the events it sends back (`Job`)
-- `llama_batch`: continuous batching on llama.cpp, many sequences in one context (`BatchedLlama`)
 - `protocol`: OpenAI's request and response shapes (pydantic bodies, `APIError`, `Output`)
 """
 

@@ -12,7 +12,7 @@ On llama.cpp each run folder becomes its GGUF adapter file (llmkit.export.adapte
 `llama_adapter_lora_init` on the base's model; the context computes with one adapter at a time
 (`llama_set_adapters_lora`). One at a time (`--parallel 1`) a request of another adapter than the previous one
 switches the context and drops its cached prompt. With continuous batching (`--parallel N`,
-llmkit.serving.llama_batch) sequences of different adapters cannot share a decode call: each step makes one
+llmkit.inference.llama_batch) sequences of different adapters cannot share a decode call: each step makes one
 decode call per adapter in use, so k adapters in flight cost k weight reads per step instead of one. The switch
 itself is cheap next to that (benchmarks/adapters.py: measured on SmolLM2-135M, see README "Many adapters").
 

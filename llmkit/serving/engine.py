@@ -15,13 +15,13 @@ requests whose sampling options agree into one batched `backend.generate([...])`
 event loop as events on the request's `Job` (`llmkit.serving.job`); a client that disconnects sets its job's
 cancel flag, which aborts the generation at the next token.
 
-With `parallel` > 1 on the llama.cpp backend the worker batches continuously instead (`llmkit.serving.llama_batch`):
+With `parallel` > 1 on the llama.cpp backend the worker batches continuously instead (`llmkit.inference.llama_batch`):
 up to `parallel` sequences share one llama.cpp context, each decode step advances all of them, new requests join
 between steps and reuse the cached prompt prefix, and a finished or abandoned sequence frees its slot at once.
 Seeded sampling requests wait for the batch to drain and run alone on the one-at-a-time path, so a seed keeps
 giving the same text under load. Continuous batching is off by default (turn it on with $LLMKIT_SERVE_PARALLEL
 or Engine(parallel=...)): llama.cpp's batched attention rounds differently from one-at-a-time decoding, so under
-load greedy text can differ from `llmkit generate`'s after a near-tie (see llmkit.serving.llama_batch).
+load greedy text can differ from `llmkit generate`'s after a near-tie (see llmkit.inference.llama_batch).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from typing import Any
 
 from llmkit.errors import UsageError
 from llmkit.inference.backends import Backend, open_backend
+from llmkit.inference.llama_batch import BatchedLlama, DecodeError, Sequence
 from llmkit.inference.sampling import SamplingOptions
 from llmkit.machine import native_stderr_silenced
 from llmkit.models.refs import ModelRef, resolve
 from llmkit.models.templates import Prompt
 from llmkit.serving.job import Job
-from llmkit.serving.llama_batch import BatchedLlama, DecodeError, Sequence
 from llmkit.serving.protocol import APIError, ChatRequest, CompletionRequest
 
 log = logging.getLogger("llmkit.serving.app")

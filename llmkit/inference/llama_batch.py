@@ -2,11 +2,12 @@
 
 `BatchedLlama` owns a second llama.cpp context on the backend's already-loaded model (the weights are shared;
 `LlamaCppBackend.native_llama()` hands it over), with `parallel` sequence slots and one more sequence that caches
-the most recent prompt. The serve worker calls `add()` for new sequences and `step()` in a loop; each step puts
-into ONE `llama_decode` batch the next token of every running sequence plus prompt tokens of sequences still
-being prefilled (chunked to `n_batch`), then samples every sequence that got logits. On a small model one token
-for 16 sequences costs far less than 16 single-token decodes (the weights are read once per step, not once per
-sequence), which is the whole gain.
+the most recent prompt. Two users: `llmkit serve`'s worker (llmkit.serving.engine) and GRPO's rollouts
+(llmkit.inference.llama_rollouts), which read the sampled token ids (`Sequence.generated`). The serve worker calls
+`add()` for new sequences and `step()` in a loop; each step puts into ONE `llama_decode` batch the next token of
+every running sequence plus prompt tokens of sequences still being prefilled (chunked to `n_batch`), then samples
+every sequence that got logits. On a small model one token for 16 sequences costs far less than 16 single-token
+decodes (the weights are read once per step, not once per sequence), which is the whole gain.
 
 Prompt prefix sharing: the KV cache is unified (one pool of cells for all sequences), so `llama_memory_seq_cp`
 only tags the cells of the cached prompt with the new sequence's id: a chat prompt that starts like the previous
@@ -69,6 +70,7 @@ class Sequence:
     reserved: int = 0  # KV cells this sequence may still come to use
     reused: int = 0  # prompt tokens taken from the prefix cache
     new_tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # sampled ids, end-of-generation included: what RL trains on
     finish: str | None = None
     started: float = 0.0
     sampler: Any = None
@@ -294,6 +296,7 @@ class BatchedLlama:
     def _advance(self, seq: Sequence, tok: int) -> bool:
         """Account for sampled `tok`, exactly as LlamaCppBackend.generate does; True when `seq` is finished."""
         seq.new_tokens += 1
+        seq.generated.append(tok)
         if self._ll.llama_vocab_is_eog(self.vocab, tok):
             seq.finish = "stop"
             return True
