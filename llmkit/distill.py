@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.config import DistillConfig, KDConfig, ModelConfig
-from llmkit.data.examples import Collator, Labels
+from llmkit.data.examples import Collator, IndexedExamples, Labels
 from llmkit.errors import UsageError
 from llmkit.models.refs import ModelRef, base_model_id, cache_folder, weights_fingerprint
 from llmkit.progress import bar as progress_bar
@@ -205,25 +205,6 @@ def _teacher_logits(teacher: Any, examples: Any, collate: Any, task: str, k: int
         # packed blocks all have block_size tokens, so the per-example tensors stack without padding
         return {"values": torch.cat(values), "indices": torch.cat(indices)}
     return {"values": torch.cat(values)}
-
-
-class IndexedExamples:
-    """The training examples, each carrying its position so the loss can find its cached teacher logits."""
-
-    def __init__(self, examples: Any) -> None:
-        self.examples = examples
-        self.lengths = examples.lengths
-        self.input_ids = examples.input_ids
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.examples[i], "index": i}
-
-    @property
-    def tokens(self) -> int:
-        return self.examples.tokens
 
 
 # ------------------------------------------------------------------------------------------------ measure

@@ -89,8 +89,9 @@ class Finetune(Objective):
         """DPO and relatives: pairs in, [chosen; rejected] rows through the model; the reference's log-probs (DPO, IPO)
         for the rows the run draws (llmkit/training/reference.py): with LoRA computed per batch as it is drawn (the
         adapter off), for a full fine-tune before any step with the model as built; cached per row either way."""
+        from llmkit.data.examples import IndexedExamples
         from llmkit.training.preference import NEEDS_REFERENCE, PreferenceCollator, PreferenceLoss, WithReference
-        from llmkit.training.reference import BatchReference, Indexed, ReferenceCache, fill, planned_rows, reference_key
+        from llmkit.training.reference import BatchReference, ReferenceCache, fill, planned_rows, reference_key
 
         cfg, data, p, model, t, acc = self.cfg, run.data, self.cfg.preference, self.model, self.cfg.train, run.accelerator
         collate = PreferenceCollator(run.tokenizer.pad_token_id)
@@ -118,7 +119,7 @@ class Finetune(Objective):
                         fill(model, examples, todo, cache, collate, acc, t.eval_batch_size or 2 * t.batch_size, run.progress)
                 if i == 0:
                     reference = BatchReference(model, cache, acc, lazy, len(todo), run.progress)
-                    sets[0] = Indexed(examples)
+                    sets[0] = IndexedExamples(examples)
                 else:
                     sets[1] = WithReference(examples, cache.tensor(rows))
         loss = PreferenceLoss(cfg.objective, p.beta, p.sft_weight, p.simpo_gamma, model, reference)

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from llmkit.config import load_recipe
 from llmkit.data.examples import Collator, EpochSampler
-from llmkit.distill import IndexedExamples
+from llmkit.data.examples import IndexedExamples
 from llmkit.data.prepare import prepare_data
 from llmkit.training.lifecycle import make_accelerator
 

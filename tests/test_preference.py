@@ -315,12 +315,13 @@ def test_reference_covers_only_the_rows_drawn_and_equals_the_up_front_pass(metho
     from transformers import AutoModelForCausalLM
 
     import llmkit.training.reference as reference
+    from llmkit.data.examples import IndexedExamples
     from llmkit.training.preference import PreferenceCollator, pair_logps
 
     drawn, seen = [], {}
-    real_call, real_init = reference.BatchReference.__call__, reference.Indexed.__init__
+    real_call, real_init = reference.BatchReference.__call__, IndexedExamples.__init__
     monkeypatch.setattr(reference.BatchReference, "__call__", lambda self, batch: drawn.extend(batch["index"].tolist()) or real_call(self, batch))
-    monkeypatch.setattr(reference.Indexed, "__init__", lambda self, examples: seen.setdefault("train", examples) and real_init(self, examples))
+    monkeypatch.setattr(IndexedExamples, "__init__", lambda self, examples: seen.setdefault("train", examples) and real_init(self, examples))
     cache = tmp_path / "cache"
     code, _, err = cli(*_dpo(tiny_llama, many_prefs, tmp_path / "run", "--method", method, "--max-steps", "2", "--batch-size", "2",
                              "--set", f"preference.cache_dir={cache}"))

@@ -445,3 +445,24 @@ class EpochSampler:
             yield from full[k]
         for b in short:
             yield from b
+
+
+class IndexedExamples:
+    """Examples that carry their row index, so a batch can look up what was computed for its rows (a reference
+    model's log-probs, a teacher's logits), or compute it when missing. Lengths and ids pass through for the
+    samplers; `key` (the prepared data's identity) for caches keyed by it."""
+
+    def __init__(self, examples: Any) -> None:
+        self.examples = examples
+        self.lengths, self.input_ids = examples.lengths, examples.input_ids
+        self.key = getattr(examples, "key", None)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.examples[i], "index": i}
+
+    @property
+    def tokens(self) -> int:
+        return self.examples.tokens

@@ -149,7 +149,7 @@ def planned_rows(n: int, lengths: Any, batch_size: int, grad_accum: int, max_ste
 
 
 class BatchReference:
-    """The `reference` of a training batch ([pairs, 2] on its device) from the rows its pairs carry (`Indexed`):
+    """The `reference` of a training batch ([pairs, 2] on its device) from the rows its pairs carry (`llmkit.data.examples.IndexedExamples`):
     cached rows read, the others computed with `batch_reference_logps` when `lazy` (the reference does not move
     while training: LoRA), or refused (a full fine-tune's rows are all computed before its first step)."""
 
@@ -189,21 +189,3 @@ class BatchReference:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class Indexed:
-    """Pairs that carry their row index, so a batch can look its reference up (and compute it when missing)."""
-
-    def __init__(self, examples: Any) -> None:
-        self.examples = examples
-        self.lengths, self.input_ids, self.key = examples.lengths, examples.input_ids, examples.key
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.examples[i], "index": i}
-
-    @property
-    def tokens(self) -> int:
-        return self.examples.tokens
