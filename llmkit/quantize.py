@@ -12,13 +12,10 @@ torchao installed, and by every llmkit command. The kernel (`--kernel`, default 
 `Conv1D` layers stay in float (the format quantizes `nn.Linear` only); the report counts what was converted.
 Speed is measured after a warm-up, over several timed runs: the report holds their median and every run.
 
-`gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format, every architecture
-llama.cpp's converter knows: `llmkit.export.gguf.unsupported` names the ones it does not) with the tokenizer and
-chat template inside; see `llmkit.export.gguf` for what each type holds. It loads in llama.cpp / llama-cpp-python
-and in transformers (`from_pretrained(folder, gguf_file=name)`); `llmkit generate --model out.gguf` runs it.
-GGUF quality and speed are measured in llama.cpp itself.
-
-`load_int8` lives in `llmkit.models.int8` (what loading needs, without the quantizers); it is re-exported here.
+`gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format; every architecture
+its converter knows, `llmkit.export.gguf.unsupported` names the others) with the tokenizer and chat template inside;
+`llmkit.export.gguf` says what each type holds. llama.cpp and transformers (`gguf_file=`) load it; its quality and
+speed are measured in llama.cpp itself. `load_int8` (`llmkit.models.int8`) is re-exported here.
 """
 
 from __future__ import annotations
@@ -173,7 +170,7 @@ def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> d
 
     say("measuring the fp32 model")
     fp32_bytes = weight_bytes(src.model)  # what save_pretrained writes and what sits in memory
-    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(src.ref),
+    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _files_bytes(src.ref.path),
               **_measure(src.model, src, cfg.speed_runs)}
 
     # quantize into a temporary name (`.tmp-OUT-PID`), measure, then rename: a failure or a failed gate leaves
@@ -239,7 +236,9 @@ def _measure(model: Any, src: Source, runs_n: int = 5) -> dict[str, Any]:
     from llmkit.training.evaluation import generation_speeds
 
     runs_n = max(1, runs_n)
-    torch.set_num_threads(_threads())
+    from llmkit.machine import physical_cores
+
+    torch.set_num_threads(physical_cores())
     with _no_bnb_cast_log():
         found = _quality(model, src.blocks, src.task, src.eval_data, src.tokenizer, src.max_length, runs_n)
         if src.task == "causal-lm":
@@ -332,18 +331,6 @@ class QualityGateError(UsageError):
 
 def _report_path(out: Path) -> Path:
     return out.with_name(out.stem + "." + REPORT)
-
-
-def _threads() -> int:
-    from llmkit.machine import physical_cores
-
-    return physical_cores()
-
-
-def _source_bytes(ref: Any) -> int:
-    if ref.is_gguf:
-        return ref.path.stat().st_size
-    return sum(f.stat().st_size for f in ref.path.glob("*.safetensors"))
 
 
 def _load_fp32(ref: Any, task: str, progress: bool) -> Any:
@@ -475,19 +462,14 @@ def print_report(report: dict[str, Any], stream: Any = None) -> None:
     for name, x, y, ratio in rows:
         print(f"{name:12s} {x:10.2f} {y:10.2f} {ratio:7.3f}", file=stream)
     if speed:  # the spread says how far the ratio can be trusted on this machine today
-        runs = f"{len(b.get(speed + '_runs', []))} timed runs after a warm-up"
-        print(f"speed: median of {runs}; fp32 {_spread(b, speed)}, {report['method']} {_spread(a, speed)}", file=stream)
+        spread = [f"{min(m.get(speed + '_runs') or [m[speed]]):.1f}-{max(m.get(speed + '_runs') or [m[speed]]):.1f}" for m in (b, a)]
+        print(f"speed: median of {len(b.get(speed + '_runs', []))} timed runs after a warm-up; fp32 {spread[0]}, {report['method']} {spread[1]}", file=stream)
     if "kernel" in report:
         m = report["modules"]
         print(f"kernel: int8 {report['kernel']} (torchao, {report['kernel_chosen_by']}); {m['int8_linear']} linear layers int8, "
               f"kept in {report['dtype']}: {report['kept_in_float']}", file=stream)
     g = report["gate"]
     print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)
-
-
-def _spread(measured: dict[str, Any], key: str) -> str:
-    runs = measured.get(key + "_runs") or [measured[key]]
-    return f"{min(runs):.1f}-{max(runs):.1f}"
 
 
 def quantize_auto(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
