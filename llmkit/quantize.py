@@ -36,7 +36,7 @@ from llmkit.export.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.export.gguf import TYPES as GGUF_TYPES
 from llmkit.export.gguf import export as export_gguf
 from llmkit.export.int8 import KEEP_FP32, write_int8  # noqa: F401  (KEEP_FP32: --keep-fp32's help)
-from llmkit.models.int8 import KERNELS, default_kernel, load_int8, quantized_method, quiet_torchao  # noqa: F401  (load_int8: re-exported)
+from llmkit.models.int8 import KERNELS, default_dtype, default_kernel, load_int8, quantized_method, quiet_torchao  # noqa: F401  (load_int8: re-exported)
 from llmkit.runfolder import read_json, write_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type; METHODS (every --method) is below
@@ -260,7 +260,7 @@ def _speed(key: str, runs: list[float]) -> dict[str, Any]:
 
 def _int8(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
     kernel = default_kernel(src.task) if cfg.kernel == "auto" else cfg.kernel
-    qmodel, details = write_int8(src.take_model(), src.tokenizer, tmp, src.task, kernel, cfg.keep_fp32)
+    qmodel, details = write_int8(src.take_model(), src.tokenizer, tmp, src.task, kernel, cfg.keep_fp32, default_dtype(src.task, kernel))
     return qmodel, {**details, "kernel_chosen_by": "default for this task and CPU" if cfg.kernel == "auto" else "--kernel"}
 
 
