@@ -68,7 +68,8 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     assert _rel_err(_logits(q, IDS), _logits(fp32, IDS)) < TOL
     if arch == "gpt2":  # Conv1D is not nn.Linear: transformers' torchao format leaves it in float, and the report says so
         assert report["modules"] == {"int8_linear": 0, "float_linear": 1, "float_conv1d": 8}  # 1: the tied LM head
-        assert "Conv1D" in report["kept_in_float"] and report["ratios"]["disk"] > 0.9
+        # a causal LM's folder is bf16 (llmkit.models.int8.default_dtype), so what stays in float still halves
+        assert "Conv1D" in report["kept_in_float"] and report["dtype"] == "bfloat16" and 0.45 < report["ratios"]["disk"] < 0.6
     else:  # every linear layer but the (untied) LM head's float copy is int8: 2 layers x 7, plus lm_head
         assert report["modules"]["int8_linear"] == 15 and report["modules"]["float_linear"] == 0
         assert type(q.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
