@@ -49,17 +49,21 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-# MiniLM-L6 classifier, samples/s against fp32 on the CPU kinds measured (see the README's quantizing section)
+# Classifiers: int8 x int8 matmuls are what VNNI / AMX-int8 exist for, so those CPUs get `dynamic`. PROVISIONAL:
+# MiniLM-L6 samples/s against fp32 was still being measured when this was written (issue 39); on the VNNI Xeon here
+# the dynamic pass took longer than the fp32 one, so check benchmarks/quantize.py's minilm lines before trusting it.
 CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "dynamic", "other": "weight-only"}
 
 
 def default_dtype(task: str, kernel: str) -> str:
     """The float dtype of the folder (activations and the layers left in float).
 
-    torchao 0.18's weight-only kernel widens the int8 weight to the activations' dtype and multiplies: with fp32
-    activations that is more memory traffic than fp32 itself (SmolLM2 decoding measured at 0.3x fp32), with bf16
-    half of it (2.4x in the same session, +0.8% perplexity). So causal LMs, which decode, get bf16; classifiers
-    (a single forward pass over a batch, compute-bound, where bf16 without AMX is slow) stay in fp32.
+    torchao 0.18's weight-only kernel widens the int8 weight to the activations' dtype and multiplies (it no longer
+    calls `_weight_int8pack_mm`): with fp32 activations that is more memory traffic than fp32 itself. SmolLM2,
+    32 greedy tokens, one run after the other on a busy 2-core VNNI Xeon: fp32 3.9 tok/s, int8 with fp32
+    activations 1.2, int8 with bf16 activations 9.3 (+0.8% perplexity on 16 x 256 held-out tokens either way);
+    a 256-token prompt took 3.5 s, 6.0 s and 17.8 s. So causal LMs, which decode, get bf16; classifiers (one
+    compute-bound forward pass per batch, where bf16 without AMX is slow) stay in fp32.
     """
     return "bfloat16" if task == "causal-lm" and kernel == "weight-only" else "float32"
 
