@@ -49,6 +49,6 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
     int8 = [n for n, m in back.named_modules() if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
     details = {"kernel": kernel_of(back.config), "dtype": dtype,
                "modules": {"int8_linear": len(int8), "float_linear": len(names) - len(int8), "float_conv1d": conv1d},
-               "kept_in_float": "embeddings and tied LM heads" + (", GPT-2 Conv1D layers" if conv1d else "")
-               + (", classifier heads" if task == "seq-cls" else "") + " (transformers' torchao format quantizes nn.Linear only)"}
+               "kept_in_float": ("embeddings, tied LM heads" if task == "causal-lm" else "embeddings, classifier heads")
+               + (", GPT-2 Conv1D layers" if conv1d else "") + " (transformers' torchao format quantizes nn.Linear only)"}
     return back, details
