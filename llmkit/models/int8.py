@@ -49,10 +49,12 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-# Classifiers: int8 x int8 matmuls are what VNNI / AMX-int8 exist for, so those CPUs get `dynamic`. PROVISIONAL:
-# MiniLM-L6 samples/s against fp32 was still being measured when this was written (issue 39); on the VNNI Xeon here
-# the dynamic pass took longer than the fp32 one, so check benchmarks/quantize.py's minilm lines before trusting it.
-CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "dynamic", "other": "weight-only"}
+# Classifiers. Measured on the 2-core VNNI Xeon without AMX (issue 39, a busy machine: spreads wide), MiniLM-L6
+# sentiment, 1000 rt-polarity reviews: `dynamic` ran at 0.54x fp32's samples/s (median of 5; 3.2-10.0 vs 4.4-7.7)
+# at -0.2 points accuracy, so VNNI CPUs do not get it. `weight-only` for classifiers was not measured to the end
+# that day. AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
+# re-measure with benchmarks/quantize.py before relying on either.
+CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-only"}
 
 
 def default_dtype(task: str, kernel: str) -> str:
