@@ -51,8 +51,9 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
 
 # Classifiers. Measured on the 2-core VNNI Xeon without AMX (issue 39, a busy machine: spreads wide), MiniLM-L6
 # sentiment, 1000 rt-polarity reviews: `dynamic` ran at 0.54x fp32's samples/s (median of 5; 3.2-10.0 vs 4.4-7.7)
-# at -0.2 points accuracy; `weight-only` (fp32) at 0.48x (19.7 vs 9.45 samples/s, +0.1 points). Neither beats fp32
-# there: int8 buys classifiers size (0.65x on disk), not speed, on such CPUs; weight-only keeps activations exact. AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
+# with accuracy +0.2 points; `weight-only` (fp32) at 0.48x (19.7 vs 9.45 samples/s, accuracy +0.1 points). Neither beats fp32
+# there: int8 buys classifiers size (0.65x on disk), not speed, on such CPUs; weight-only keeps activations exact.
+# AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
 # re-measure with benchmarks/quantize.py before relying on either.
 CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-only"}
 
