@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     # bitsandbytes logs this on import on AVX512-BF16 CPUs when an optional kernel package is absent, in every
     # command, 4-bit or not; its fallback works. Only that message is dropped, bitsandbytes' others still show.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
+    # torchao (int8 folders), imported by transformers and peft whenever it is installed, logs "Failed to load
+    # ..._C_mxfp8...so" for CUDA kernels on CPU-only torch, and torch warns about its Enum registrations: two
+    # messages with no action for the user, on every command. Only those two are dropped.
+    logging.getLogger("torchao").addFilter(lambda r: not r.getMessage().startswith("Failed to load"))
+    logging.getLogger("torch.utils._pytree").addFilter(lambda r: "register_constant()" not in r.getMessage())
     args = sys.argv[1:] if argv is None else argv
     if not sys.stderr.isatty() or "--quiet" in args or "-q" in args:
         # library bars (downloads, "Writing model shards") follow llmkit's rule: none in logs or with --quiet

@@ -1,28 +1,21 @@
-"""Quantized models: llmkit int8 (CPU-fast, per-channel), bitsandbytes LLM.int8(), and GGUF export (f16 to 4-bit).
+"""Quantized models: int8 (torchao, a plain Hugging Face folder), bitsandbytes LLM.int8(), and GGUF export (f16 to 4-bit).
 
     >>> from llmkit.quantize import QuantizeConfig, quantize
     >>> report = quantize(QuantizeConfig(model="smollm2-135m", out="runs/smollm2-int8", method="int8"))
-    >>> report["after"]["perplexity"], report["ratios"]["tokens_per_s"]
+    >>> report["after"]["perplexity"], report["ratios"]["tokens_per_s"], report["kernel"]
 
-`int8` is weight-only int8 with one scale per output channel (symmetric, absmax / 127), for every linear layer,
-GPT-2's `Conv1D` layers (transposed into linear form: generic int8 code silently skips them, pytorch#33433),
-and the token embedding, whose int8 rows also serve as the tied LM head. Activations stay in fp32: per-token
-int8 activations cost SmolLM2 +4% perplexity (GUIDE §3). Decoding runs on `torch._weight_int8pack_mm`, the
-CPU kernel that reads int8 weights directly, with bf16 activations (its fast path); decoding is memory-bound,
-so 4x fewer weight bytes is what makes it faster. Prompts and evaluation batches (32+ tokens) on CPUs without
-AMX widen the weights to fp32 instead (`llmkit.models.int8.DEQUANTIZE_ROWS`). Classifier heads stay fp32 (tiny, and every error there lands on the prediction).
-Why not a library: torchao's int8 weight-only config was measured here at +0.57% perplexity but only 1.31x,
-with the embedding and tied head left in fp32 (41% of the fp32 size for SmolLM2); optimum-quanto was slower
-than fp32. The folder stores int8 tensors and scales in safetensors; `load_int8(folder)` (or any llmkit
-command with `--model folder`) rebuilds the model.
+`int8` writes what transformers' `TorchAoConfig` + `save_pretrained` write: per-output-channel int8 weights for
+every `nn.Linear` (torchao `Int8Tensor`), loaded back by plain `AutoModelFor*.from_pretrained(folder)` with
+torchao installed, and by every llmkit command. The kernel (`--kernel`, default per task and CPU kind:
+`llmkit.models.int8.default_kernel`) is `weight-only` (decoding is memory-bound: fewer weight bytes) or `dynamic`
+(int8 activations too, for compute-bound classifiers). Embeddings, tied LM heads, classifier heads and GPT-2's
+`Conv1D` layers stay in float (the format quantizes `nn.Linear` only); the report counts what was converted.
+Speed is measured after a warm-up, over several timed runs: the report holds their median and every run.
 
-`gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format; gpt2 and
-llama architectures) with the tokenizer and chat template inside; see `llmkit.export.gguf` for what each type holds.
-It loads in llama.cpp / llama-cpp-python and in transformers (`from_pretrained(folder, gguf_file=name)`);
-`llmkit generate --model out.gguf` runs it. GGUF quality and speed are measured in llama.cpp itself.
-
-The int8 layers and `load_int8` live in `llmkit.models.int8` (what loading needs, without the quantizers); they are
-re-exported here.
+`gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format; every architecture
+its converter knows, `llmkit.export.gguf.unsupported` names the others) with the tokenizer and chat template inside;
+`llmkit.export.gguf` says what each type holds. llama.cpp and transformers (`gguf_file=`) load it; its quality and
+speed are measured in llama.cpp itself. `load_int8` (`llmkit.models.int8`) is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,14 +35,8 @@ from llmkit.errors import UsageError
 from llmkit.export.gguf import LLAMA_CPP_TYPES, k_quant_fallbacks, unsupported
 from llmkit.export.gguf import TYPES as GGUF_TYPES
 from llmkit.export.gguf import export as export_gguf
-from llmkit.export.int8 import KEEP_FP32, quantize_int8_, save_int8  # noqa: F401  (KEEP_FP32: --keep-fp32's help)
-from llmkit.models.int8 import (  # noqa: F401  (re-exported: `from llmkit.quantize import load_int8` is documented)
-    Int8Embedding,
-    Int8Linear,
-    TiedInt8Head,
-    load_int8,
-    quantized_method,
-)
+from llmkit.export.int8 import KEEP_FP32, write_int8  # noqa: F401  (KEEP_FP32: --keep-fp32's help)
+from llmkit.models.int8 import KERNELS, default_dtype, default_kernel, load_int8, quantized_method, quiet_torchao  # noqa: F401  (load_int8: re-exported)
 from llmkit.runfolder import read_json, write_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type; METHODS (every --method) is below
@@ -81,6 +68,10 @@ class QuantizeConfig:
     """--force: keep the model even when it fails the quality gate."""
     keep_fp32: tuple[str, ...] = ()
     """--keep-fp32: int8: module names left in fp32 (besides KEEP_FP32)."""
+    kernel: str = "auto"
+    """--kernel: int8: auto (per task and CPU: llmkit.models.int8.default_kernel) or one of KERNELS."""
+    speed_runs: int = 5
+    """Timed runs behind each speed (after one warm-up); the report gives their median and all of them."""
     block_size: int = 256
     """Tokens per perplexity window (at most the model's context)."""
     max_blocks: int = 16
@@ -111,6 +102,16 @@ class QuantizeConfig:
             problems.append(f"--method {self.method!r} is not one of {', '.join((*METHODS, AUTO_METHOD))}")
         if self.merge and self.method != AUTO_METHOD:
             problems.append(f"--merge goes with --method {AUTO_METHOD} (any --method gguf-TYPE on a LoRA run is the merged export)")
+        if self.kernel not in ("auto", *KERNELS):
+            problems.append(f"--kernel {self.kernel!r} is not one of auto, {', '.join(KERNELS)}")
+        elif self.kernel != "auto" and self.method != "int8":
+            problems.append(f"--kernel goes with --method int8, not {self.method}")
+        if self.method == "int8":
+            try:
+                with quiet_torchao():
+                    pass
+            except ImportError:
+                problems.append("--method int8 needs torchao: pip install 'llmkit[quant]' (or pip install torchao)")
         if self.max_ppl_increase < 0:
             problems.append(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
         if (gguf_type or self.method in (LORA_METHOD, AUTO_METHOD)) and out.suffix != ".gguf":
@@ -169,8 +170,8 @@ def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> d
 
     say("measuring the fp32 model")
     fp32_bytes = weight_bytes(src.model)  # what save_pretrained writes and what sits in memory
-    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _source_bytes(src.ref),
-              **_measure(src.model, src)}
+    before = {"memory_bytes": fp32_bytes, "disk_bytes": fp32_bytes, "source_disk_bytes": _files_bytes(src.ref.path),
+              **_measure(src.model, src, cfg.speed_runs)}
 
     # quantize into a temporary name (`.tmp-OUT-PID`), measure, then rename: a failure or a failed gate leaves
     # nothing behind, and with --overwrite the old output is removed only once the new one is in place
@@ -181,10 +182,10 @@ def quantize(cfg: QuantizeConfig, say: Callable[[str], None] | None = None) -> d
         disk = _files_bytes(tmp)
         say("measuring the quantized model")
         if qmodel is not None:
-            after = {"disk_bytes": disk, "memory_bytes": weight_bytes(qmodel), **_measure(qmodel, src)}
+            after = {"disk_bytes": disk, "memory_bytes": weight_bytes(qmodel), **_measure(qmodel, src, cfg.speed_runs)}
         else:  # llama.cpp maps the file: weights in memory = the file
             gguf, adapter = (Path(details["base"]), tmp) if cfg.method == LORA_METHOD else (tmp, None)
-            after = {"disk_bytes": disk, "memory_bytes": disk, **_gguf_quality_and_speed(gguf, src.blocks, src.prompt, adapter)}
+            after = {"disk_bytes": disk, "memory_bytes": disk, **_gguf_quality_and_speed(gguf, src.blocks, src.prompt, adapter, cfg.speed_runs)}
         report = _report(cfg.model, cfg.method, src.task, src.eval_name, before, after, details, cfg.max_ppl_increase)
         if report["gate"]["failed"] and not cfg.force:
             raise QualityGateError(report)
@@ -228,18 +229,28 @@ def load_source(cfg: QuantizeConfig, say: Callable[[str], None]) -> Source:
     return Source(ref, task, tokenizer, blocks, eval_name, cfg.eval_data, max_length, prompt, model)
 
 
-def _measure(model: Any, src: Source) -> dict[str, Any]:
+def _measure(model: Any, src: Source, runs_n: int = 5) -> dict[str, Any]:
     """Quality (perplexity or accuracy) and, for causal LMs, greedy tokens/s of a model in torch."""
     import torch
 
-    from llmkit.training.evaluation import generation_speed
+    from llmkit.training.evaluation import generation_speeds
 
-    torch.set_num_threads(_threads())
+    runs_n = max(1, runs_n)
+    from llmkit.machine import physical_cores
+
+    torch.set_num_threads(physical_cores())
     with _no_bnb_cast_log():
-        found = _quality(model, src.blocks, src.task, src.eval_data, src.tokenizer, src.max_length)
+        found = _quality(model, src.blocks, src.task, src.eval_data, src.tokenizer, src.max_length, runs_n)
         if src.task == "causal-lm":
-            found["tokens_per_s"] = round(generation_speed(model, src.prompt), 2)
+            found.update(_speed("tokens_per_s", generation_speeds(model, src.prompt, runs=runs_n)))
     return found
+
+
+def _speed(key: str, runs: list[float]) -> dict[str, Any]:
+    """The median of several timed runs, and the runs: one run of a short generation swung 0.75x-1.5x (issue 39)."""
+    import statistics
+
+    return {key: round(statistics.median(runs), 2), f"{key}_runs": [round(r, 2) for r in runs]}
 
 
 # --------------------------------------------------------------------------------------------- the methods
@@ -248,14 +259,9 @@ def _measure(model: Any, src: Source) -> dict[str, Any]:
 
 
 def _int8(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
-    tmp.mkdir(parents=True)
-    model = src.take_model()
-    modules = quantize_int8_(model, cfg.keep_fp32)
-    save_int8(model, modules, tmp)
-    src.tokenizer.save_pretrained(tmp)
-    del model  # freed before the reload below: never two copies in memory
-    counts = {k: sum(1 for v in modules.values() if v == k) for k in sorted(set(modules.values()))}
-    return load_int8(tmp), {"modules": counts}  # measure what was saved, reloaded the way users will load it
+    kernel = default_kernel(src.task) if cfg.kernel == "auto" else cfg.kernel
+    qmodel, details = write_int8(src.take_model(), src.tokenizer, tmp, src.task, kernel, cfg.keep_fp32, default_dtype(src.task, kernel))
+    return qmodel, {**details, "kernel_chosen_by": "default for this task and CPU" if cfg.kernel == "auto" else "--kernel"}
 
 
 def _bnb(src: Source, tmp: Path, cfg: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
@@ -327,18 +333,6 @@ def _report_path(out: Path) -> Path:
     return out.with_name(out.stem + "." + REPORT)
 
 
-def _threads() -> int:
-    from llmkit.machine import physical_cores
-
-    return physical_cores()
-
-
-def _source_bytes(ref: Any) -> int:
-    if ref.is_gguf:
-        return ref.path.stat().st_size
-    return sum(f.stat().st_size for f in ref.path.glob("*.safetensors"))
-
-
 def _load_fp32(ref: Any, task: str, progress: bool) -> Any:
     from llmkit.models.load import load_causal_lm, load_seq_cls
 
@@ -394,10 +388,12 @@ def default_eval_text() -> str:
     return (Path(__file__).parent / "heldout.txt").read_text(encoding="utf-8")
 
 
-def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | None, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    from llmkit.data.examples import ExampleSet, Labels
+def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | None, tokenizer: Any, max_length: int,
+             runs_n: int = 5) -> dict[str, Any]:
+    """Perplexity, or accuracy and samples/s (the median of `runs_n` timed passes over up to 256 examples)."""
+    from llmkit.data.examples import Collator, ExampleSet, Labels
     from llmkit.data.prepare import prepare_eval
-    from llmkit.training.evaluation import evaluate_examples
+    from llmkit.training.evaluation import evaluate_examples, inference_speeds
 
     if task == "causal-lm":
         m = evaluate_examples(model, ExampleSet(blocks), task, tokenizer.pad_token_id)
@@ -406,12 +402,13 @@ def _quality(model: Any, blocks: list[list[int]], task: str, eval_data: str | No
     examples, _ = prepare_eval(str(eval_data), tokenizer, task=task, block_size=max_length, max_length=max_length, labels=labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    t0 = time.perf_counter()
     m = evaluate_examples(model, examples, task, tokenizer.pad_token_id, num_labels=len(labels.names))
-    return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], "samples_per_s": round(m["samples"] / (time.perf_counter() - t0), 1)}
+    runs = inference_speeds(model, examples, Collator(tokenizer.pad_token_id, causal=False), runs=runs_n, limit=256)
+    return {"accuracy": round(m["accuracy"], 4), "eval_samples": m["samples"], **_speed("samples_per_s", runs)}
 
 
-def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int], adapter: Path | None = None) -> dict[str, Any]:
+def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[int], adapter: Path | None = None,
+                            runs_n: int = 5) -> dict[str, Any]:
     """Perplexity on the same token windows, and greedy tokens/s, computed by llama.cpp itself (with `adapter` applied)."""
     import math
 
@@ -424,18 +421,22 @@ def _gguf_quality_and_speed(path: Path, blocks: list[list[int]], prompt: list[in
     for block in blocks:
         nll += backend.nll(block)
         count += len(block) - 1
-    t0 = time.perf_counter()
-    made = len(backend.greedy_token_ids(prompt, n_new))
-    speed = made / (time.perf_counter() - t0)
+    backend.greedy_token_ids(prompt, 8)  # warm-up
+    runs = []
+    for _ in range(runs_n):
+        t0 = time.perf_counter()
+        made = len(backend.greedy_token_ids(prompt, n_new))
+        runs.append(made / (time.perf_counter() - t0))
     backend.close()
-    return {"perplexity": round(math.exp(nll / count), 4), "eval_tokens": count, "tokens_per_s": round(speed, 2)}
+    return {"perplexity": round(math.exp(nll / count), 4), "eval_tokens": count, **_speed("tokens_per_s", runs)}
 
 
 def _report(model: str, method: str, task: str, eval_name: str, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
             max_ppl_increase: float) -> dict[str, Any]:
     ratios = {"disk": round(after["disk_bytes"] / before["disk_bytes"], 4), "memory": round(after["memory_bytes"] / before["memory_bytes"], 4)}
-    if "tokens_per_s" in after and "tokens_per_s" in before:
-        ratios["tokens_per_s"] = round(after["tokens_per_s"] / before["tokens_per_s"], 3)
+    for speed in ("tokens_per_s", "samples_per_s"):
+        if speed in after and speed in before:
+            ratios[speed] = round(after[speed] / before[speed], 3)
     if task == "causal-lm":
         change = 100 * (after["perplexity"] / before["perplexity"] - 1)
         gate = {"metric": "perplexity increase", "change": f"{change:+.2f}%", "allowed": f"{max_ppl_increase}%", "failed": change > max_ppl_increase}
@@ -454,11 +455,19 @@ def print_report(report: dict[str, Any], stream: Any = None) -> None:
     metric = "perplexity" if report["task"] == "causal-lm" else "accuracy"
     rows = [("disk MB", b["disk_bytes"] / 1e6, a["disk_bytes"] / 1e6, r["disk"]), ("memory MB", b["memory_bytes"] / 1e6, a["memory_bytes"] / 1e6, r["memory"]),
             (metric, b[metric], a[metric], r[metric])]
-    if "tokens_per_s" in r:
-        rows.append(("tokens/s", b["tokens_per_s"], a["tokens_per_s"], r["tokens_per_s"]))
+    speed = "tokens_per_s" if "tokens_per_s" in r else "samples_per_s" if "samples_per_s" in r else None
+    if speed:
+        rows.append((speed.replace("_per_s", "/s"), b[speed], a[speed], r[speed]))
     print(f"{'':12s} {'fp32':>10s} {report['method']:>10s} {'ratio':>7s}", file=stream)
     for name, x, y, ratio in rows:
         print(f"{name:12s} {x:10.2f} {y:10.2f} {ratio:7.3f}", file=stream)
+    if speed:  # the spread says how far the ratio can be trusted on this machine today
+        spread = [f"{min(m.get(speed + '_runs') or [m[speed]]):.1f}-{max(m.get(speed + '_runs') or [m[speed]]):.1f}" for m in (b, a)]
+        print(f"speed: median of {len(b.get(speed + '_runs', []))} timed runs after a warm-up; fp32 {spread[0]}, {report['method']} {spread[1]}", file=stream)
+    if "kernel" in report:
+        m = report["modules"]
+        print(f"kernel: int8 {report['kernel']} (torchao, {report['kernel_chosen_by']}); {m['int8_linear']} linear layers int8, "
+              f"kept in {report['dtype']}: {report['kept_in_float']}", file=stream)
     g = report["gate"]
     print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)
 

@@ -8,7 +8,7 @@ import typer
 def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Model to quantize: alias, folder (e.g. a finetune output), .gguf or Hub id."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (int8, bnb-int8) or .gguf file (gguf-*); must not exist unless --overwrite."),
-    method: str = typer.Option("int8", "--method", help="int8 (CPU-fast, per-channel) | bnb-int8 (bitsandbytes) | "
+    method: str = typer.Option("int8", "--method", help="int8 (torchao, a folder plain transformers loads) | bnb-int8 (bitsandbytes) | "
                                "gguf-f16 | gguf-q8_0 | gguf-q5_k_m | gguf-q4_k_m (llama.cpp files) | "
                                "gguf-lora (a LoRA run as a llama.cpp adapter for its unchanged base) | "
                                "gguf-auto (gguf-lora for a LoRA run, else gguf-q8_0, stepping up to gguf-f16 when Q8_0 fails the gate)."),
@@ -19,6 +19,8 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only once the new one is complete and passed the gate)."),
     force: bool = typer.Option(False, "--force", help="Keep the model even when it fails the quality gate."),
     keep_fp32: str = typer.Option(None, "--keep-fp32", help="int8: module names to leave in fp32, comma-separated (e.g. lm_head).", show_default=False),
+    kernel: str = typer.Option("auto", "--kernel", help="int8: weight-only | dynamic (int8 activations too) | auto (measured default "
+                               "per task and CPU; the report names the one used)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin/.pt) weights: they can run code."),
@@ -46,7 +48,7 @@ def quantize(
 
     cfg = QuantizeConfig(model=model, out=out, method=method, eval_data=eval_data, max_ppl_increase=max_ppl_increase,
                          overwrite=overwrite, force=force, keep_fp32=tuple(k.strip() for k in (keep_fp32 or "").split(",") if k.strip()),
-                         merge=merge, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
+                         merge=merge, kernel=kernel, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
     say = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
     try:
         report = run(cfg, say)

@@ -5,7 +5,7 @@
 - `templates`: chat templates: one renderer for training, generation and serving
 - `lora`, `qlora`: LoRA targets and the base an adapter trains on; 4-bit (NF4) bases
 - `gguf_base`: a .gguf de-quantized once and kept as safetensors
-- `int8`: llmkit's int8 layers and folders
+- `int8`: int8 (torchao) folders: kernels per CPU, loading them quietly
 - `meta`: building a model without memory (meta device) for sharded loads
 - `catalog`: `llmkit models`: the bundled aliases and the run folders here
 """

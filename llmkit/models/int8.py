@@ -1,130 +1,114 @@
-"""Loading llmkit int8 folders (`llmkit quantize --method int8`): the int8 layers and the kernel they run on.
+"""int8 folders (`llmkit quantize --method int8`): torchao's int8 in a plain Hugging Face folder.
 
-    >>> from llmkit.models import load_int8
-    >>> model = load_int8("runs/smollm2-int8")           # then model.generate(...) as usual
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("runs/smollm2-int8")   # needs only transformers + torchao
 
-Kept apart from `llmkit.quantize` (which makes these folders, measures them and exports GGUF) so that
-`llmkit.models` can load an int8 folder without importing the quantizers, and without an import circle.
-`from llmkit.quantize import load_int8` still works: it is re-exported there.
+The folder is what transformers' `TorchAoConfig` + `save_pretrained` write: int8 weights with one scale per output
+channel (torchao `Int8Tensor`) in safetensors, and `quantization_config` in config.json, so transformers rebuilds
+the int8 layers itself and every llmkit command takes the folder as `--model` like any other.
+
+Two kernels, named in the folder's config and in `llmkit quantize`'s report:
+- `weight-only` (torchao `Int8WeightOnlyConfig`): int8 weights, activations in the folder's dtype. Decoding is
+  memory-bound, so 4x fewer weight bytes is what makes it faster.
+- `dynamic` (torchao `Int8DynamicActivationInt8WeightConfig`): activations quantized per token at run time and an
+  int8 x int8 matmul (VNNI / AMX-int8 instructions), for compute-bound prompts and classifiers.
+`default_kernel` picks one per task and CPU kind, from the measurements written beside it.
+
+Only `nn.Linear` layers are converted (transformers' torchao integration quantizes nothing else): GPT-2's
+`Conv1D` layers, embeddings and tied LM heads stay in the folder's float dtype; the report counts them.
+Folders of llmkit's earlier own format (`llmkit-int8`) are refused with a one-line error asking to re-quantize.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UsageError
-from llmkit.machine import cpu_has_amx
+from llmkit.machine import cpu_info
 from llmkit.runfolder import read_json
 
-QUANT_METHOD = "llmkit-int8"  # quantization_config.quant_method in config.json
-# From this many rows (tokens) on, int8 layers on a CPU without AMX widen their weights to fp32 for the matmul
-# instead of using `_weight_int8pack_mm`, whose bf16 path then has no matrix unit and costs ~20 us per row per
-# MLP matrix. Measured on a non-AMX Xeon (SmolLM2's MLP shapes, weights not in cache): break-even between 16 and
-# 32 rows; a 256-token prompt took 607 ms with the int8 kernel, 353 ms this way (the fp32 model: 327 ms).
-# With AMX the kernel keeps every row count (its bf16 tiles are what made int8 pay on that CPU).
-DEQUANTIZE_ROWS = 32
+QUANT_METHOD = "torchao"  # quantization_config.quant_method that transformers writes
+OLD_METHOD = "llmkit-int8"  # llmkit's own format before torchao (issue 39); no longer read
+KERNELS = {"weight-only": "Int8WeightOnlyConfig", "dynamic": "Int8DynamicActivationInt8WeightConfig"}
 
 
-def _torch() -> Any:
-    import torch
+def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
+    """The kernel `llmkit quantize --method int8` uses when none is asked for, by task and CPU kind.
 
-    return torch
-
-
-# --------------------------------------------------------------------------------------------- int8 modules
-
-
-def _int8_rows(weight: Any) -> tuple[Any, Any]:
-    """Symmetric per-row int8: (int8 weight, fp32 scale per row)."""
-    torch = _torch()
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+    Measured (issue 39, torchao 0.18, torch 2.13, 2 cores): SmolLM2-135M on a Xeon with AVX-512 VNNI and no AMX,
+    `dynamic` cost +4.1% perplexity and ran decoding at 0.5x fp32 (GUIDE §3), so causal LMs get `weight-only`
+    on every CPU. Classifiers: see CLASSIFIER_KERNEL.
+    """
+    flags = cpu_info()[1] if flags is None else flags
+    if task == "causal-lm":
+        return "weight-only"
+    return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-class Int8Linear(_torch().nn.Module):
-    """y = x W^T + b with W stored as int8 [out, in] and one fp32 scale per output channel."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        torch = _torch()
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_float(cls, weight: Any, bias: Any) -> Int8Linear:
-        """`weight` in nn.Linear layout [out, in]."""
-        m = cls(weight.shape[1], weight.shape[0], bias is not None)
-        m.weight, m.scale = _int8_rows(weight)
-        if bias is not None:
-            m.bias.data = bias.detach().float().clone()
-        return m
-
-    def forward(self, x: Any) -> Any:
-        return int8_matmul(x, self.weight, self.scale, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+# Classifiers. Measured on the 2-core VNNI Xeon without AMX (issue 39, a busy machine: spreads wide), MiniLM-L6
+# sentiment, 1000 rt-polarity reviews: `dynamic` ran at 0.54x fp32's samples/s (median of 5; 3.2-10.0 vs 4.4-7.7)
+# with accuracy +0.2 points; `weight-only` (fp32) at 0.48x (19.7 vs 9.45 samples/s, accuracy +0.1 points). Neither beats fp32
+# there: int8 buys classifiers size (0.65x on disk), not speed, on such CPUs; weight-only keeps activations exact.
+# AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
+# re-measure with benchmarks/quantize.py before relying on either.
+CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-only"}
 
 
-def int8_matmul(x: Any, weight: Any, scale: Any, bias: Any = None) -> Any:
-    torch = _torch()
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.device.type == "cpu" and (x2.shape[0] < DEQUANTIZE_ROWS or cpu_has_amx()):
-        # The CPU kernel reads the int8 weights as they are, and is fast for bf16 inputs only (10x slower for
-        # fp32 than an fp32 matmul, 3x faster than one for bf16 here). The per-channel scales are applied after,
-        # in fp32, so they are not rounded to bf16; only the activations and the raw output are.
-        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, ones).float() * scale
-    else:  # many rows (a prompt, an evaluation batch): without AMX that kernel's cost grows with the rows, while
-        # widening the weights to fp32 once for sgemm costs about the same for 32 rows as for one
-        y = torch.nn.functional.linear(x2.float(), weight.float()) * scale
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+def default_dtype(task: str, kernel: str) -> str:
+    """The float dtype of the folder (activations and the layers left in float).
+
+    torchao 0.18's weight-only kernel widens the int8 weight to the activations' dtype and multiplies (it no longer
+    calls `_weight_int8pack_mm`): with fp32 activations that is more memory traffic than fp32 itself. SmolLM2,
+    32 greedy tokens, one run after the other on a busy 2-core VNNI Xeon: fp32 3.9 tok/s, int8 with fp32
+    activations 1.2, int8 with bf16 activations 9.3 (+0.8% perplexity on 16 x 256 held-out tokens either way);
+    a 256-token prompt took 3.5 s, 6.0 s and 17.8 s. So causal LMs, which decode, get bf16; classifiers (one
+    compute-bound forward pass per batch, where bf16 without AMX is slow) stay in fp32.
+    """
+    return "bfloat16" if task == "causal-lm" and kernel == "weight-only" else "float32"
 
 
-class Int8Embedding(_torch().nn.Module):
-    """A token embedding stored as int8 rows with one fp32 scale per token."""
+def quant_config(kernel: str) -> Any:
+    """transformers' `TorchAoConfig` for one of KERNELS."""
+    with quiet_torchao():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
-        torch = _torch()
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(num_embeddings))
-
-    @classmethod
-    def from_float(cls, emb: Any) -> Int8Embedding:
-        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
-        m.weight, m.scale = _int8_rows(emb.weight)
-        return m
-
-    def forward(self, ids: Any) -> Any:
-        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+    if kernel not in KERNELS:
+        raise UsageError(f"--kernel {kernel!r} is not one of auto, {', '.join(KERNELS)}")
+    return TorchAoConfig(Int8WeightOnlyConfig() if kernel == "weight-only" else Int8DynamicActivationInt8WeightConfig())
 
 
-class TiedInt8Head(_torch().nn.Module):
-    """An LM head tied to an Int8Embedding: the same int8 rows, so the tie survives (and costs nothing on disk)."""
+def kernel_of(config: Any) -> str | None:
+    """Which of KERNELS a loaded model's (or config.json's) quantization_config names; None if neither."""
+    q = getattr(config, "quantization_config", None) if not isinstance(config, dict) else config.get("quantization_config")
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    quant_type = q.get("quant_type") or {}
+    name = (quant_type.get("default") or {}).get("_type") if isinstance(quant_type, dict) else type(quant_type).__name__
+    return next((k for k, v in KERNELS.items() if v == name), None)
 
-    def __init__(self, embedding: Int8Embedding) -> None:
-        super().__init__()
-        self.__dict__["embedding"] = embedding  # not a submodule: its buffers are saved once, under the embedding
 
-    def forward(self, x: Any) -> Any:
-        return int8_matmul(x, self.embedding.weight, self.embedding.scale)
+@contextlib.contextmanager
+def quiet_torchao() -> Iterator[None]:
+    """Importing torchao 0.18 on a CPU-only torch logs "Failed to load .../_C_mxfp8...so" (CUDA kernels there is no
+    GPU for) and torch's "register_constant() on Enum subclasses is deprecated": noise on every llmkit command that
+    touches an int8 folder. Those two loggers are raised to ERROR for the import only."""
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401  (imported here, quietly, so transformers' own import of it finds it loaded)
 
-
-def set_module(model: Any, name: str, new: Any) -> None:
-    """Put `new` at the dotted module path `name` of `model` (replacing what is there)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def quantized_method(path: Path) -> str | None:
@@ -133,45 +117,30 @@ def quantized_method(path: Path) -> str | None:
     return (cfg.get("quantization_config") or {}).get("quant_method")
 
 
+def check_int8_folder(path: Path) -> bool:
+    """True for a torchao int8 folder (loaded by transformers, after a quiet torchao import); an old `llmkit-int8`
+    folder is refused in one line."""
+    method = quantized_method(path)
+    if method == OLD_METHOD:
+        raise UsageError(f"{path} is in llmkit's old int8 format, which this version no longer reads; "
+                         "re-run `llmkit quantize --method int8` on the original model")
+    return method == QUANT_METHOD
+
+
 def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
-    """Load an llmkit int8 folder (`llmkit quantize --method int8`) as a ready model in eval mode.
+    """Load an int8 folder in eval mode: `from_pretrained` in the folder's own dtype, as plain transformers does.
 
         >>> from llmkit.models import load_int8
         >>> model = load_int8("runs/smollm2-int8")           # then model.generate(...) as usual
     """
-    torch = _torch()
-    from safetensors.torch import load_file
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.initialization import no_init_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = Path(folder)
-    raw = read_json(folder / "config.json")
-    quant = raw.pop("quantization_config")
-    modules = quant["modules"]
-    raw["model_type"] = quant["base_model_type"]
-    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    if not check_int8_folder(folder):
+        raise UsageError(f"{folder} is not an int8 folder (no torchao quantization_config in its config.json)")
     if auto_cls is None:
-        archs = raw.get("architectures") or []
+        archs = read_json(folder / "config.json").get("architectures") or []
         auto_cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else AutoModelForCausalLM
-    with no_init_weights():  # every weight comes from the file: skip the random init
-        model = auto_cls.from_config(config, dtype=torch.float32)
-    emb = None
-    for name, kind in modules.items():
-        old = model.get_submodule(name)
-        if kind == "embedding":
-            emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
-            set_module(model, name, emb)
-        elif kind == "conv1d":
-            set_module(model, name, Int8Linear(old.weight.shape[0], old.weight.shape[1], old.bias is not None))
-        elif kind == "linear":
-            set_module(model, name, Int8Linear(old.in_features, old.out_features, old.bias is not None))
-    for name, kind in modules.items():
-        if kind == "tied_head":
-            set_module(model, name, TiedInt8Head(emb))
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith(("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias"))]
-    if missing or unexpected:
-        raise UsageError(f"{folder} does not match its int8 config ({(missing or unexpected)[0]}); re-run llmkit quantize")
+    with quiet_torchao():
+        model = auto_cls.from_pretrained(str(folder), dtype="auto")
     return model.eval()
-

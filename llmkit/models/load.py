@@ -6,8 +6,8 @@
     >>> model, tokenizer = load_causal_lm(ref), load_tokenizer(ref)
 
 Every load goes through `from_pretrained_checked`: safetensors only (the resolver already refused pickle unless
-allowed), a GGUF read from its kept de-quantized folder (`models.gguf_base`), an int8 folder through
-`models.int8`, a LoRA folder on the base its llmkit.json names.
+allowed), a GGUF read from its kept de-quantized folder (`models.gguf_base`), an int8 (torchao) folder in its
+own dtype through `models.int8`, a LoRA folder on the base its llmkit.json names.
 """
 
 
@@ -143,10 +143,13 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
 
 
 def _int8_folder(ref: ModelRef) -> bool:
-    """An `llmkit quantize --method int8` folder: its int8 layers are rebuilt by llmkit, not by transformers."""
+    """An `llmkit quantize --method int8` folder (torchao): transformers loads it, in the folder's own dtype and after
+    a quiet torchao import (`models.int8.load_int8`); an old `llmkit-int8` folder is refused in one line."""
     if ref.is_gguf or ref.adapter is not None:
         return False
-    return (read_json(ref.path / "config.json").get("quantization_config") or {}).get("quant_method") == "llmkit-int8"
+    from llmkit.models.int8 import check_int8_folder
+
+    return check_int8_folder(ref.path)
 
 
 def from_pretrained_checked(auto_cls: Any, ref: ModelRef, progress: bool, **extra: Any) -> PreTrainedModel:

@@ -172,7 +172,13 @@ BEST_METRIC = {"causal-lm": ("perplexity", False), "seq-cls": ("accuracy", True)
 
 
 def generation_speed(model: Any, prompt_ids: list[int], new_tokens: int = 32) -> float:
-    """Greedy tokens/s of `model.generate` (fp32, KV cache), after a short warm-up."""
+    """Greedy tokens/s of `model.generate` (KV cache), after a short warm-up: the best of two timed runs."""
+    return max(generation_speeds(model, prompt_ids, runs=2, new_tokens=new_tokens))
+
+
+def generation_speeds(model: Any, prompt_ids: list[int], runs: int = 5, new_tokens: int = 32) -> list[float]:
+    """Greedy tokens/s of `model.generate` (KV cache) in each of `runs` timed runs, after one warm-up generation
+    (first calls allocate caches and pick kernels)."""
     import torch
 
     model.eval()
@@ -181,32 +187,39 @@ def generation_speed(model: Any, prompt_ids: list[int], new_tokens: int = 32) ->
               if isinstance(model.config.eos_token_id, int) else 0}
     was = model.config.use_cache
     model.config.use_cache = True
+    speeds = []
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
-        seconds = float("inf")
-        for _ in range(2):  # best of two: a busy moment on the machine should not decide the ratio
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        for _ in range(runs):
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            seconds = min(seconds, time.perf_counter() - t0)
+            speeds.append(new_tokens / (time.perf_counter() - t0))
     model.config.use_cache = was
-    return new_tokens / seconds
+    return speeds
 
 
 def inference_speed(model: Any, examples: Any, collate: Any, batch_size: int = 32, limit: int = 512) -> float:
-    """Classifier samples/s over up to `limit` examples (fp32, no_grad), after one warm-up batch."""
+    """Classifier samples/s over up to `limit` examples (no_grad), after one warm-up batch."""
+    return inference_speeds(model, examples, collate, runs=1, batch_size=batch_size, limit=limit)[0]
+
+
+def inference_speeds(model: Any, examples: Any, collate: Any, runs: int = 5, batch_size: int = 32, limit: int = 512) -> list[float]:
+    """Classifier samples/s over up to `limit` examples in each of `runs` timed passes, after one warm-up batch."""
     import torch
 
     model.eval()
     n = min(limit, len(examples))
     dev = next(model.parameters()).device
     batches = [collate([examples[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+    speeds = []
     with torch.inference_mode():
         model(input_ids=batches[0]["input_ids"].to(dev), attention_mask=batches[0]["attention_mask"].to(dev))
-        t0 = time.perf_counter()
-        for b in batches:
-            model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
-        seconds = time.perf_counter() - t0
-    return n / seconds
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for b in batches:
+                model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+            speeds.append(n / (time.perf_counter() - t0))
+    return speeds
 
 
 def weight_bytes(model: Any) -> int:
