@@ -50,6 +50,16 @@ def _same_or_tie(got: list[int], want: list[int], scores) -> None:
         assert scores[k][0][want[k]] - scores[k][0][got[k]] < 0.01, (k, got, want)
 
 
+def _agrees_with_transformers(got: list[list[int]], model, prompts: list[list[int]]) -> None:
+    """Each rollout is transformers' greedy continuation of its prompt with the same weights (up to near-ties)."""
+    import torch
+
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            want, scores = _greedy(model, ids)
+            _same_or_tie(got[i], want[:len(got[i])], scores)
+
+
 def _request(prompts, g=1, n=N, temperature=0.0, seed=0) -> RolloutRequest:
     return RolloutRequest(prompts=prompts, num_generations=g, max_new_tokens=n, temperature=temperature, top_p=1.0, seed=seed)
 
@@ -94,10 +104,7 @@ def test_lora_greedy_equals_transformers_and_sync_follows_the_weights(tiny_llama
         assert rollouts.syncs == 2
         after = rollouts.generate(_request(prompts))
         assert after != before
-        with torch.no_grad():
-            for i, ids in enumerate(prompts):
-                want, scores = _greedy(model, ids)
-                _same_or_tie(after[i], want[:len(after[i])], scores)
+        _agrees_with_transformers(after, model, prompts)
     finally:
         rollouts.close()
 
@@ -118,16 +125,12 @@ def test_full_weights_sync_by_reexport(tiny_llama, cache):
         rollouts.sync(model)
         after = rollouts.generate(_request(prompts))
         assert after != before
-        with torch.no_grad():
-            for i, ids in enumerate(prompts):
-                want, scores = _greedy(model, ids)
-                _same_or_tie(after[i], want[:len(after[i])], scores)
+        _agrees_with_transformers(after, model, prompts)
     finally:
         rollouts.close()
 
 
 def test_lora_llama_cpp_cannot_apply_falls_back_to_merged(tiny_llama, cache, capsys):
-    import torch
 
     model = _lora(tiny_llama, targets=["q_proj", "embed_tokens"])  # an adapted embedding: not an adapter llama.cpp applies
     rollouts, tok = _open(model, tiny_llama)
@@ -135,10 +138,7 @@ def test_lora_llama_cpp_cannot_apply_falls_back_to_merged(tiny_llama, cache, cap
         assert rollouts.mode == "merged" and "re-export the merged weights" in capsys.readouterr().err
         prompts = _prompts(tok)
         got = rollouts.generate(_request(prompts))
-        with torch.no_grad():
-            for i, ids in enumerate(prompts):
-                want, scores = _greedy(model, ids)
-                _same_or_tie(got[i], want[:len(got[i])], scores)
+        _agrees_with_transformers(got, model, prompts)
     finally:
         rollouts.close()
 
