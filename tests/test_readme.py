@@ -131,9 +131,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
             expected = [o for c in cmds for o in outputs(c)]
         started = time.monotonic()
         try:
-            res = subprocess.run(argv, input=script, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+            res = subprocess.run(argv, input=script, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"README.md line {block.line}: the block did not finish in 20 min:\n{script}")
+            pytest.fail(f"README.md line {block.line}: the block did not finish in 30 min:\n{script}")
         assert res.returncode == 0, (f"README.md line {block.line} failed (exit {res.returncode}):\n{script}\n"
                                      f"--- stdout\n{res.stdout[-3000:]}\n--- stderr\n{res.stderr[-5000:]}")
         missing = [o for o in expected if not (work / o).exists() and not Path(o).exists()]
