@@ -109,6 +109,26 @@ def build(family: Family, out: Path, width: int = 64, layers: int = 4) -> Path:
     return out
 
 
+def make_lora(base: Path, out: Path, seed: int = 1, targets: str | list[str] = "all-linear", r: int = 4) -> Path:
+    """A peft LoRA on every linear layer of `base` with random A *and* B, so it changes the model's output."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    gpt2 = model.config.model_type == "gpt2"
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=gpt2,
+                                            init_lora_weights=False))
+    peft.save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def render_table() -> str:
     """The README's support table: one row per family, one column per capability, each cell proven by its test."""
     head = ["family", *CAPABILITIES]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.families import FAMILIES, build
+from tests.families import FAMILIES, build, make_lora
 
 NAMES = list(FAMILIES)
 PROMPT = "Once upon a time the fox"
@@ -24,24 +24,6 @@ PROMPT = "Once upon a time the fox"
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "gguf"
-
-
-def make_lora(base: Path, out: Path, seed: int = 1, targets: str | list[str] = "all-linear") -> Path:
-    """A peft LoRA on every linear layer of `base` with random A *and* B, so it changes the model's output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(seed)
-    gpt2 = model.config.model_type == "gpt2"
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=gpt2,
-                                            init_lora_weights=False))
-    peft.save_pretrained(out)
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(base)
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-    return out
 
 
 def _greedy(model, ids, n: int = 8):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.families import FAMILIES, build
-from tests.test_adapters import make_lora
+from tests.families import FAMILIES, build, make_lora
 from tests.test_serve import Server
 
 PROMPTS = ["Once upon a time the fox", "To be, or not to be"]
@@ -95,6 +94,33 @@ def test_adapters_on_transformers(runs, tmp_path):
         _mixed(srv, want, srv.model, rounds=1)
     finally:
         srv.stop()
+
+
+def test_transformers_batches_rows_of_different_adapters(runs):
+    """One generate() call with a row per adapter (and one for the base) gives each row its own model's greedy text:
+    what lets serve batch requests for different adapters on transformers (peft's mixed-adapter batches)."""
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.inference.transformers import TransformersBackend
+    from llmkit.models.refs import resolve
+
+    opts = SamplingOptions(max_new_tokens=N, temperature=0)
+    backend = TransformersBackend(resolve(str(runs["base"])), progress=False)
+    for name in ("sql", "poet"):
+        backend.load_adapter(name, str(runs[name]))
+    alone = {}
+    for name in ("sql", "poet", None):
+        backend.use_adapter(name)
+        alone[name] = [g.text for g in backend.generate(PROMPTS, opts)]
+    assert alone["sql"] != alone["poet"] != alone[None]
+    names = ["sql", "poet", None, "poet"]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
+    calls = []
+    generate = backend.model.generate
+    backend.model.generate = lambda **kw: (calls.append(kw.get("adapter_names")), generate(**kw))[1]
+    backend.use_adapter(names)
+    got = [g.text for g in backend.generate(prompts, opts)]
+    assert got == [alone[n][PROMPTS.index(p)] for n, p in zip(names, prompts, strict=True)]
+    assert len(calls) == 1 and sorted(calls[0], key=str) == sorted(["sql", "poet", "__base__", "poet"], key=str)
 
 
 def _get(srv: Server, path: str) -> str:

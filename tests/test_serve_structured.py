@@ -192,3 +192,41 @@ def test_lm_eval_harness_scores_multiple_choice_against_llmkit_serve(tmp_path, c
         assert re.search(r"\|capitals\|.*\|acc\s*\|.*\|\s*1(\.0+)?\|", done.stdout), done.stdout
     finally:
         srv.stop()
+
+
+def test_grammar_first_sampling_equals_llama_cpps_grammar_in_the_chain(monkeypatch):
+    """llmkit samples a constraint grammar-first (the whole vocabulary meets the grammar only after the model's own
+    pick is refused): greedy answers must be exactly those of llama-cpp-python's grammar-in-the-chain sampler, and
+    the refusal path must have run (an untuned model writes prose where the schema wants JSON)."""
+    _bundled()
+    from llmkit.inference import llama_cpp as backend_module
+    from llmkit.inference.constraints import json_schema, llama_grammar
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.models.refs import resolve
+
+    samplers = []
+    init = backend_module.GrammarFirstSampler.__init__
+    monkeypatch.setattr(backend_module.GrammarFirstSampler, "__init__", lambda s, *a: (samplers.append(s), init(s, *a))[1])
+    backend = backend_module.LlamaCppBackend(resolve("smollm2-135m"), 512, threads=1)
+    schema = json_schema(Person.model_json_schema())
+    opts = SamplingOptions(max_new_tokens=32, temperature=0, chat=True, constraint=schema)
+
+    def fresh() -> None:  # no cached prompt prefix: a re-evaluated last token can tip a near-tie of the untuned model
+        backend.llm.reset()
+        backend.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    for prompt in ["Describe a person.", "Who wrote Hamlet?"]:
+        fresh()
+        ours = next(iter(backend.generate([prompt], opts)))
+        fresh()
+        theirs = []
+        for tok in backend.llm.generate(backend.tokens(prompt, opts), temp=0, grammar=llama_grammar(schema)):
+            if backend._llama_cpp.llama_vocab_is_eog(backend.llm._model.vocab, tok) or len(theirs) == 32:
+                break
+            theirs.append(tok)
+        assert ours.text == backend.llm.detokenize(theirs).decode()
+        if ours.finish_reason == "stop":
+            Person.model_validate_json(ours.text)
+    backend.close()
+    assert len(samplers) == 2 and all(s.grammar is None for s in samplers)  # each freed after its generation
+    assert sum(s.refused for s in samplers) > 0 and sum(s.steps for s in samplers) > sum(s.refused for s in samplers)

@@ -63,6 +63,68 @@ def set_adapters(llama_cpp: Any, ctx: Any, adapter: Any | None) -> None:
         raise RuntimeError(f"llama_set_adapters_lora returned {rc}")
 
 
+class GrammarFirstSampler:
+    """Constrained sampling the way llama.cpp's own tools do it (common_sampler_sample's default): draw a token from
+    the unconstrained chain, ask the grammar about that one token, and only when it is refused apply the grammar to
+    the whole vocabulary and draw again. llama-cpp-python puts the grammar in the chain, so it checks all ~50k
+    vocabulary entries against the grammar at every step; a model that mostly writes what the grammar allows
+    (JSON it was asked for, a tool call it was tuned on) then pays that only on the tokens it gets wrong.
+
+    Stands in for llama-cpp-python's `Llama._sampler` (it calls `.sample(ctx, idx)`): see LlamaCppBackend.generate.
+    """
+
+    def __init__(self, llama_cpp: Any, chain: Any, vocab: Any, grammar: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self.lib, self.chain = llama_cpp, chain  # chain: llama-cpp-python's sampler chain built without the grammar
+        self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not self.grammar:
+            raise UsageError("llama.cpp cannot parse the grammar")
+        self.n_vocab = n_vocab
+        # one buffer of llama_token_data (id int32, logit float, p float) that numpy fills and the samplers read
+        self.cells = np.zeros(n_vocab, dtype=np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.refused = self.steps = 0
+
+    def _candidates(self, ctx: Any, idx: int, grammar: bool) -> int:
+        import ctypes
+
+        import numpy as np
+
+        lib = self.lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx), shape=(self.n_vocab,))
+        self.cells["id"], self.cells["logit"], self.cells["p"] = self.ids, logits, 0.0
+        arr = lib.llama_token_data_array(self.cells.ctypes.data_as(lib.llama_token_data_p), self.n_vocab, -1, False)
+        if grammar:
+            lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+        return int(self.cells[arr.selected]["id"])
+
+    def _allowed(self, token: int) -> bool:
+        import ctypes
+
+        lib = self.lib
+        one = (lib.llama_token_data * 1)(lib.llama_token_data(token, 0.0, 0.0))
+        arr = lib.llama_token_data_array(one, 1, -1, False)
+        lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return one[0].logit != float("-inf")
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        self.steps += 1
+        token = self._candidates(ctx, idx, grammar=False)
+        if not self._allowed(token):
+            self.refused += 1
+            token = self._candidates(ctx, idx, grammar=True)
+        self.lib.llama_sampler_accept(self.chain.sampler, token)
+        self.lib.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def close(self) -> None:
+        if self.grammar:
+            self.lib.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
 class LlamaCppBackend:
     """GGUF models through llama-cpp-python, computing in the file's quantized format.
 
@@ -235,9 +297,7 @@ class LlamaCppBackend:
                 picked: list[TokenLogprob] | None = [] if opts.logprobs is not None else None
                 start = time.perf_counter()
                 self._recheck_threads()
-                grammar = llama_grammar(opts.constraint) if opts.constraint is not None else None
-                for tok in self.llm.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0,
-                                             temp=opts.temperature, repeat_penalty=opts.repetition_penalty, grammar=grammar):
+                for tok in self._generate(tokens, opts):
                     if self._llama_cpp.llama_vocab_is_eog(vocab, tok):
                         n, finish = n + 1, "stop"
                         break
@@ -256,6 +316,31 @@ class LlamaCppBackend:
                     emit(shown)
                 yield Generation(prompt, scanner.text, n, time.perf_counter() - start, finish, idx, len(tokens),
                                  trim(picked, scanner.text) if picked is not None else None, scored)
+
+    def _generate(self, tokens: list[int], opts: SamplingOptions) -> Iterator[int]:
+        """llama-cpp-python's generate() (its prompt-prefix reuse included), sampling a constraint grammar-first."""
+        llm = self.llm
+        kwargs = dict(top_k=opts.top_k, top_p=opts.top_p, min_p=0.0, temp=opts.temperature,
+                      repeat_penalty=opts.repetition_penalty)
+        if opts.constraint is None:
+            yield from llm.generate(tokens, **kwargs)
+            return
+        grammar = llama_grammar(opts.constraint)  # parsed here first: a bad grammar is a one-line UsageError
+        build = llm._init_sampler
+        samplers: list[GrammarFirstSampler] = []
+
+        def grammar_first(**kw: Any) -> GrammarFirstSampler:
+            samplers.append(GrammarFirstSampler(self._llama_cpp, build(**{**kw, "grammar": None}), llm._model.vocab,
+                                                grammar, llm.n_vocab()))
+            return samplers[-1]
+
+        llm._init_sampler = grammar_first  # generate() builds its sampler through this when it starts
+        try:
+            yield from llm.generate(tokens, **kwargs)
+        finally:
+            del llm._init_sampler
+            for s in samplers:
+                s.close()
 
     # -- log-probabilities (OpenAI's logprobs and echo: llmkit.inference.logprobs)
 

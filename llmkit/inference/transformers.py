@@ -38,6 +38,7 @@ class TransformersBackend:
         self.model = load_causal_lm(ref, device=device, dtype=dtype, progress=progress)
         self.context = context_length(self.model.config)
         self.batch_size = max(1, batch_size)
+        self.per_prompt: list[str | None] | None = None  # use_adapter([...]): each prompt's LoRA adapter
         # The model's stop ids and the tokenizer's EOS: a chat fine-tune saves its end-of-turn token as the
         # tokenizer's EOS (llmkit.finetune.keep_chat_format), and an adapter folder carries only the tokenizer.
         eos = self.model.generation_config.eos_token_id
@@ -53,12 +54,19 @@ class TransformersBackend:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         self.model.eval()
 
-    def use_adapter(self, name: str | None) -> None:
-        """Generate with the adapter loaded as `name` from now on (None: the base alone, its adapters switched off)."""
+    def use_adapter(self, name: str | list[str | None] | None) -> None:
+        """Generate with the adapter loaded as `name` from now on (None: the base alone, its adapters switched off).
+
+        A list names one adapter per prompt of the next generate() calls: prompts of different adapters then share
+        one batch (peft's mixed-adapter batches: each LoRA layer applies each row's own adapter), which is what lets
+        `llmkit serve --adapter` batch requests for different adapters together on this backend.
+        """
+        self.per_prompt = name if isinstance(name, list) else None
         if name is None:
             self.model.base_model.disable_adapter_layers()
-        else:
-            self.model.base_model.enable_adapter_layers()
+            return
+        self.model.base_model.enable_adapter_layers()
+        if isinstance(name, str):
             self.model.set_adapter(name)
 
     @property
@@ -126,13 +134,14 @@ class TransformersBackend:
             transformers.set_seed(opts.seed)
         device = self.model.device
         if on_text is not None:  # streaming: one sequence at a time, so tokens can be shown as they come
-            for prompt in prompts:
+            for p, prompt in enumerate(prompts):
                 enc = self._encode([self.format(prompt, opts)], opts.chat).to(device)
+                mixed = {"adapter_names": [self.per_prompt[p] or "__base__"]} if self.per_prompt is not None else {}
                 for idx in range(opts.num_return_sequences):
                     streamer = _TokenStreamer(self.tokenizer, opts.stop, lambda t, i=idx: on_text(i, t))
                     start = time.perf_counter()
                     with torch.inference_mode():
-                        out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), streamer=streamer)
+                        out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), **mixed, streamer=streamer)
                     yield self._result(prompt, enc, out, 0, idx, time.perf_counter() - start, opts)
             return
         # Batches of similar length waste less compute on padding; results come back in the input order.
@@ -146,7 +155,10 @@ class TransformersBackend:
             with torch.inference_mode():
                 # greedy decoding gives every sample the same text, and transformers refuses greedy n > 1: decode once
                 per_prompt = 1 if opts.greedy else opts.num_return_sequences
-                out = self.model.generate(**enc, **self._gen_kwargs(opts, per_prompt))
+                kwargs = self._gen_kwargs(opts, per_prompt)
+                if self.per_prompt is not None:  # one name per output row: generate() repeats each prompt per_prompt times
+                    kwargs["adapter_names"] = [self.per_prompt[i] or "__base__" for i in batch for _ in range(per_prompt)]
+                out = self.model.generate(**enc, **kwargs)
             seconds = time.perf_counter() - start
             n = opts.num_return_sequences
             for j, i in enumerate(batch):

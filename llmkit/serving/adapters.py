@@ -16,8 +16,8 @@ llmkit.inference.llama_batch) sequences of different adapters cannot share a dec
 decode call per adapter in use, so k adapters in flight cost k weight reads per step instead of one. The switch
 itself is cheap next to that (benchmarks/adapters.py: measured on SmolLM2-135M, see README "Many adapters").
 
-On transformers the run folders are loaded with peft (`load_adapter(path, adapter_name=)`) and `set_adapter` picks
-one per generate() call: requests of different adapters are never batched together.
+On transformers the run folders are loaded with peft (`load_adapter(path, adapter_name=)`), and requests of different
+adapters share one batched generate() call: peft's mixed-adapter batches apply each row's own LoRA (`adapter_names`).
 """
 
 from __future__ import annotations

@@ -212,14 +212,15 @@ class Engine:
             if live:
                 self._run(live)
 
-    def _batch_key(self, job: Job) -> tuple[SamplingOptions, str | None] | None:
+    def _batch_key(self, job: Job) -> SamplingOptions | None:
         """Requests with equal keys can be generated together; None: alone. A seeded sampling request runs
         alone, so the same seed gives the same text whatever else is being served."""
         if job.stream or not self.backend.batches:
             return None
         if job.opts.seed is not None and not job.opts.greedy:
             return None
-        return replace(job.opts, seed=None), job.adapter  # one generate() call computes with one adapter
+        # the adapter is not part of the key: transformers (the batching backend) runs each row with its own adapter
+        return replace(job.opts, seed=None)
 
     def _run(self, group: list[Job]) -> None:
         first, opts = group[0], group[0].opts
@@ -242,7 +243,9 @@ class Engine:
         prompts = [p for job in group for p in job.prompts]
         try:
             if self.adapters:
-                self.backend.use_adapter(first.adapter)  # type: ignore[attr-defined]
+                names = [job.adapter for job in group for _ in job.prompts]
+                # one adapter for the whole call when they agree (no per-row routing), else one per prompt
+                self.backend.use_adapter(names[0] if len(set(names)) == 1 else names)  # type: ignore[attr-defined]
             for gen in self.backend.generate(prompts, replace(opts, num_return_sequences=opts.num_return_sequences // copies),
                                              on_text if watch else None):
                 job, k = owners[done]
