@@ -1,10 +1,14 @@
 """Constrained decoding and log-probs: what they cost (issue 41).
 
-    python benchmarks/serve_structured.py [--model smollm2-135m] [--tokens 48] [--threads 1]
+    python benchmarks/serve_structured.py [--model smollm2-135m] [--tokens 48] [--threads 1] [--tools-run runs/tools-lora]
 
 1. Generation tokens/s on the same chat prompts, greedy, without and with a JSON-schema constraint: llama.cpp
    (its grammar sampler) and transformers (xgrammar), on the same model.
 2. `llmkit serve` (llama.cpp) completion tokens/s with and without `logprobs` (top 5), one request at a time.
+3. Tool-call accuracy (`llmkit evaluate` on tool data: right functions, arguments that validate and equal the
+   reference) on the tool-use recipe's held-out questions (unseen cities and numbers, recipes/data/tool_use.py), of
+   the recipe's LoRA fine-tune and, beside it, of the base model zero-shot (target: the fine-tune >= 0.9). The
+   fine-tune is `--tools-run` when given, else the recipe is trained here first (about an hour on 2 cores).
 Prints one line per measurement after the CPU line.
 """
 
@@ -79,16 +83,42 @@ def serving(model: str, tokens: int, threads: int) -> None:
         proc.wait(30)
 
 
+def tool_accuracy(model: str, run: str | None, examples: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-tools-"))
+    subprocess.run([sys.executable, repo / "recipes" / "data" / "tool_use.py"], cwd=work, check=True, capture_output=True)
+    if run is not None:
+        run = str(Path(run).resolve())  # evaluate runs in the work folder
+    else:
+        run = str(work / "runs" / "tools-lora")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "llmkit", "finetune", "--recipe", repo / "recipes" / "smollm2-135m-tools-lora.yaml",
+                        "--out", run, "--quiet"], cwd=work, check=True)
+        print(f"tools recipe fine-tune: {time.perf_counter() - start:.0f} s", flush=True)
+    for label, which in [("base model, zero-shot", model), ("tools recipe LoRA", run)]:
+        out = subprocess.run([sys.executable, "-m", "llmkit", "evaluate", "--model", which, "--data",
+                              work / "data" / "tools" / "validation.jsonl", "--max-examples", str(examples), "--quiet"],
+                             cwd=work, check=True, capture_output=True, text=True).stdout
+        line = next((x for x in out.splitlines() if x.startswith("tool-call accuracy")), out.strip()[-300:])
+        print(f"tools    {label:<22} {line}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="1: steady numbers on a shared machine (README: Threads)")
+    parser.add_argument("--tools-run", help="the tool-use recipe's LoRA run folder (else it is trained here)")
+    parser.add_argument("--tool-examples", type=int, default=200, help="held-out conversations scored for tool calls")
     args = parser.parse_args()
     print(cpu_line(), flush=True)
     generation(args.model, "llama.cpp", args.tokens, args.threads)
     generation(args.model, "transformers", args.tokens, args.threads)
     serving(args.model, args.tokens, args.threads)
+    tool_accuracy(args.model, args.tools_run, args.tool_examples)
 
 
 if __name__ == "__main__":

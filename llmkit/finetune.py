@@ -13,6 +13,7 @@ the chat template it was trained with).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from llmkit.data.chat import ChatEncoder
 from llmkit.data.examples import Collator, Labels
 from llmkit.data.prepare import Prepared
 from llmkit.errors import UsageError
+from llmkit.models.gguf_base import BASE_CONFIG
 from llmkit.models.lora import add_lora, base_folder, keep_base, peft_base
 from llmkit.models.refs import ModelRef, base_model_id, cache_folder, resolve, weights_fingerprint
 from llmkit.training.chunked_loss import supports_chunked_loss
@@ -329,6 +331,9 @@ def save_model(cfg: FinetuneConfig, ref: ModelRef, model: Any, tokenizer: Any, t
     if adapters and not merged:
         # embeddings are never resized here; "auto" would look the base model up on the Hub to check
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        if ref.is_gguf:  # the base's hyperparameters for its llama.cpp adapter export (QLoRA's 4-bit load left out)
+            base_config = {k: v for k, v in model.get_base_model().config.to_dict().items() if k != "quantization_config"}
+            (tmp / BASE_CONFIG).write_text(json.dumps(base_config, indent=2), encoding="utf-8")
     else:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)

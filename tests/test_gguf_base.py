@@ -283,3 +283,25 @@ def test_bundled_smollm2_gguf_kept_base_matches_the_file(cache, no_gguf_reads):
     no_gguf_reads.clear()
     assert torch.equal(_logits(load_causal_lm(ref, device="cpu", dtype="float32", progress=False)), first)
     assert no_gguf_reads == []
+
+
+def test_a_lora_run_on_a_gguf_keeps_its_base_config_for_the_adapter_export(tiny_gguf, tmp_path, cli, toy_data, monkeypatch,
+                                                                           no_gguf_reads):
+    """A run folder trained on a GGUF carries the base's config (BASE_CONFIG), so its llama.cpp adapter export never
+    re-reads the GGUF's metadata: on Gemma 3's 262k-token vocabulary that read took ~20 s of a first generate."""
+    from llmkit.export.adapter import base_hparams
+    from llmkit.models.gguf_base import BASE_CONFIG
+    from llmkit.models.refs import resolve
+
+    code, _, err = cli("finetune", "--model", str(tiny_gguf), "--data", str(toy_data / "train.txt"), "--method", "lora",
+                       "--max-steps", "1", "--block-size", "32", "--batch-size", "2", "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / BASE_CONFIG).read_text())
+    assert saved["num_hidden_layers"] and "quantization_config" not in saved
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "empty-cache"))  # a copied run folder on a fresh machine
+    no_gguf_reads.clear()
+    ref = resolve(str(tmp_path / "run"))
+    assert ref.is_gguf and base_hparams(ref) == saved and no_gguf_reads == []
+    code, out, err = cli("generate", "--model", str(tmp_path / "run"), "Once upon", "-n", "4", "--temperature", "0")
+    assert code == 0 and "load_gguf_checkpoint" not in no_gguf_reads, (err, no_gguf_reads)
+    assert list((tmp_path / "empty-cache" / "gguf" / "adapters").glob("*.lora.gguf"))  # ran as base + adapter

@@ -88,14 +88,17 @@ def _weight_keys(adapter: Path) -> list[str]:
 def base_hparams(ref: ModelRef) -> dict[str, Any]:
     """The base model's HF config (what llama.cpp's converter classes are built from).
 
-    An HF folder: its config.json. A GGUF file: the config.json of its kept de-quantized folder when there is one,
-    else transformers' reading of the file's metadata (a few seconds, once: the adapter file is cached).
+    An HF folder: its config.json. A GGUF file: the copy a LoRA run folder trained on it keeps (BASE_CONFIG), else the
+    config.json of its kept de-quantized folder, else transformers' reading of the file's metadata (seconds to tens
+    of seconds for a large vocabulary; once: the adapter file is cached).
     """
     if not ref.is_gguf:
         return read_json(ref.path / "config.json")
-    from llmkit.models.gguf_base import kept_folder
+    from llmkit.models.gguf_base import BASE_CONFIG, kept_folder
     from llmkit.models.refs import cache_root
 
+    if ref.adapter is not None and (ref.adapter / BASE_CONFIG).is_file():
+        return read_json(ref.adapter / BASE_CONFIG)
     kept = kept_folder(cache_root(), ref.path) / "config.json"
     if kept.exists():
         return read_json(kept)

@@ -24,6 +24,11 @@ from typing import Any
 
 from llmkit.atomic import atomic_path
 
+# A LoRA run trained on a GGUF keeps its base's HF config here: exporting the run as a llama.cpp adapter needs the
+# base's hyperparameters, and reading them from the GGUF itself takes ~20 s on Gemma 3's 262k-token vocabulary (every
+# token string is parsed), which a copied run folder on an empty cache would otherwise pay on its first generate.
+BASE_CONFIG = "base_config.json"
+
 
 def kept_folder(root: Path, source: Path, adapter: Path | None = None) -> Path:
     """`ROOT/bases/NAME-KEY`: keyed by the files it comes from (path, size, mtime), so a changed file gets a new folder."""
