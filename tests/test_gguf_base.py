@@ -302,6 +302,6 @@ def test_a_lora_run_on_a_gguf_keeps_its_base_config_for_the_adapter_export(tiny_
     no_gguf_reads.clear()
     ref = resolve(str(tmp_path / "run"))
     assert ref.is_gguf and base_hparams(ref) == saved and no_gguf_reads == []
-    code, out, err = cli("generate", "--model", str(tmp_path / "run"), "Once upon", "-n", "4", "--temperature", "0")
+    code, _, err = cli("generate", "--model", str(tmp_path / "run"), "Once upon", "-n", "4", "--temperature", "0")
     assert code == 0 and "load_gguf_checkpoint" not in no_gguf_reads, (err, no_gguf_reads)
     assert list((tmp_path / "empty-cache" / "gguf" / "adapters").glob("*.lora.gguf"))  # ran as base + adapter

@@ -22,7 +22,8 @@ decode call per adapter in use (the current one first). The switch itself, `llam
 loaded adapters, measured 3-5 us on SmolLM2-135M (benchmarks/adapters.py, a 2-core Xeon): what a mix of k
 adapters costs is the k-1 extra decode calls per step (the weights read k times), not the switching. Measured at
 concurrency 8 with `--parallel 8`: 2 adapters mixed gave 0.73x one adapter's completion tokens/s, 8 adapters 0.35x
-(one-token decode calls read all the weights for one sequence each).
+(each extra decode call reads all the weights and runs the whole graph, four LoRA nodes per adapted matrix
+included, for one or two sequences).
 
 Numerics: llama.cpp's attention reduces over all the KV cells a ubatch sees (other sequences' cells masked to
 zero), so a sequence's logits depend, in the last bits, on where its cells sit and on how its tokens were grouped

@@ -98,7 +98,7 @@ class GrammarFirstSampler:
         if grammar:
             lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
-        return int(self.cells[arr.selected]["id"])
+        return int(arr.data[arr.selected].id)  # via the array: a sampler may have pointed it at a buffer of its own
 
     def _allowed(self, token: int) -> bool:
         import ctypes
