@@ -138,3 +138,39 @@ def test_bad_adapters_are_one_line_exit_2(runs, cli, tmp_path, capsys):
                         ("sql", "NAME=RUN_FOLDER"), (f"x={tmp_path / 'missing'}", "")]:
         code, _, err = cli("serve", "--model", runs["base"], "--adapter", spec, "--port", "0")
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_each_adapter_keeps_its_own_cached_prompt(runs):
+    """Continuous batching caches a prompt prefix per adapter (its keys and values are the adapter's): requests that
+    alternate between two adapters keep reusing their own adapter's prefix instead of evicting each other's."""
+    from dataclasses import replace
+
+    from llmkit.export.gguf import for_llama_cpp
+    from llmkit.inference.llama_batch import BatchedLlama, Sequence
+    from llmkit.inference.llama_cpp import LlamaCppBackend
+    from llmkit.inference.sampling import SamplingOptions
+    from llmkit.models.refs import resolve
+
+    adapters = {name: for_llama_cpp(resolve(str(runs[name])), progress=False)[0] for name in ("sql", "poet")}
+    backend = LlamaCppBackend(replace(adapters["sql"], adapter=None), 512, threads=1)
+    for name, ref in adapters.items():
+        backend.load_adapter(name, str(ref.adapter))
+    engine = BatchedLlama(backend.native_llama(), 2, 512)
+    opts = SamplingOptions(max_new_tokens=4, temperature=0)
+    shared = "Once upon a time the fox and the crow met by the river and they talked about"
+
+    def run(adapter: str, tail: str) -> Sequence:
+        seq = Sequence(shared + tail, backend.tokens(shared + tail, opts), opts, 0, 0, adapter=adapter)
+        engine.add(seq)
+        while engine.active:
+            engine.step()
+        return seq
+
+    try:
+        assert run("sql", " cheese").reused == 0 and run("poet", " cheese").reused == 0  # nothing cached under poet yet
+        again = [run("sql", " bread"), run("poet", " bread"), run("sql", " wine")]
+        assert all(seq.reused >= 8 for seq in again), [seq.reused for seq in again]
+        assert set(engine.caches) == {"sql", "poet"}
+    finally:
+        engine.close()
+        backend.close()

@@ -1,9 +1,10 @@
 """Continuous batching on llama.cpp: many sequences in one context, one decode call per step for all of them.
 
 `BatchedLlama` owns a second llama.cpp context on the backend's already-loaded model (the weights are shared;
-`LlamaCppBackend.native_llama()` hands it over), with `parallel` sequence slots and one more sequence that caches
-the most recent prompt. Two users: `llmkit serve`'s worker (llmkit.serving.engine) and GRPO's rollouts
-(llmkit.inference.llama_rollouts), which read the sampled token ids (`Sequence.generated`). The serve worker calls
+`LlamaCppBackend.native_llama()` hands it over), with `parallel` sequence slots and more sequences that cache the
+most recent prompt, one per LoRA adapter in use (the cached keys and values are the adapter's). Two users:
+`llmkit serve`'s worker (llmkit.serving.engine) and GRPO's rollouts (llmkit.inference.llama_rollouts), which read
+the sampled token ids (`Sequence.generated`). The serve worker calls
 `add()` for new sequences and `step()` in a loop; each step puts into ONE `llama_decode` batch the next token of
 every running sequence plus prompt tokens of sequences still being prefilled (chunked to `n_batch`), then samples
 every sequence that got logits. On a small model one token for 16 sequences costs far less than 16 single-token
@@ -47,6 +48,7 @@ from llmkit.models.templates import Prompt
 
 PENALTY_LAST_N = 64  # llama-cpp-python's window for repeat_penalty (last_n_tokens_size)
 MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth the bookkeeping
+MAX_PREFIX_CACHES = 8  # cached prompts kept at once, one per adapter; beyond, the oldest one's cells are reused
 
 
 class DecodeError(RuntimeError):
@@ -96,7 +98,9 @@ class BatchedLlama:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch + self.parallel  # a prefill chunk plus one token per sequence
-        params.n_seq_max = self.parallel + 1  # + the prefix cache
+        # + the cached prompt prefixes, one per adapter (keys and values depend on it) up to MAX_PREFIX_CACHES
+        n_caches = min(1 + len(native.adapters), MAX_PREFIX_CACHES)
+        params.n_seq_max = self.parallel + n_caches
         params.n_threads = params.n_threads_batch = native.threads
         # threads the user did not fix follow the cores other processes leave idle, as in LlamaCppBackend
         self.watch = CoreWatch() if native.auto_threads else None
@@ -115,9 +119,10 @@ class BatchedLlama:
         self.batch = llama_cpp.llama_batch_init(n_batch + self.parallel, 0, 1)
         self.free_slots = list(range(self.parallel - 1, -1, -1))
         self.active: list[Sequence] = []
-        self.cache_seq = self.parallel
-        self.cache_tokens: list[int] = []
-        self.cache_adapter: str | None = None  # the cached prompt's cells hold what this adapter computed
+        self.cache_seqs = list(range(self.parallel, self.parallel + n_caches))
+        self.free_caches = list(self.cache_seqs)
+        # adapter -> (sequence id holding its cached prompt, the prompt's tokens); oldest first
+        self.caches: dict[str | None, tuple[int, list[int]]] = {}
         self.adapter: str | None = None  # the adapter the context computes with now
         self.switches = 0  # adapter changes between decode calls (each costs one llama_set_adapters_lora)
         self.reserved = 0
@@ -135,7 +140,8 @@ class BatchedLlama:
 
     def fits(self, seq: Sequence) -> bool:
         """A free slot and, counting every running sequence's worst case, KV cells for this one's too."""
-        if not self.free_slots or self.reserved + len(self.cache_tokens) + self._need(seq) > self.n_ctx:
+        cached_cells = sum(len(tokens) for _, tokens in self.caches.values())
+        if not self.free_slots or self.reserved + cached_cells + self._need(seq) > self.n_ctx:
             return False
         # Requests that arrive together all start like the one still prefilling (a chat template's system
         # prompt): wait the one step until its prompt is the cached prefix, rather than prefill that prefix again.
@@ -145,8 +151,9 @@ class BatchedLlama:
                        for s in self.active)
 
     def _cached(self, seq: Sequence) -> int:
-        """Prompt tokens of `seq` the cached prefix holds: keys and values depend on the adapter, so only under the same one."""
-        return _common(self.cache_tokens, seq.tokens) if seq.adapter == self.cache_adapter else 0
+        """Prompt tokens of `seq` its adapter's cached prefix holds (keys and values depend on the adapter)."""
+        entry = self.caches.get(seq.adapter)
+        return _common(entry[1], seq.tokens) if entry else 0
 
     def _need(self, seq: Sequence) -> int:
         return len(seq.tokens) + seq.opts.max_new_tokens
@@ -155,9 +162,10 @@ class BatchedLlama:
         return not self.active
 
     def drop_cache(self) -> None:
-        """Forget the cached prompt: its cells are what stands between an idle context and a long request."""
-        self._ll.llama_memory_seq_rm(self.mem, self.cache_seq, -1, -1)
-        self.cache_tokens, self.cache_adapter = [], None
+        """Forget the cached prompts: their cells are what stands between an idle context and a long request."""
+        for seq_id in self.cache_seqs:
+            self._ll.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+        self.caches, self.free_caches = {}, list(self.cache_seqs)
 
     def add(self, seq: Sequence) -> None:
         """Start `seq` (call `fits` first): take a slot, reuse the cached prefix, queue the rest of its prompt."""
@@ -169,7 +177,7 @@ class BatchedLlama:
         shared = min(self._cached(seq), len(seq.tokens) - 1)
         ll.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
         if shared >= MIN_SHARED_PREFIX:
-            ll.llama_memory_seq_cp(self.mem, self.cache_seq, seq.slot, 0, shared)
+            ll.llama_memory_seq_cp(self.mem, self.caches[seq.adapter][0], seq.slot, 0, shared)
         else:
             shared = 0
         seq.reused, seq.pos, seq.pending = shared, shared, list(seq.tokens[shared:])
@@ -218,7 +226,7 @@ class BatchedLlama:
         for seq in list(self.active):
             self.remove(seq)
         self._ll.llama_memory_clear(self.mem, True)
-        self.cache_tokens, self.cache_adapter = [], None
+        self.caches, self.free_caches = {}, list(self.cache_seqs)
 
     # -- one step
 
@@ -290,11 +298,16 @@ class BatchedLlama:
 
     def _remember_prompt(self, seq: Sequence) -> None:
         """Make `seq`'s prompt the cached prefix: the next request that starts the same way reuses its cells."""
-        if len(seq.tokens) <= MIN_SHARED_PREFIX or seq.tokens == self.cache_tokens:
+        entry = self.caches.pop(seq.adapter, None)
+        if len(seq.tokens) <= MIN_SHARED_PREFIX or (entry is not None and entry[1] == seq.tokens):
+            if entry is not None:
+                self.caches[seq.adapter] = entry  # kept, now the most recently used
             return
-        self._ll.llama_memory_seq_rm(self.mem, self.cache_seq, -1, -1)
-        self._ll.llama_memory_seq_cp(self.mem, seq.slot, self.cache_seq, 0, len(seq.tokens))
-        self.cache_tokens, self.cache_adapter = list(seq.tokens), seq.adapter
+        # this adapter's own cache sequence, else a free one, else the one whose prompt was cached longest ago
+        cache = entry[0] if entry else self.free_caches.pop() if self.free_caches else self.caches.pop(next(iter(self.caches)))[0]
+        self._ll.llama_memory_seq_rm(self.mem, cache, -1, -1)
+        self._ll.llama_memory_seq_cp(self.mem, seq.slot, cache, 0, len(seq.tokens))
+        self.caches[seq.adapter] = (cache, list(seq.tokens))
 
     def _advance(self, seq: Sequence, tok: int) -> bool:
         """Account for sampled `tok`, exactly as LlamaCppBackend.generate does; True when `seq` is finished."""
