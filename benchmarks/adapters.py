@@ -160,14 +160,15 @@ def rows(label: str, lora: Path, n_windows: int) -> None:
           f"{a_ppl / fp32:.4f}x (target <= 1.01x); merged Q8_0: {m_tps / b_tps:.3f}x tokens/s, {m_ppl / fp32:.4f}x ppl", flush=True)
 
 
-def bundled(root: Path, n_windows: int) -> Path:
+def bundled(root: Path, n_windows: int, measure: bool = True) -> Path:
     lora = root / "lora-a"
     if not (lora / "adapter_config.json").exists():
         t = time.perf_counter()
         _run([*LLMKIT, "finetune", "--model", "smollm2-135m", "--data", DATA / "train.txt", "--method", "lora",
               "--max-steps", "3", "--batch-size", "2", "--max-length", "128", "--out", lora])
         print(f"finetune: LoRA, 3 steps, {time.perf_counter() - t:.0f} s", flush=True)
-    rows("SmolLM2-135M (bundled)", lora, n_windows)
+    if measure:
+        rows("SmolLM2-135M (bundled)", lora, n_windows)
     return lora
 
 
@@ -212,7 +213,7 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="llmkit-bench-adapters-"))
     root.mkdir(parents=True, exist_ok=True)
     part = args.only
-    lora = bundled(root, args.windows) if part in (None, "bundled", "serve") else None
+    lora = bundled(root, args.windows, measure=part != "serve") if part in (None, "bundled", "serve") else None
     if part in (None, "families"):
         families(args.windows)
     if part in (None, "gemma"):
@@ -237,6 +238,7 @@ def main() -> None:
         print(f"ratio serve {backend} mixed / one adapter: 2 adapters {serve['2 adapters mixed'] / one:.3f}x, 8 adapters "
               f"{serve['8 adapters mixed'] / one:.3f}x (target >= 0.8x)", flush=True)
     print(f"base {base.name}")
+
 
 if __name__ == "__main__":
     main()
