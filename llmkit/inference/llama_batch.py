@@ -22,7 +22,7 @@ LoRA adapters (`llmkit serve --adapter`): one decode call computes with one set 
 decode call per adapter in use (the current one first). The switch itself, `llama_set_adapters_lora` between two
 loaded adapters, measured 3-5 us on SmolLM2-135M (benchmarks/adapters.py, a 2-core Xeon): what a mix of k
 adapters costs is the k-1 extra decode calls per step (the weights read k times), not the switching. Measured at
-concurrency 8 with `--parallel 8`: 2 adapters mixed gave 0.73x one adapter's completion tokens/s, 8 adapters 0.35x
+concurrency 8 with `--parallel 8`: 2 adapters mixed gave 0.83x one adapter's completion tokens/s, 8 adapters 0.44x
 (each extra decode call reads all the weights and runs the whole graph, four LoRA nodes per adapted matrix
 included, for one or two sequences).
 
@@ -120,7 +120,6 @@ class BatchedLlama:
         self.free_slots = list(range(self.parallel - 1, -1, -1))
         self.active: list[Sequence] = []
         self.cache_seqs = list(range(self.parallel, self.parallel + n_caches))
-        self.free_caches = list(self.cache_seqs)
         # adapter -> (sequence id holding its cached prompt, the prompt's tokens); oldest first
         self.caches: dict[str | None, tuple[int, list[int]]] = {}
         self.adapter: str | None = None  # the adapter the context computes with now
@@ -165,7 +164,7 @@ class BatchedLlama:
         """Forget the cached prompts: their cells are what stands between an idle context and a long request."""
         for seq_id in self.cache_seqs:
             self._ll.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
-        self.caches, self.free_caches = {}, list(self.cache_seqs)
+        self.caches = {}
 
     def add(self, seq: Sequence) -> None:
         """Start `seq` (call `fits` first): take a slot, reuse the cached prefix, queue the rest of its prompt."""
@@ -226,7 +225,7 @@ class BatchedLlama:
         for seq in list(self.active):
             self.remove(seq)
         self._ll.llama_memory_clear(self.mem, True)
-        self.caches, self.free_caches = {}, list(self.cache_seqs)
+        self.caches = {}
 
     # -- one step
 
@@ -304,7 +303,14 @@ class BatchedLlama:
                 self.caches[seq.adapter] = entry  # kept, now the most recently used
             return
         # this adapter's own cache sequence, else a free one, else the one whose prompt was cached longest ago
-        cache = entry[0] if entry else self.free_caches.pop() if self.free_caches else self.caches.pop(next(iter(self.caches)))[0]
+        used = {c for c, _ in self.caches.values()}
+        free = [c for c in self.cache_seqs if c not in used]
+        if entry is not None:
+            cache = entry[0]
+        elif free:
+            cache = free[0]
+        else:
+            cache = self.caches.pop(next(iter(self.caches)))[0]
         self._ll.llama_memory_seq_rm(self.mem, cache, -1, -1)
         self._ll.llama_memory_seq_cp(self.mem, seq.slot, cache, 0, len(seq.tokens))
         self.caches[seq.adapter] = (cache, list(seq.tokens))
