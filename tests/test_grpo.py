@@ -85,6 +85,44 @@ def test_the_kl_term_is_the_k3_estimate_weighted_by_beta():
     assert float(loss) == pytest.approx(0.1 * sum(k3) / 2)
 
 
+@pytest.mark.parametrize("family", ["Llama 3", "GPT-2", "Gemma 3", "Qwen 3", "Phi-3", "OLMo 2"])
+def test_each_prompt_computed_once_gives_the_full_forwards_logps_and_gradients(family, tmp_path):
+    """The prompt-once forward (shared_prompt_logps) against every row run whole: left-padded prompts of different
+    lengths (Gemma's longer than its sliding window), completions of different lengths, LoRA gradients included."""
+    import torch
+    from families import FAMILIES, build
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.training.grpo import completion_logps, shares_prompt
+
+    folder = build(FAMILIES[family], tmp_path / "m")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    assert shares_prompt(model)
+    g, width, clen = 3, 24, 5
+    prompt_lens, vocab = [24, 9], model.config.vocab_size
+    ids = torch.zeros(len(prompt_lens) * g, width + clen, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k in range(ids.shape[0]):
+        p, c = prompt_lens[k // g], [5, 3, 1][k % g]
+        ids[k, width - p:width] = torch.randint(3, vocab, (p,), generator=torch.Generator().manual_seed(k // g))
+        ids[k, width:width + c] = torch.randint(3, vocab, (c,))
+        mask[k, width - p:width + c] = 1
+    results = []
+    for group in (1, g):
+        model.zero_grad()
+        logps = completion_logps(model, ids, mask, clen, temperature=0.7, group=group)
+        real = mask[:, width:].bool()
+        (logps[real] * torch.linspace(-1, 1, int(real.sum()))).sum().backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])
+        results.append((logps[real].detach(), grads))
+    (full, full_grad), (shared, shared_grad) = results
+    torch.testing.assert_close(shared, full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(shared_grad, full_grad, atol=2e-5, rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------ rewards
 
 
@@ -419,3 +457,29 @@ def test_two_processes_train_and_count_each_eval_prompt_once(tiny_llama, prompts
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_prompts"] for r in rows if "eval_prompts" in r] == [3]
     assert all("reward" in r for r in rows if "loss" in r)
+
+
+def test_llama_cpp_rollouts_get_the_weights_of_every_optimizer_step(tiny_llama, prompts_file, tmp_path, monkeypatch):
+    """The real loop (fused AdamW, grad_accum 2): each step's rollouts sample from that step's weights. Fused AdamW
+    leaves no version bump on the tensors; a sync that looked for one kept the first step's adapter for the whole run."""
+    pytest.importorskip("llama_cpp")
+    from llmkit.finetune import finetune
+    from llmkit.inference.llama_rollouts import LlamaCppRollouts
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    sent: list[float] = []  # what each transfer carried: the sum of |B| over the adapter
+    real = LlamaCppRollouts._sync_adapter
+
+    def recording(self, model):
+        sent.append(sum(float(p.detach().abs().sum()) for n, p in model.named_parameters() if "lora_B" in n))
+        return real(self, model)
+
+    monkeypatch.setattr(LlamaCppRollouts, "_sync_adapter", recording)
+    varied = tmp_path / "varied.py"  # different completions score differently: every group carries a gradient
+    varied.write_text("def varied(prompts, completions, **columns):\n    return [float(sum(map(ord, c)) % 5) for c in completions]\n")
+    finetune(_cfg(tiny_llama, prompts_file, tmp_path / "run", **{"rl.rollout_backend": "llama.cpp", "train.max_steps": 3,
+                                                               "train.grad_accum": 2, "train.batch_size": 1,
+                                                               "rl.rewards": [f"{varied}:varied"]}))
+    assert len(sent) == 3  # once per optimizer step, not per micro-batch
+    assert sent[0] == 0.0  # B starts at 0
+    assert 0.0 not in sent[1:] and len(set(sent)) == 3  # and each step's transfer carries that step's new weights

@@ -154,8 +154,8 @@ def test_seeded_sampling_is_reproducible_and_groups_differ(tiny_llama, cache):
         assert all(tok.eos_token_id not in c[:-1] for c in first)  # and nothing follows it
         assert len({tuple(c) for c in first[:4]}) > 1  # G samples of one prompt are not copies
         assert rollouts.generate(_request(prompts, g=4, n=12, temperature=1.0, seed=7)) == first
-        rollouts.sync(model)  # same weights again (nothing to transfer): same samples
-        assert rollouts.syncs == 1
+        rollouts.sync(model)  # the same weights transferred again: the same samples
+        assert rollouts.syncs == 2
         assert rollouts.generate(_request(prompts, g=4, n=12, temperature=1.0, seed=7)) == first
         assert rollouts.generate(_request(prompts, g=4, n=12, temperature=1.0, seed=8)) != first
     finally:

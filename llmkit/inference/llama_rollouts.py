@@ -122,8 +122,7 @@ class LlamaCppRollouts:
         self.backend: Any = None  # LlamaCppBackend: owns the llama.cpp model (and frees it with its adapters)
         self.batched: Any = None  # BatchedLlama on that model, sized to the largest request so far
         self.adapter: Any = None  # llama_adapter_lora * of the current sync
-        self.syncs = 0  # weight transfers made (syncs with unchanged weights do not count)
-        self.versions: list[tuple[int, int]] = []  # the trainable tensors' version counters at the last transfer
+        self.syncs = 0  # weight transfers made
         self.writer: AdapterWriter | None = None
         if _is_peft(model) and not merged:
             try:
@@ -144,13 +143,10 @@ class LlamaCppRollouts:
     def sync(self, model: Any) -> None:
         """Make the next `generate` sample from `model`'s current weights (see the module docstring for how).
 
-        Nothing to do when no trainable weight changed since the last sync: the loop syncs before every micro-batch's
-        rollouts, and an optimizer step comes only every grad_accum of them. Every in-place update (the optimizer's,
-        a checkpoint's load_state_dict) bumps a tensor's version counter, so the counters say whether one happened.
+        Every call transfers: the caller knows when the weights changed (GRPO syncs once per optimizer step). Nothing on
+        the tensors can tell: the fused AdamW the training loop uses updates them without bumping their version
+        counters, and a check on those left the rollouts on the first step's weights for a whole run.
         """
-        versions = [(id(p), p._version) for p in model.parameters() if p.requires_grad]
-        if self.backend is not None and versions == self.versions:
-            return
         if self.mode == "adapter":
             from llmkit.export.adapter import AdapterUnsupported
 
@@ -163,7 +159,6 @@ class LlamaCppRollouts:
         else:
             self._sync_merged(model)
         self.syncs += 1
-        self.versions = versions
 
     def _base_gguf(self) -> Path:
         from llmkit.export.gguf import cached_gguf

@@ -95,11 +95,16 @@ def policy_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, loss_typ
     return loss, stats
 
 
-def completion_logps(model: Any, input_ids: Any, attention_mask: Any, completion_len: int, temperature: float) -> Any:
+def completion_logps(model: Any, input_ids: Any, attention_mask: Any, completion_len: int, temperature: float, group: int = 1) -> Any:
     """[N, C] log-probs of the last C tokens of each row (the completions, prompts left-padded before them) at the
-    sampling temperature; the LM head runs only at those positions. Positions come from the mask, as in generate."""
+    sampling temperature; the LM head runs only at those positions. Positions come from the mask, as in generate.
+
+    With `group` > 1 (rows laid out prompt-major, G rows per prompt, as GRPO's rollouts are) each prompt runs once:
+    see shared_prompt_logps."""
     import torch.nn.functional as F
 
+    if group > 1 and shares_prompt(model):
+        return shared_prompt_logps(model, input_ids, attention_mask, completion_len, temperature, group)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     base = model.module if hasattr(model, "module") else model
@@ -110,6 +115,41 @@ def completion_logps(model: Any, input_ids: Any, attention_mask: Any, completion
     logits = logits.float() / temperature
     targets = input_ids[:, -completion_len:]
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def shares_prompt(model: Any) -> bool:
+    """Whether the prompt-once forward applies: one process (DDP's forward must run once per backward), a
+    transformers causal LM that returns its KV cache (not while gradient checkpointing, which turns the cache off)."""
+    if hasattr(model, "module"):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return keeps_logits(base) and not getattr(base, "is_gradient_checkpointing", False)
+
+
+def shared_prompt_logps(model: Any, input_ids: Any, attention_mask: Any, completion_len: int, temperature: float, group: int) -> Any:
+    """completion_logps with each prompt computed once for its G completions instead of G times.
+
+    The B distinct prompts run once with the cache on; the cache is repeated G times along the batch (a copy, inside
+    the autograd graph, so the completions' gradients flow back into the prompt's keys and values as in the full
+    forward) and the N = B x G completions run on top of it. Same log-probs and gradients as the full forward (tested);
+    the forward and backward cover B x P + N x C tokens instead of N x (P + C): on sentiment prompts (~80 tokens)
+    with 8-token answers and G = 8, about a fifth."""
+    import torch
+    import torch.nn.functional as F
+
+    width = input_ids.shape[1] - completion_len
+    prompt_mask = attention_mask[::group, :width]
+    out = model(input_ids=input_ids[::group, :width], attention_mask=prompt_mask,
+                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    logits = [out.logits[:, -1:].repeat_interleave(group, dim=0)]  # predicts each completion's first token
+    if completion_len > 1:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, width:-1]
+        logits.append(model(input_ids=input_ids[:, width:-1], attention_mask=attention_mask[:, :-1], position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits)
+    logits = torch.cat(logits, dim=1).float() / temperature
+    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, width:], reduction="none")
 
 
 @dataclass
@@ -138,6 +178,7 @@ class GRPOLoss(LoggedParts):
         self.micro = start_step * grad_accum  # micro-batches done: which step (and seed) comes next
         self.save_every = save_every
         self.buffers: dict[int, RolloutBatch] = {}
+        self.synced: int | None = None  # the step whose weights the rollouts backend has
         self.last_call: float | None = None
         self.rollout_seconds = 0.0
         self.speeds = {"rollout_tokens_per_s": 0.0, "train_tokens_per_s": 0.0}
@@ -164,7 +205,7 @@ class GRPOLoss(LoggedParts):
         rb = self.buffers[j]
         device = next(model.parameters()).device
         ids, mask, cmask = rb.input_ids.to(device), rb.attention_mask.to(device), rb.completion_mask.to(device)
-        logps = completion_logps(model, ids, mask, cmask.shape[1], self.rl.temperature)
+        logps = completion_logps(model, ids, mask, cmask.shape[1], self.rl.temperature, self.rl.num_generations)
         old = logps.detach() if rb.old_logps is None else rb.old_logps.to(device)
         ref = None
         if self.rl.beta > 0:
@@ -191,7 +232,9 @@ class GRPOLoss(LoggedParts):
         rl, g = self.rl, self.rl.num_generations
         t0 = time.perf_counter()
         policy = model.module if hasattr(model, "module") else model
-        self.rollouts.sync(policy)
+        if self.synced != step:  # weights change only between optimizer steps, not between a step's micro-batches
+            self.rollouts.sync(policy)
+            self.synced = step
         request = self.request(prompts=[self.prompts.prompt_ids(i) for i in rows], num_generations=g, max_new_tokens=rl.max_new_tokens,
                                temperature=rl.temperature, top_p=rl.top_p, seed=rollout_seed(self.seed, step, micro, self.process))
         completions = self.rollouts.generate(request)
@@ -225,7 +268,7 @@ class GRPOLoss(LoggedParts):
         if rl.steps_per_generation > 1:  # the sampling policy's log-probs: logp_old of every step these rollouts serve
             device = next(model.parameters()).device
             with torch.no_grad():
-                old = completion_logps(model, ids.to(device), mask.to(device), cmask.shape[1], rl.temperature).float().cpu()
+                old = completion_logps(model, ids.to(device), mask.to(device), cmask.shape[1], rl.temperature, g).float().cpu()
         if self.main and rl.log_rollouts_every and (step == 0 or (step + 1) % rl.log_rollouts_every == 0):
             self._log(step + 1, rows, texts, values, total, advantages)
         return RolloutBatch(ids, mask, cmask, advantages, old, stats)
@@ -257,7 +300,7 @@ class GRPOLoss(LoggedParts):
         base = model.module if hasattr(model, "module") else model
         off = base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
         with torch.no_grad(), off:
-            return completion_logps(base, ids, mask, clen, self.rl.temperature)
+            return completion_logps(base, ids, mask, clen, self.rl.temperature, self.rl.num_generations)
 
     def _log(self, step: int, rows: list[int], texts: list[str], values: list[list[float | None]], total: Any, adv: Any) -> None:
         """rollouts.jsonl: what the model wrote and what it was rewarded, so people can read what it learns."""
