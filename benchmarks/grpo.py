@@ -149,7 +149,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=3e-4)  # llmkit's default for GRPO with LoRA
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--rollout-tokens", type=int, default=32, help="max new tokens of part 3")
@@ -187,9 +187,8 @@ def main() -> None:
         out = work / "llmkit"
         cmd = [*LLMKIT, "finetune", "--objective", "grpo", "--model", "smollm2-135m", "--data", data, "--reward", "exact:answer",
                "--num-generations", G, "--max-new-tokens", a.max_new_tokens, "--method", "lora", "--lora-r", 16,
-               # 2 prompts x G per forward, 4 micro-batches: the same 8 prompts per optimizer step as TRL's one batch of 64
-               # (llmkit's recipe does so: 64 sequences in one forward took 11.7 GB of activations)
-               "--batch-size", 2, "--grad-accum", PROMPTS_PER_STEP // 2, "--max-steps", a.steps, "--lr", a.lr, "--out", out,
+               # 8 prompts x G in one step, as TRL's one batch of 64 (each prompt computed once for its G completions)
+               "--batch-size", PROMPTS_PER_STEP, "--max-steps", a.steps, "--lr", a.lr, "--out", out,
                "--set", f"rl.beta={a.beta}", "--set", f"rl.temperature={a.temperature}", "--set", "train.scheduler=constant",
                "--set", "train.log_every=1"]
         try:

@@ -37,6 +37,10 @@ SCALE_REWARDS = ("group", "batch", "none")
 ROLLOUT_BACKENDS = ("auto", "llama.cpp", "transformers")  # llmkit.inference.rollouts.ROLLOUT_BACKENDS
 ZERO_SIGNAL = ("keep", "drop")
 REFERENCE_FREE = ("simpo", "orpo")  # objectives that need no reference model
+LR = 5e-5  # --lr's default
+# --objective grpo with LoRA: a reward's gradient through a low-rank adapter barely moves the answers in 50 steps at
+# 5e-5; 3e-4 took the sentiment recipe's flags from 0.34 to 0.8 exact-match in 50 steps (README, Learning from rewards)
+GRPO_LORA_LR = 3e-4
 
 
 @dataclass
@@ -108,8 +112,8 @@ class TrainConfig:
     """--batch-size: examples per device per micro-batch (global batch = batch_size x grad_accum x processes)."""
     grad_accum: int = 1
     """--grad-accum: micro-batches per optimizer step."""
-    lr: float = 5e-5
-    """--lr: peak learning rate."""
+    lr: float = 0.0
+    """--lr: peak learning rate; 0 = the default, LR (5e-5), or GRPO_LORA_LR (3e-4) for --objective grpo with LoRA."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     warmup_ratio: float = 0.0
@@ -277,6 +281,8 @@ class FinetuneConfig(RunConfig):
         """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
         problems: list[str] = []
         t, d, lo = self.train, self.data, self.lora
+        if t.lr == 0:
+            t.lr = GRPO_LORA_LR if self.objective == "grpo" and self.method != "full" else LR
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -352,6 +358,8 @@ class DistillConfig(RunConfig):
         """Raise one UsageError listing every problem, each naming the flag (or key) to change."""
         problems: list[str] = []
         s, k = self.student, self.distill
+        if self.train.lr == 0:
+            self.train.lr = LR
 
         def need(ok: bool, msg: str) -> None:
             if not ok:

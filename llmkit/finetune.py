@@ -148,7 +148,8 @@ class Finetune(Objective):
         latest = latest_checkpoint(run.out / CHECKPOINTS) if cfg.resume else None
         if latest is not None:
             start = int(read_json(latest / "state.json", strict=False).get("step", 0))
-        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16:
+        shared = acc.num_processes == 1 and not cfg.train.gradient_checkpointing  # grpo.shares_prompt: each prompt once
+        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16 and not shared:
             run.say(f"note: {cfg.train.batch_size} prompts x {r.num_generations} completions = {cfg.train.batch_size * r.num_generations} "
                     "sequences go through each forward and backward; if memory runs short, lower --batch-size and raise --grad-accum "
                     "(the same prompts per step)")

@@ -121,6 +121,9 @@ def test_each_prompt_computed_once_gives_the_full_forwards_logps_and_gradients(f
     (full, full_grad), (shared, shared_grad) = results
     torch.testing.assert_close(shared, full, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(shared_grad, full_grad, atol=2e-5, rtol=1e-3)
+    base = model.get_base_model()  # gradient checkpointing turns the cache off: every row runs whole then
+    (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
+    assert not shares_prompt(model)
 
 
 # ------------------------------------------------------------------------------------------ rewards
@@ -431,14 +434,20 @@ def test_estimate_memory_counts_every_completion_of_the_batch(tiny_llama):
     from llmkit.config import load_recipe
     from llmkit.training.memory import estimate, model_shape
 
-    def activations(objective: str, **rl) -> float:
+    def activations(objective: str, processes: int, **rl) -> float:
         flags = {"model.name": str(tiny_llama), "method": "lora", "objective": objective, "data.block_size": 64, "train.batch_size": 2,
                  **({"rl.rewards": ["exact:answer"], **rl} if objective == "grpo" else {})}
         cfg = load_recipe(None, [], flags)
-        return estimate(model_shape(cfg), cfg, 1, "cpu").activations
+        return estimate(model_shape(cfg), cfg, processes, "cpu").activations
 
-    sft, g4, g8 = activations("sft"), activations("grpo", **{"rl.num_generations": 4}), activations("grpo", **{"rl.num_generations": 8})
-    assert g4 > 3 * sft and g8 > 1.9 * g4  # 2 prompts x G sequences per forward, not 2 rows
+    # two processes (DDP): every row runs whole, 2 prompts x G sequences per forward, not 2 rows
+    sft, g4, g8 = (activations("sft", 2), activations("grpo", 2, **{"rl.num_generations": 4}),
+                   activations("grpo", 2, **{"rl.num_generations": 8}))
+    assert g4 > 3 * sft and g8 > 1.9 * g4
+    # one process: each prompt once, the G completions (8 tokens) on its repeated keys and values
+    short = {"rl.max_new_tokens": 8}
+    one4, one8 = activations("grpo", 1, **short, **{"rl.num_generations": 4}), activations("grpo", 1, **short, **{"rl.num_generations": 8})
+    assert one4 < one8 < activations("grpo", 2, **short, **{"rl.num_generations": 8}) / 2
 
 
 def test_two_processes_train_and_count_each_eval_prompt_once(tiny_llama, prompts_file, tmp_path):
@@ -483,3 +492,18 @@ def test_llama_cpp_rollouts_get_the_weights_of_every_optimizer_step(tiny_llama, 
     assert len(sent) == 3  # once per optimizer step, not per micro-batch
     assert sent[0] == 0.0  # B starts at 0
     assert 0.0 not in sent[1:] and len(set(sent)) == 3  # and each step's transfer carries that step's new weights
+
+
+def test_lr_default_is_higher_for_grpo_with_lora_and_an_explicit_lr_wins(tiny_llama, prompts_file, tmp_path):
+    from llmkit.config import GRPO_LORA_LR, LR, load_recipe
+
+    def lr(**flags) -> float:
+        cfg = load_recipe(None, [], {"model.name": str(tiny_llama), "data.train": str(prompts_file), "out": str(tmp_path / "o"),
+                                     "method": "lora", **flags})
+        cfg.validate()
+        return cfg.train.lr
+
+    grpo = {"objective": "grpo", "rl.rewards": ["exact:answer"]}
+    assert lr(**grpo) == GRPO_LORA_LR == 3e-4
+    assert lr(**grpo, **{"train.lr": 1e-5}) == 1e-5
+    assert lr(**grpo, method="full") == lr() == LR == 5e-5

@@ -123,7 +123,8 @@ def shares_prompt(model: Any) -> bool:
     if hasattr(model, "module"):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return keeps_logits(base) and not getattr(base, "is_gradient_checkpointing", False)
+    # what transformers' is_gradient_checkpointing (renamed is_activation_checkpointing in 5.x) computes, under any name
+    return keeps_logits(base) and not any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
 def shared_prompt_logps(model: Any, input_ids: Any, attention_mask: Any, completion_len: int, temperature: float, group: int) -> Any:

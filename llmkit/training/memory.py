@@ -105,6 +105,9 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
     t = cfg.train
     seq, rows = grpo_rows(cfg)
     tokens = rows * seq
+    shared = cfg.objective == "grpo" and processes == 1 and not t.gradient_checkpointing
+    if shared:  # llmkit.training.grpo.shared_prompt_logps: each prompt once, then the G completions on its repeated cache
+        tokens = t.batch_size * (seq - cfg.rl.max_new_tokens) + rows * cfg.rl.max_new_tokens
     act_bytes = 2 if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device == "cuda") else 4
     # Per token and block, the tensors autograd keeps (a Llama-style block; GPT-2's is about the same): the block
     # input and two norm outputs, q / k / v and their rotated copies, the attention output and the o_proj input,
@@ -129,6 +132,8 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
     if cfg.objective == "grpo":  # the LM head runs at the completion's positions only; the rollouts' KV cache (no grad)
         logits = 3 * rows * (cfg.rl.max_new_tokens + 1) * shape.vocab * 4  # is freed before this forward: the larger counts
         blocks_bytes = max(blocks_bytes, 2 * shape.layers * shape.kv_hidden * tokens * act_bytes)
+        if shared:  # the prompts' keys and values repeated G times, kept for attention's backward
+            blocks_bytes += 2 * shape.layers * shape.kv_hidden * rows * (seq - cfg.rl.max_new_tokens) * act_bytes
     if cfg.method == "full":
         trainable, weights = shape.params, shape.params * 4
     else:
