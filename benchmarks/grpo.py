@@ -15,16 +15,18 @@ Prints the first steps' mean rewards of both trainers, seconds per step split in
 each process, and the ratios. Targets (issue 40): llmkit >= 3x TRL's steps/s, peak RSS <= 0.8x TRL's, mean reward
 after N steps >= TRL's - 0.02.
 
-Measured (2-core Intel Xeon, avx512_vnni, no AMX, load average ~8-10 from other processes; 2 steps, lr 1e-5, 8 max
-new tokens; TRL 1.16.0 with its defaults, gradient checkpointing on; llmkit from the grpo branch merged with rollouts):
-  TRL     step 2: 697 s (rollout 222 s, train 475 s), rollout 1.3 tokens/s, peak RSS 6834 MB, rewards 0.219 0.234
-  llmkit  146 s per step (rollout ~12 s, train ~134 s), peak RSS 4693 MB, rewards 0.094 0.203 (an earlier run of the
-          same command on a less loaded moment: 67 s per step) -> 4.8x (10.4x) TRL's steps/s, 0.69x its peak RSS
-  rollouts alone, 8 prompts x G=8 x 32 tokens: llama.cpp 27.4 tokens/s, transformers 3.1 (8.9x); sync: adapter
-          0.30-0.69 s, merged F16 re-export 15.0-16.5 s
-Two steps at lr 1e-5 teach nothing yet: the rewards are sampling noise around the base's ~0.2.
+Measured (2-core Intel Xeon, avx512_vnni, no AMX, quiet machine; `python benchmarks/grpo.py --steps 3`: lr 3e-4 constant,
+8 max new tokens, beta 0; TRL 1.16.0 with its defaults, gradient checkpointing on):
+  TRL     141.4 s per step (rollout 11.0 s, train 130.4 s; steps 2-3), peak RSS 7705 MB, rewards 0.219 0.375 0.391
+  llmkit  11.4 s per step (rollout 5.1 s, train 6.2 s; all 3 steps, the first included), peak RSS 5292 MB,
+          rewards 0.141 0.359 0.594 -> 12.4x TRL's steps/s, 0.69x its peak RSS, last reward +0.20 over TRL's
+  rollouts alone, 8 prompts x G=8 x 32 tokens: llama.cpp 88.4 tokens/s, transformers 38.9 (2.3x); sync: adapter
+          0.07 s (0.77 s the first, which opens the base GGUF), merged F16 re-export 6.1-6.5 s (87x)
+llmkit trains a step in 1/20 of TRL's time: each prompt runs once for its 8 completions (a fifth of the tokens), and
+without gradient checkpointing, which the shared prompt makes unneeded at this size; its rollouts are llama.cpp's
+batched decoding with the live adapter.
 
-Usage: python benchmarks/grpo.py [--steps 4] [--max-new-tokens 8] [--lr 1e-5] [--skip-peer] [--skip-llmkit]
+Usage: python benchmarks/grpo.py [--steps 4] [--max-new-tokens 8] [--lr 3e-4] [--skip-peer] [--skip-llmkit]
        python benchmarks/grpo.py --rollouts-only      # part 3 alone
 """
 
