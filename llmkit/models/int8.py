@@ -49,10 +49,10 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-# Classifiers. Measured on the 2-core VNNI Xeon without AMX (issue 39, a busy machine: spreads wide), MiniLM-L6
-# sentiment, 1000 rt-polarity reviews: `dynamic` ran at 0.54x fp32's samples/s (median of 5; 3.2-10.0 vs 4.4-7.7)
-# with accuracy +0.2 points; `weight-only` (fp32) at 0.48x (19.7 vs 9.45 samples/s, accuracy +0.1 points). Neither beats fp32
-# there: int8 buys classifiers size (0.65x on disk), not speed, on such CPUs; weight-only keeps activations exact.
+# Classifiers. Measured on a quiet 2-core VNNI Xeon without AMX (benchmarks/quantize.py), MiniLM-L6 sentiment, 1000
+# rt-polarity reviews: `weight-only` (fp32) ran at 1.14x fp32's samples/s (median of 5: 146.7 vs 128.9), accuracy
+# +0.1 points; `dynamic` at 0.65x (93.6 vs 144.5), +0.2 points. So VNNI CPUs get weight-only, which also keeps
+# activations exact; int8 buys them mostly size (0.65x on disk).
 # AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
 # re-measure with benchmarks/quantize.py before relying on either.
 CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-only"}
