@@ -194,13 +194,19 @@ def evaluate_rewards(model_name: str, data: str, rewards: list[str], *, max_new_
                            [s for s in stops if s is not None], batch_size=batch_size)
     return {"task": "rewards", "model": model_name, "data": data, "prompts": len(prompts), "reward": result["reward"],
             "pass_rate": result["pass_rate"], "per_reward": result["per_reward"],
-            "examples": [{"prompt": _prompt_text(prompts.prompt(i))[-80:], "answer": result["completions"][i]} for i in range(min(5, len(prompts)))],
+            "examples": [{"prompt": _shortened(_prompt_text(prompts.prompt(i))), "answer": result["completions"][i]}
+                         for i in range(min(5, len(prompts)))],
             "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _prompt_text(prompt: Any) -> str:
     """A prompt as a person reads it: text, or the last message's content."""
     return prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+
+
+def _shortened(text: str, width: int = 80) -> str:
+    """Head and tail of a long prompt: rows often differ at the start (the review) and share the end (the question)."""
+    return text if len(text) <= width else text[:width - 25] + " ... " + text[-20:]
 
 
 def evaluate_preference(ref: Any, data: str, *, reference: str | None = None, chat_template: str | None = None,
