@@ -136,7 +136,7 @@ class Finetune(Objective):
         from llmkit.inference.rollouts import RolloutRequest, open_rollouts
         from llmkit.runfolder import CHECKPOINTS, read_json
         from llmkit.training.checkpoints import latest_checkpoint
-        from llmkit.training.grpo import GRPOLoss
+        from llmkit.training.grpo import GRPOLoss, prompts_once
 
         cfg, data, model, acc, r = self.cfg, run.data, self.model, run.accelerator, self.cfg.rl
         if acc.device.type != "cpu" and cfg.method != "qlora":
@@ -148,8 +148,8 @@ class Finetune(Objective):
         latest = latest_checkpoint(run.out / CHECKPOINTS) if cfg.resume else None
         if latest is not None:
             start = int(read_json(latest / "state.json", strict=False).get("step", 0))
-        shared = acc.num_processes == 1 and not cfg.train.gradient_checkpointing  # grpo.shares_prompt: each prompt once
-        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16 and not shared:
+        once = prompts_once(acc.num_processes, cfg.train.gradient_checkpointing)
+        if acc.device.type == "cpu" and cfg.train.batch_size * r.num_generations > 16 and not once:
             run.say(f"note: {cfg.train.batch_size} prompts x {r.num_generations} completions = {cfg.train.batch_size * r.num_generations} "
                     "sequences go through each forward and backward; if memory runs short, lower --batch-size and raise --grad-accum "
                     "(the same prompts per step)")

@@ -117,6 +117,11 @@ def completion_logps(model: Any, input_ids: Any, attention_mask: Any, completion
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
+def prompts_once(processes: int, gradient_checkpointing: bool) -> bool:
+    """What a run's config says about shares_prompt before any model exists (--estimate-memory, finetune's note)."""
+    return processes == 1 and not gradient_checkpointing
+
+
 def shares_prompt(model: Any) -> bool:
     """Whether the prompt-once forward applies: one process (DDP's forward must run once per backward), a
     transformers causal LM that returns its KV cache (not while gradient checkpointing, which turns the cache off)."""

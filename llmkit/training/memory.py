@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from llmkit.config import FinetuneConfig
 from llmkit.training.chunked_loss import CHUNK_ELEMENTS
+from llmkit.training.grpo import prompts_once
 
 GB = 1e9
 RUNTIME_GB = {"cpu": 0.45, "cuda": 0.6}  # measured: a tiny-model run's peak RSS here; a CUDA context and kernels
@@ -105,7 +106,7 @@ def estimate(shape: Shape, cfg: FinetuneConfig, processes: int, device: str) -> 
     t = cfg.train
     seq, rows = grpo_rows(cfg)
     tokens = rows * seq
-    shared = cfg.objective == "grpo" and processes == 1 and not t.gradient_checkpointing
+    shared = cfg.objective == "grpo" and prompts_once(processes, t.gradient_checkpointing)
     if shared:  # llmkit.training.grpo.shared_prompt_logps: each prompt once, then the G completions on its repeated cache
         tokens = t.batch_size * (seq - cfg.rl.max_new_tokens) + rows * cfg.rl.max_new_tokens
     act_bytes = 2 if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device == "cuda") else 4
