@@ -1,7 +1,8 @@
 """8-bit on CPU, one run: SmolLM2-135M decoding and a MiniLM-L6 classifier, int8 against fp32, GGUF Q8_0 beside.
 
 The CPU line first (speeds differ 2x between the machines this runs on; ratios are against fp32 in the same run).
-- SmolLM2-135M (bundled): `llmkit quantize --method int8` (torchao, the kernel its default picks on this CPU) and
+- SmolLM2-135M (bundled): `llmkit quantize --method int8` (a torchao folder, run by llmkit on CPU with torch's
+  `_weight_int8pack_mm`, `+int8pack_mm` in the engine column; the kernel its default picks on this CPU) and
   `--method gguf-q8_0` (llama.cpp), held-out perplexity on 16 x 256 tokens of
   ../shared/data/tinyshakespeare/validation.txt, greedy decode tokens/s as the median of 5 timed runs after a
   warm-up (fp32 and int8 in transformers, Q8_0 in llama.cpp). Targets: int8 >= 1.5x fp32 at <= +1% perplexity.
@@ -41,7 +42,7 @@ def smollm2(work: Path) -> None:
     for method, out in (("int8", work / "smollm2-int8"), ("gguf-q8_0", work / "smollm2-q8_0.gguf")):
         r, wall = quantize("smollm2-135m", method, out, val, f"smollm2 {method}")
         b, q, ratio = r["before"], r["after"], r["ratios"]
-        engine = f"torchao:{r['kernel']}" if method == "int8" else "llama.cpp"
+        engine = "llama.cpp" if method != "int8" else f"torchao:{r['kernel']}" + ("+int8pack_mm" if "cpu_engine" in r else "")
         print(f"smollm2-135m {method:9s} engine={engine} size_ratio={ratio['disk']:.3f} ppl_fp32={b['perplexity']:.3f} "
               f"ppl_8bit={q['perplexity']:.3f} ppl_change={100 * (ratio['perplexity'] - 1):+.2f}% "
               f"decode_tok_s_fp32={b['tokens_per_s']:.1f} ({spread(b, 'tokens_per_s')}) "

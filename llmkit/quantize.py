@@ -9,14 +9,13 @@ every `nn.Linear` (torchao `Int8Tensor`), loaded back by plain `AutoModelFor*.fr
 torchao installed, and by every llmkit command. The kernel (`--kernel`, default per task and CPU kind:
 `llmkit.models.int8.default_kernel`) is `weight-only` (decoding is memory-bound: fewer weight bytes) or `dynamic`
 (int8 activations too, for compute-bound classifiers). Embeddings, tied LM heads, classifier heads and GPT-2's
-`Conv1D` layers stay in float (the format quantizes `nn.Linear` only); the report counts what was converted.
-Speed is measured after a warm-up, over several timed runs: the report holds their median and every run.
+`Conv1D` layers stay in float (the format quantizes `nn.Linear` only); the report counts what was converted. Speed
+is measured after a warm-up, over several timed runs (the median and every run), on the model as llmkit runs it.
 
 `gguf-f16`, `gguf-q8_0`, `gguf-q5_k_m` and `gguf-q4_k_m` write a GGUF file (llama.cpp's format; every architecture
 its converter knows, `llmkit.export.gguf.unsupported` names the others) with the tokenizer and chat template inside;
 `llmkit.export.gguf` says what each type holds. llama.cpp and transformers (`gguf_file=`) load it; its quality and
-speed are measured in llama.cpp itself. `load_int8` (`llmkit.models.int8`) is re-exported here.
-"""
+speed are measured in llama.cpp itself. `load_int8` (`llmkit.models.int8`) is re-exported here."""
 
 from __future__ import annotations
 
@@ -40,14 +39,13 @@ from llmkit.models.int8 import KERNELS, default_dtype, default_kernel, load_int8
 from llmkit.runfolder import read_json, write_json
 
 GGUF_METHODS = {f"gguf-{t}": t for t in GGUF_TYPES}  # --method -> GGUF type; METHODS (every --method) is below
-# gguf-lora: a LoRA run folder as a llama.cpp adapter file, used with its unchanged base (llmkit.export.adapter)
-LORA_METHOD = "gguf-lora"
+LORA_METHOD = "gguf-lora"  # a LoRA run folder as a llama.cpp adapter file, used with its unchanged base (llmkit.export.adapter)
 # gguf-auto: the adapter for a LoRA run (the merged export with --merge), else Q8_0 stepping up to F16 (quantize_auto)
 AUTO_METHOD = "gguf-auto"
 REPORT = "quantize_report.json"
+
+
 # --------------------------------------------------------------------------------------------- the command
-
-
 @dataclass
 class QuantizeConfig:
     """What `llmkit quantize` is asked to do: one field per flag (`llmkit.commands.quantize` fills it from them)."""
@@ -468,6 +466,8 @@ def print_report(report: dict[str, Any], stream: Any = None) -> None:
         m = report["modules"]
         print(f"kernel: int8 {report['kernel']} (torchao, {report['kernel_chosen_by']}); {m['int8_linear']} linear layers int8, "
               f"kept in {report['dtype']}: {report['kept_in_float']}", file=stream)
+        if "cpu_engine" in report:
+            print(f"measured as llmkit runs it on CPU: {report['cpu_engine']}", file=stream)
     g = report["gate"]
     print(f"quality: {g['metric']} {g['change']} (allowed {g['allowed']}){'  FAILED' if g['failed'] else ''}", file=stream)
 

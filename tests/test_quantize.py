@@ -48,6 +48,7 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     from transformers import AutoModelForCausalLM
 
     from llmkit.models.int8 import KERNELS, load_int8
+    from llmkit.models.int8_cpu import DECODE_ROWS, load_for_cpu, packed_layers
 
     src = tiny_gpt2 if arch == "gpt2" else tiny_llama
     out = tmp_path / "q"
@@ -66,6 +67,14 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     fp32 = AutoModelForCausalLM.from_pretrained(src).eval()
     q = load_int8(out)
     assert _rel_err(_logits(q, IDS), _logits(fp32, IDS)) < TOL
+    # what llmkit commands run on CPU: the same int8 weights through torch's int8 kernel (llmkit.models.int8_cpu),
+    # for a prompt (de-quantized, fp32) and for decoding-sized calls (int8pack_mm, bf16 activations)
+    packed = load_for_cpu(out)
+    # every int8 layer, and GPT-2's tied head (quantized at load time; its Conv1D layers stay in float)
+    assert packed_layers(packed) == report["modules"]["int8_linear"] + (arch == "gpt2")
+    assert report["cpu_engine"].startswith(f"torch._weight_int8pack_mm on {packed_layers(packed)} layers")
+    for ids in (IDS, IDS[:DECODE_ROWS]):
+        assert _rel_err(_logits(packed, ids), _logits(fp32, ids)) < TOL
     if arch == "gpt2":  # Conv1D is not nn.Linear: transformers' torchao format leaves it in float, and the report says so
         assert report["modules"] == {"int8_linear": 0, "float_linear": 1, "float_conv1d": 8}  # 1: the tied LM head
         # a causal LM's folder is bf16 (llmkit.models.int8.default_dtype), so what stays in float still halves
@@ -92,6 +101,29 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     assert json.loads(stdout)["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-3)
     code, stdout, err = cli("generate", "--model", out, "Once upon", "--max-new-tokens", "5", "--temperature", "0")
     assert code == 0, err
+
+
+def test_int8_packed_linear_is_the_dequantized_layer_at_any_alignment():
+    """torch's int8 kernel reads with aligned vector loads: weights memory-mapped from safetensors at an odd offset
+    (a tiny Gemma 3's sat at 24 mod 64) crashed the process before `aligned` copied them."""
+    import torch
+
+    from llmkit.models.int8_cpu import DECODE_ROWS, Int8PackedLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    scale = w.abs().amax(1, keepdim=True) / 127
+    q = torch.round(w / scale).to(torch.int8)
+    odd = torch.empty(q.numel() + 24, dtype=torch.int8)[24:].view(48, 64).copy_(q)
+    assert odd.data_ptr() % 64 != 0
+    bias = torch.randn(48)
+    layer = Int8PackedLinear(odd, scale, bias)
+    for rows in (1, DECODE_ROWS, DECODE_ROWS + 1, 100):  # decoding-sized calls (bf16 activations) and prompts (fp32)
+        x = torch.randn(rows, 64)
+        want = x @ (q.float() * scale).T + bias
+        assert _rel_err(layer(x), want) < (0.01 if rows <= DECODE_ROWS else 1e-5), rows
+    x = torch.randn(2, 3, 65, dtype=torch.bfloat16)[..., 1:]  # a bf16 view, as attention outputs can be
+    assert layer(x).shape == (2, 3, 48) and layer(x).dtype == torch.bfloat16
 
 
 def test_int8_classifier_folder(cli, tiny_bert, tmp_path):

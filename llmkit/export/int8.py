@@ -22,7 +22,8 @@ KEEP_FP32 = ("score", "classifier", "qa_outputs")
 
 def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str, keep: tuple[str, ...] = (),
                dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
-    """Write `model` (fp32) as an int8 folder; returns (the folder loaded back as users will load it, report details).
+    """Write `model` (fp32) as an int8 folder; returns (the folder loaded back as llmkit commands will run it, report
+    details). On CPU that is a causal LM through torch's int8 kernel (`llmkit.models.int8_cpu`), and the details say so.
 
     `model` is consumed: it is saved and dropped before the int8 copy is built, so the two are never both in memory.
     """
@@ -35,6 +36,7 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
     cfg.modules_to_not_convert = [*KEEP_FP32, *keep]
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     conv1d = sum(isinstance(m, Conv1D) for m in model.modules())
+    model_device = model.device.type
     with tempfile.TemporaryDirectory(prefix="llmkit-fp32-") as fp32:
         model.save_pretrained(fp32, safe_serialization=True)
         del model
@@ -44,11 +46,15 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
     tokenizer.save_pretrained(folder)
     del q
     from llmkit.models.int8 import load_int8
+    from llmkit.models.int8_cpu import int8_linears, load_for_cpu, packed_layers
 
-    back = load_int8(folder, auto)  # measure what was saved, reloaded the way users will load it
-    int8 = [n for n, m in back.named_modules() if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
+    on_cpu = task == "causal-lm" and model_device == "cpu"
+    back = (load_for_cpu if on_cpu else load_int8)(folder, auto)  # measure what was saved, reloaded the way it will run
+    int8 = int8_linears(back)
     details = {"kernel": kernel_of(back.config), "dtype": dtype,
-               "modules": {"int8_linear": len(int8), "float_linear": len(names) - len(int8), "float_conv1d": conv1d},
+               "modules": {"int8_linear": int8, "float_linear": len(names) - int8, "float_conv1d": conv1d},
                "kept_in_float": ("embeddings, tied LM heads" if task == "causal-lm" else "embeddings, classifier heads")
                + (", GPT-2 Conv1D layers" if conv1d else "") + " (transformers' torchao format quantizes nn.Linear only)"}
+    if on_cpu:
+        details["cpu_engine"] = f"torch._weight_int8pack_mm on {packed_layers(back)} layers, the LM head included (llmkit.models.int8_cpu)"
     return back, details

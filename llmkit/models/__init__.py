@@ -6,6 +6,7 @@
 - `lora`, `qlora`: LoRA targets and the base an adapter trains on; 4-bit (NF4) bases
 - `gguf_base`: a .gguf de-quantized once and kept as safetensors
 - `int8`: int8 (torchao) folders: kernels per CPU, loading them quietly
+- `int8_cpu`: weight-only int8 layers run by torch's int8 kernel on CPU (what llmkit decodes int8 folders with)
 - `meta`: building a model without memory (meta device) for sharded loads
 - `catalog`: `llmkit models`: the bundled aliases and the run folders here
 """
@@ -21,5 +22,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "qlora": ["base_weight_bytes", "load_4bit"],
     "gguf_base": ["kept_folder", "load_gguf"],
     "int8": ["load_int8"],
+    "int8_cpu": ["pack_for_cpu"],
     "catalog": ["list_models"],
 })

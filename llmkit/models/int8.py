@@ -9,7 +9,8 @@ the int8 layers itself and every llmkit command takes the folder as `--model` li
 
 Two kernels, named in the folder's config and in `llmkit quantize`'s report:
 - `weight-only` (torchao `Int8WeightOnlyConfig`): int8 weights, activations in the folder's dtype. Decoding is
-  memory-bound, so 4x fewer weight bytes is what makes it faster.
+  memory-bound, so 4x fewer weight bytes is what makes it faster; on CPU llmkit runs these layers (and the float
+  LM head, quantized at load) with torch's `_weight_int8pack_mm` (`llmkit.models.int8_cpu`), not torchao's path.
 - `dynamic` (torchao `Int8DynamicActivationInt8WeightConfig`): activations quantized per token at run time and an
   int8 x int8 matmul (VNNI / AMX-int8 instructions), for compute-bound prompts and classifiers.
 `default_kernel` picks one per task and CPU kind, from the measurements written beside it.
@@ -59,14 +60,14 @@ CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-o
 
 
 def default_dtype(task: str, kernel: str) -> str:
-    """The float dtype of the folder (activations and the layers left in float).
+    """The float dtype of the folder (activations in plain transformers, and the layers left in float).
 
     torchao 0.18's weight-only kernel widens the int8 weight to the activations' dtype and multiplies (it no longer
-    calls `_weight_int8pack_mm`): with fp32 activations that is more memory traffic than fp32 itself. SmolLM2,
-    32 greedy tokens, one run after the other on a busy 2-core VNNI Xeon: fp32 3.9 tok/s, int8 with fp32
-    activations 1.2, int8 with bf16 activations 9.3 (+0.8% perplexity on 16 x 256 held-out tokens either way);
-    a 256-token prompt took 3.5 s, 6.0 s and 17.8 s. So causal LMs, which decode, get bf16; classifiers (one
-    compute-bound forward pass per batch, where bf16 without AMX is slow) stay in fp32.
+    calls `_weight_int8pack_mm`): with fp32 activations that is more memory traffic than fp32 itself (SmolLM2 decoded
+    at 1.2 tok/s against fp32's 3.9, and bf16 activations at 9.3, on a busy VNNI Xeon), so causal-LM folders are bf16
+    for whoever loads them with plain transformers. llmkit itself runs them on CPU through torch's int8 kernel with
+    the float layers in fp32 (`llmkit.models.int8_cpu`). Classifiers (one compute-bound forward pass per batch,
+    where bf16 without AMX is slow) stay in fp32.
     """
     return "bfloat16" if task == "causal-lm" and kernel == "weight-only" else "float32"
 
@@ -127,8 +128,8 @@ def check_int8_folder(path: Path) -> bool:
     return method == QUANT_METHOD
 
 
-def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
-    """Load an int8 folder in eval mode: `from_pretrained` in the folder's own dtype, as plain transformers does.
+def load_int8(folder: str | Path, auto_cls: Any = None, dtype: str = "auto") -> Any:
+    """Load an int8 folder in eval mode: `from_pretrained` in the folder's own dtype (or `dtype`), as plain transformers does.
 
         >>> from llmkit.models import load_int8
         >>> model = load_int8("runs/smollm2-int8")           # then model.generate(...) as usual
@@ -142,5 +143,5 @@ def load_int8(folder: str | Path, auto_cls: Any = None) -> Any:
         archs = read_json(folder / "config.json").get("architectures") or []
         auto_cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else AutoModelForCausalLM
     with quiet_torchao():
-        model = auto_cls.from_pretrained(str(folder), dtype="auto")
+        model = auto_cls.from_pretrained(str(folder), dtype=dtype)
     return model.eval()

@@ -109,6 +109,10 @@ def load_causal_lm(ref: ModelRef, *, device: str | None = None, dtype: str = "au
     if _int8_folder(ref):
         from llmkit.models.int8 import load_int8  # not llmkit.quantize: loading needs none of the quantizers
 
+        if device == "cpu":  # torchao's weight-only path decodes slower than fp32 on CPU: torch's int8 kernel instead
+            from llmkit.models.int8_cpu import load_for_cpu
+
+            return load_for_cpu(ref.path, AutoModelForCausalLM)
         return load_int8(ref.path, AutoModelForCausalLM).to(device)
     model = from_pretrained_checked(AutoModelForCausalLM, ref, progress, dtype=pick_dtype(dtype, device))
     if ref.adapter is not None:

@@ -1,0 +1,113 @@
+"""int8 weight-only folders run on CPU by llmkit: `torch._weight_int8pack_mm` for decoding.
+
+    >>> from llmkit.models.int8_cpu import load_for_cpu
+    >>> model = load_for_cpu("runs/smollm2-int8")   # what `llmkit generate` / `evaluate` run on CPU
+
+torchao 0.18's weight-only linear widens the whole int8 weight to the activations' dtype on every call and then
+multiplies: on a CPU that is more memory traffic than the fp32 model, so the int8 folder decoded at 0.56x fp32
+(issue 39). torch has the kernel that weight-only int8 is for, `_weight_int8pack_mm` (int8 weights read once,
+widened in registers, per-channel scales applied to the fp32 accumulators); it needs bf16 activations to be fast
+(with fp32 activations it is 5x slower than an fp32 matmul). Prompts and evaluation windows are many rows at once,
+compute-bound: there the weight is de-quantized to fp32 for the call and one fp32 matmul does the rest.
+
+The folder is unchanged and plain transformers still loads it; only the in-memory layers differ. The weights, their
+scales and so the quantization error are the same; the rounding of activations differs, so greedy text agrees with
+plain transformers' except where two tokens are near-tied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Rows (tokens x sequences) up to which a call takes the int8 kernel. Its time grows with the rows (~18 us each at
+# SmolLM2-135M's 576 x 1536 on a 2-core VNNI Xeon: 75 us for 1, 591 us for 32, 1161 us for 64), while de-quantizing
+# costs a fixed ~450 us and then an fp32 matmul (750 us for 32 rows, 992 us for 64): the two cross near 48.
+DECODE_ROWS = 32
+
+
+class Int8PackedLinear(torch.nn.Module):
+    """A weight-only int8 `nn.Linear` (symmetric, one scale per output channel) for CPU inference."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, at_load: bool = False) -> None:
+        super().__init__()
+        self.at_load = at_load  # quantized when loaded (a float head), not read from the folder's int8 weights
+        self.out_features, self.in_features = qdata.shape
+        self.register_buffer("qdata", aligned(qdata))
+        self.register_buffer("scale_bf16", scale.reshape(-1).to(torch.bfloat16))
+        self.register_buffer("scale", scale.reshape(-1, 1).float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= DECODE_ROWS:
+            y = torch._weight_int8pack_mm(aligned(rows.to(torch.bfloat16)), self.qdata, self.scale_bf16).float()
+        else:
+            y = rows.float() @ (self.qdata.float() * self.scale).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only (int8pack_mm)"
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous at a 64-byte boundary. The kernel reads with aligned vector loads and crashes (SIGSEGV) on a
+    tensor memory-mapped from safetensors at an odd offset (a tiny Gemma 3's q_proj sat at 24 mod 64) or on a view."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype)  # torch's CPU allocator aligns to 64 bytes
+    return out.copy_(t)
+
+
+def packable(module: torch.nn.Module) -> bool:
+    """A torchao weight-only int8 Linear with per-channel symmetric scales (what `llmkit quantize --kernel weight-only`
+    writes); dynamic-activation layers and anything else are left to torchao."""
+    w = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or type(w).__name__ != "Int8Tensor":
+        return False
+    if getattr(w, "act_quant_kwargs", None) is not None:
+        return False
+    zero = getattr(w, "zero_point", None)
+    return w.qdata.dim() == 2 and w.scale.numel() == w.qdata.shape[0] and (zero is None or not bool(zero.any()))
+
+
+def load_for_cpu(folder: Any, auto_cls: Any = None) -> Any:
+    """An int8 causal-LM folder as llmkit runs it on CPU: the layers left in float (norms, embeddings) in fp32 rather
+    than the folder's bf16, which CPUs without AVX-512-BF16 emulate; then `pack_for_cpu`."""
+    from llmkit.models.int8 import load_int8
+
+    return pack_for_cpu(load_int8(folder, auto_cls, dtype="float32"))
+
+
+def pack_for_cpu(model: Any) -> Any:
+    """Swap the model's weight-only int8 linears for `Int8PackedLinear`, and a float LM head for an int8 one; returns
+    the model (changed in place).
+
+    The head is tied to the embeddings in most small models, so the folder keeps it in float (transformers' torchao
+    format quantizes `nn.Linear` weights only); quantized here at load time, one scale per vocabulary row. On
+    SmolLM2-135M it is a fifth of the weights and, in fp32, half of each decoded token's memory traffic. The gate in
+    `llmkit quantize` measures the model this way, so its perplexity includes the head's rounding.
+    """
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if packable(child)]
+    for parent, name, child in swaps:
+        w = child.weight
+        setattr(parent, name, Int8PackedLinear(w.qdata, w.scale, child.bias))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is torch.nn.Linear and isinstance(head.weight, torch.nn.Parameter):
+        w = head.weight.detach().float()
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        model.set_output_embeddings(Int8PackedLinear(torch.round(w / scale).to(torch.int8), scale, head.bias, at_load=True))
+    return model
+
+
+def packed_layers(model: Any) -> int:
+    return sum(isinstance(m, Int8PackedLinear) for m in model.modules())
+
+
+def int8_linears(model: Any) -> int:
+    """The linear layers whose int8 weights came from the folder, whether torchao's or packed."""
+    return sum((isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor")
+               or (isinstance(m, Int8PackedLinear) and not m.at_load) for m in model.modules())
