@@ -35,7 +35,7 @@ OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "grpo")
 RL_LOSSES = ("grpo", "dr_grpo", "dapo")  # llmkit.training.grpo: how a batch's token losses are averaged
 SCALE_REWARDS = ("group", "batch", "none")
 ROLLOUT_BACKENDS = ("auto", "llama.cpp", "transformers")  # llmkit.inference.rollouts.ROLLOUT_BACKENDS
-ZERO_SIGNAL = ("keep", "drop")
+ZERO_SIGNAL = ("keep", "drop", "resample")
 REFERENCE_FREE = ("simpo", "orpo")  # objectives that need no reference model
 LR = 5e-5  # --lr's default
 # --objective grpo with LoRA: a reward's gradient through a low-rank adapter barely moves the answers in 50 steps at
@@ -231,7 +231,12 @@ class RLConfig:
     first); the prompt batches drawn in between are skipped. 1 = new rollouts every step."""
     zero_signal: str = "keep"
     """Groups whose rewards are all equal have zero advantage (no signal): keep (they still count in the token
-    average, as TRL) or drop (out of the average: the other groups' gradients are not diluted). Counted either way."""
+    average, as TRL), drop (out of the average: the other groups' gradients are not diluted) or resample (DAPO's
+    dynamic sampling: replaced by groups of other prompts, sampled for the same step, that do carry a signal; up to
+    rl.resample_rounds more rollout calls, and those still without signal are dropped). Counted either way."""
+    resample_rounds: int = 2
+    """rl.zero_signal=resample: at most this many extra rollout calls per micro-batch, each for as many fresh prompts
+    as groups are still without signal (each round costs up to a whole rollout call; 0 behaves as drop)."""
     rewards: list[str] = field(default_factory=list)
     """--reward: exact:COLUMN, contains:COLUMN, regex:PATTERN, json, json:schema.json, length:max=N, or
     path/to/file.py:function (TRL's signature: fn(prompts, completions, **columns) -> list[float | None])."""
@@ -413,6 +418,7 @@ def rl_problems(cfg: FinetuneConfig) -> list[str]:
     for name, ok, want in (("temperature", r.temperature > 0, "> 0"), ("top_p", 0 < r.top_p <= 1, "in (0, 1]"),
                            ("beta", r.beta >= 0, ">= 0"), ("epsilon", r.epsilon > 0, "> 0"),
                            ("steps_per_generation", r.steps_per_generation >= 1, ">= 1"),
+                           ("resample_rounds", r.resample_rounds >= 0, ">= 0"),
                            ("log_rollouts_every", r.log_rollouts_every >= 0, ">= 0")):
         if not ok:
             problems.append(f"rl.{name} must be {want}, got {getattr(r, name)}")

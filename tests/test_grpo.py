@@ -202,6 +202,55 @@ def test_none_rewards_count_as_zero_in_the_sum_and_stay_out_of_their_own_mean(ti
         assert int(flat.completion_mask.sum()) == tokens  # drop: out of the token average
 
 
+def test_resample_replaces_zero_signal_groups_with_other_prompts_that_carry_a_signal(tiny_llama, tmp_path):
+    """rl.zero_signal=resample (DAPO's dynamic sampling): a group whose rewards are all equal is replaced by the group
+    of a fresh prompt that has a signal, drawn under the step's seed; with no rounds left it is dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.config import RLConfig
+    from llmkit.data.prompts import PromptSet
+    from llmkit.inference.rollouts import RolloutRequest
+    from llmkit.training.grpo import GRPOLoss
+    from llmkit.training.rewards import Reward
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    rows = [{"ids": [1, 20 + k], "prompt": p, "columns": {}, "where": f"x:line {k + 1}"} for k, p in enumerate(["a", "b", "c", "d"])]
+    prompts = PromptSet(rows, "k")
+    calls = []
+
+    class Fixed:
+        name, stop_ids = "fixed", [tok.eos_token_id]
+
+        def sync(self, model): ...
+
+        def generate(self, request):
+            calls.append(len(request.prompts))
+            return [[7, 8], [7], [9, 9, 9], [10]] * len(request.prompts)
+
+        def close(self): ...
+
+    # only prompt "c" tells its completions apart
+    signal = Reward("c", lambda prompts, completions, **kw: [float(p == "c" and len(c) % 2) for p, c in zip(prompts, completions, strict=True)])
+
+    def run(rounds: int):
+        calls.clear()
+        rl = RLConfig(num_generations=4, max_new_tokens=3, log_rollouts_every=0, zero_signal="resample", resample_rounds=rounds)
+        return GRPOLoss(prompts, Fixed(), [signal], [], rl, tokenizer=tok, request=RolloutRequest, pad_id=0, seed=0, grad_accum=1,
+                        out=tmp_path).generate(model, [0], 0, 0)
+
+    rb = run(3)  # the pool holds b, c and d: three rounds are enough to reach c whatever the order
+    assert rb.stats["zero_signal_groups"] == 1 and rb.stats["resampled_groups"] == 1
+    assert rb.input_ids[0, :2].tolist() == [1, 22]  # row c's prompt took the slot
+    assert rb.advantages.abs().sum() > 0 and int(rb.completion_mask.sum()) == 7
+    assert calls[0] == 1 and len(calls) >= 2
+    first = list(calls)
+    again = run(3)
+    assert calls == first and again.input_ids.equal(rb.input_ids)  # drawn under the step's seed: the same again
+    none = run(0)  # no rounds: dropped, as rl.zero_signal=drop
+    assert none.stats["resampled_groups"] == 0 and int(none.completion_mask.sum()) == 0 and calls == [1]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

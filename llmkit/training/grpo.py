@@ -23,6 +23,10 @@ and the three aggregations differ only in how tokens are averaged (`rl.loss`):
 With `steps_per_generation` k > 1 the same rollouts serve k optimizer steps; their log-probs at sampling time are
 kept as logp_old, so the clip bounds how far those steps move (with k = 1, logp_old = logp.detach(): ratio 1).
 
+Groups whose rewards are all equal have zero advantage: counted every step (zero_signal_groups), and by
+`rl.zero_signal` kept in the token average (TRL), dropped from it, or resampled (DAPO's dynamic sampling: replaced by
+the groups of fresh prompts, sampled for the same step, that do carry a signal).
+
 Exact resume: step s's rollouts are sampled under a seed made from the run's seed, s, the micro-batch and the process,
 so a resumed run samples the same completions; rollouts that serve several steps are kept on disk until used.
 """
@@ -241,22 +245,17 @@ class GRPOLoss(LoggedParts):
         if self.synced != step:  # weights change only between optimizer steps, not between a step's micro-batches
             self.rollouts.sync(policy)
             self.synced = step
-        request = self.request(prompts=[self.prompts.prompt_ids(i) for i in rows], num_generations=g, max_new_tokens=rl.max_new_tokens,
-                               temperature=rl.temperature, top_p=rl.top_p, seed=rollout_seed(self.seed, step, micro, self.process))
-        completions = self.rollouts.generate(request)
+        seed = rollout_seed(self.seed, step, micro, self.process)
+        rows = list(rows)
+        completions, texts, values = self._sample(rows, seed, step)
+        first_zero = int(self._zero(values).sum())
+        resampled = self._resample(rows, completions, texts, values, seed, step) if rl.zero_signal == "resample" and first_zero else 0
         seconds = time.perf_counter() - t0
         self.rollout_seconds += seconds
         n_tokens = sum(len(c) for c in completions)
         self.speeds["rollout_tokens_per_s"] = round(n_tokens / max(seconds, 1e-9), 1)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        prompts = [self.prompts.prompt(i) for i in rows for _ in range(g)]
-        names = sorted({c for i in rows for c in self.prompts.columns(i)})
-        columns = {c: [self.prompts.columns(i).get(c) for i in rows for _ in range(g)] for c in names}
-        wheres = [self.prompts.where(i) for i in rows for _ in range(g)]
-        values = score(self.rewards, prompts, texts, columns, step + 1, wheres)
-        table = torch.tensor([[float("nan") if v is None else v for v in vals] for vals in values], dtype=torch.float32)  # [R, N]
-        weights = torch.tensor(self.weights, dtype=torch.float32).unsqueeze(1)
-        total = torch.nansum(table * weights, dim=0)  # None counts as 0 in the sum (TRL)
+        table = _table(values)
+        total = self._total(values)
         advantages, group_std = group_advantages(total, g, rl.scale_rewards)
         zero = group_std == 0
         stops = set(getattr(self.rollouts, "stop_ids", None) or [self.tokenizer.eos_token_id])
@@ -266,9 +265,11 @@ class GRPOLoss(LoggedParts):
                  "completion_length": n_tokens / len(completions),
                  "clipped_ratio": sum(1 for c, e in zip(completions, ended, strict=True) if not e and len(c) >= rl.max_new_tokens) / len(completions),
                  # x grad_accum: the logged mean over micro-batches is then the count per optimizer step
-                 "zero_signal_groups": float(zero.sum()) * self.grad_accum}
-        ids, mask, cmask = self._layout(request.prompts, completions, g)
-        if rl.zero_signal == "drop":
+                 "zero_signal_groups": float(first_zero) * self.grad_accum}
+        if rl.zero_signal == "resample":
+            stats["resampled_groups"] = float(resampled) * self.grad_accum
+        ids, mask, cmask = self._layout([self.prompts.prompt_ids(i) for i in rows], completions, g)
+        if rl.zero_signal != "keep":
             cmask[zero.repeat_interleave(g)] = 0  # out of the token average: no gradient and no dilution of the others
         old = None
         if rl.steps_per_generation > 1:  # the sampling policy's log-probs: logp_old of every step these rollouts serve
@@ -278,6 +279,57 @@ class GRPOLoss(LoggedParts):
         if self.main and rl.log_rollouts_every and (step == 0 or (step + 1) % rl.log_rollouts_every == 0):
             self._log(step + 1, rows, texts, values, total, advantages)
         return RolloutBatch(ids, mask, cmask, advantages, old, stats)
+
+    def _sample(self, rows: list[int], seed: int, step: int) -> tuple[list[list[int]], list[str], list[list[float | None]]]:
+        """G completions of each row (prompt-major), their texts, and each reward's values [R][N]."""
+        g = self.rl.num_generations
+        request = self.request(prompts=[self.prompts.prompt_ids(i) for i in rows], num_generations=g, max_new_tokens=self.rl.max_new_tokens,
+                               temperature=self.rl.temperature, top_p=self.rl.top_p, seed=seed)
+        completions = self.rollouts.generate(request)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        prompts = [self.prompts.prompt(i) for i in rows for _ in range(g)]
+        names = sorted({c for i in rows for c in self.prompts.columns(i)})
+        columns = {c: [self.prompts.columns(i).get(c) for i in rows for _ in range(g)] for c in names}
+        wheres = [self.prompts.where(i) for i in rows for _ in range(g)]
+        return completions, texts, score(self.rewards, prompts, texts, columns, step + 1, wheres)
+
+    def _total(self, values: list[list[float | None]]) -> Any:
+        """[N] weighted sum of the rewards; None counts as 0 in the sum (TRL)."""
+        import torch
+
+        return torch.nansum(_table(values) * torch.tensor(self.weights, dtype=torch.float32).unsqueeze(1), dim=0)
+
+    def _zero(self, values: list[list[float | None]]) -> Any:
+        """[groups] True where a group's rewards are all equal (no signal)."""
+        return group_advantages(self._total(values), self.rl.num_generations, "none")[1] == 0
+
+    def _resample(self, rows: list[int], completions: list[list[int]], texts: list[str], values: list[list[float | None]],
+                  seed: int, step: int) -> int:
+        """DAPO's dynamic sampling, in place: zero-signal groups replaced by groups of other prompts that carry a signal.
+        Each round samples fresh rows (drawn under the micro-batch's seed: a resumed run draws the same) for the groups
+        still without signal. Returns how many were replaced."""
+        import random
+
+        g, replaced = self.rl.num_generations, 0
+        n, taken = len(self.prompts), set(rows)
+        pool = [i for i in random.Random(seed).sample(range(n), min(n, len(rows) * (self.rl.resample_rounds + 1))) if i not in taken]
+        for round_ in range(1, self.rl.resample_rounds + 1):
+            slots = [s for s, z in enumerate(self._zero(values).tolist()) if z]
+            fresh, pool = pool[:len(slots)], pool[len(slots):]
+            if not slots or not fresh:
+                break
+            new_c, new_t, new_v = self._sample(fresh, rollout_seed(seed, round_, 0, 0), step)
+            for t, z in enumerate(self._zero(new_v).tolist()):
+                if z:
+                    continue
+                s = slots.pop(0)
+                rows[s] = fresh[t]
+                span, src = slice(s * g, (s + 1) * g), slice(t * g, (t + 1) * g)
+                completions[span], texts[span] = new_c[src], new_t[src]
+                for mine, theirs in zip(values, new_v, strict=True):
+                    mine[span] = theirs[src]
+                replaced += 1
+        return replaced
 
     def _layout(self, prompts: list[list[int]], completions: list[list[int]], g: int) -> tuple[Any, Any, Any]:
         import torch
@@ -396,6 +448,13 @@ def greedy_scores(model: Any, tokenizer: Any, prompts: Any, rows: list[int], rew
     n = max(len(rows), 1)
     return {"reward": sum(totals) / n, "pass_rate": sum(passed) / n, "completions": texts, "totals": totals, "passed": passed,
             "per_reward": {r.name: _nanmean_list([v[k] for k in range(len(rows))]) for r, v in zip(rewards, values, strict=True)}}
+
+
+def _table(values: list[list[float | None]]) -> Any:
+    """[R, N] float tensor of the rewards' values, None as NaN."""
+    import torch
+
+    return torch.tensor([[float("nan") if v is None else v for v in vals] for vals in values], dtype=torch.float32)
 
 
 def _nanmean(t: Any) -> float:
