@@ -101,6 +101,48 @@ def test_a_model_trained_on_the_format_is_parsed_by_serve_to_the_same_call(tmp_p
     assert parse_calls("no call here", ["get_weather"]) == ("no call here", [])
 
 
+def test_a_template_that_renders_tools_itself_gets_them_in_its_own_format(tmp_path):
+    """Qwen 2.5's template takes `tools=` and writes calls as `<tool_call>` JSON: training, serving and the parser all
+    use that format (the model keeps the tool prompt it was made with); templates without tools keep llmkit's."""
+    from llmkit.models.templates import knows_tools, render_chat
+    from llmkit.models.tools import TOOLS_HEADER, structured, with_tools
+    from llmkit.serving.protocol import ChatRequest
+    from llmkit.serving.tools import parse_reply
+    from tests.chat_models import QWEN25_TOOLS
+    from tests.families import FAMILIES
+
+    assert knows_tools(QWEN25_TOOLS) and not knows_tools(CHATML)
+    assert not any(knows_tools(f.template) for f in FAMILIES.values() if f.template)  # their test templates know no tools
+
+    conv = read_conversations(_write(tmp_path / "tools.jsonl", [ROW]))[0]
+    tok = make_tokenizer(["<|im_start|>", "<|im_end|>"])
+    encoder = ChatEncoder(tok, QWEN25_TOOLS)
+    full, _ = encoder.spans(conv)
+    assert TOOLS_HEADER not in full and '<tools>\n{"type": "function", "function": {"name": "get_weather"' in full
+    assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in full
+    ids, labels = encoder.encode(conv)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert [tok.decode(r) for r in _learned(labels)] == [call + "<|im_end|>", "It is sunny in Paris.<|im_end|>"]
+    assert "sunny, 21 C" in tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab == -100])
+
+    # serve: the client's history renders as training rendered it, and the learned reply parses to the data's call
+    prompt = ChatRequest(model="m", messages=ROW["messages"][:3], tools=[WEATHER]).prompts()[0]
+    assert full.startswith(render_chat(QWEN25_TOOLS, prompt))
+    content, calls = parse_reply(call, ["get_weather"], forced=False)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+    # the conversion back is exact: a system prompt kept, two calls in one turn answered in order
+    spec = {"name": "get_weather", "description": "", "parameters": {"type": "object", "properties": {}}}
+    two = with_tools([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris and Rome?"},
+                      {"role": "assistant", "content": call_text("get_weather", {"city": "Paris"}) + call_text("get_weather", {"city": "Rome"})},
+                      {"role": "user", "content": '<tool_response>{"tool_call_id": "a", "content": "sunny"}</tool_response>'},
+                      {"role": "user", "content": '<tool_response>{"tool_call_id": "b", "content": "rain"}</tool_response>'}], [spec])
+    messages, tools = structured(two)
+    assert tools == [{"type": "function", "function": spec}] and messages[0] == {"role": "system", "content": "Be brief."}
+    assert [c["function"]["arguments"] for c in messages[2]["tool_calls"]] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [(m["tool_call_id"], m["content"]) for m in messages[3:]] == [("call_1", "sunny"), ("call_2", "rain")]
+
+
 def test_tool_call_scores_of_a_known_output():
     from llmkit.evaluate import score_tool_calls
 

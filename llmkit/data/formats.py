@@ -12,9 +12,10 @@ Formats, detected from the columns of a JSONL / JSON / CSV / parquet file or Hub
 Tool calling: a messages or sharegpt row may have `tools` (OpenAI's list of `{"type": "function", "function": {"name",
 "description", "parameters"}}`, or that list as JSON text), assistant messages with OpenAI's `tool_calls` (`id`,
 `type`, `function.name`, `function.arguments` as JSON text or an object) and `tool` messages with their results
-(sharegpt: `function_call` turns holding `{"name", "arguments"}` and `observation` turns). They are rendered in
+(sharegpt: `function_call` turns holding `{"name", "arguments"}` and `observation` turns). They are read into
 llmkit.models.tools' format, the one `llmkit serve` parses: the tools block in the system turn, calls as
-`<tool_call>` text of the assistant turn (so they are learned), results as user turns (context, never learned).
+`<tool_call>` text of the assistant turn (so they are learned), results as user turns (context, never learned); a
+template that renders tools itself gets them back in OpenAI's shape at rendering (llmkit.models.templates).
 A call whose arguments are not a JSON object, of a tool not in the row's `tools`, or a result that answers no call
 is an error naming the row.
 

@@ -38,7 +38,7 @@ from llmkit.data.rows import Plan, make_plan, normalize, read_arrow
 from llmkit.errors import UsageError
 from llmkit.runfolder import read_json
 
-FORMAT_VERSION = 1  # bump when what a key's folder holds changes
+FORMAT_VERSION = 2  # bump when what a key's folder holds changes (2: tool conversations in a template's own tool format)
 META = "meta.json"
 TASK_BYTES = 4 << 20  # plain text per encode task
 TASK_ROWS = 4096  # rows per encode task

@@ -7,8 +7,9 @@ turn, calls as assistant text, tool results as turns, and replies parsed back in
     >>> parse_calls(call_text("get_weather", {"city": "Paris"}), ["get_weather"])
     (None, [{'name': 'get_weather', 'arguments': {'city': 'Paris'}}])
 
-The format (for every chat template: the bundled SmolLM2's and GPT-2-style ones know no tools): the tools are
-described in the system turn, as JSON, one line each, and a call is assistant text
+The format (what every layer passes around; the bundled SmolLM2's and GPT-2-style templates know no tools and render
+it as it is, while `structured` gives it back in OpenAI's shape for templates that render tools themselves): the
+tools are described in the system turn, as JSON, one line each, and a call is assistant text
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
@@ -39,12 +40,15 @@ def tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "description": fn.get("description") or "", "parameters": fn.get("parameters") or EMPTY_PARAMETERS}
 
 
+TOOLS_HEADER = "You can call these tools (JSON Schema of each one's arguments):\n"
+TOOLS_FOOTER = ('To call a tool, reply with only <tool_call>{"name": "TOOL NAME", "arguments": {...}}</tool_call>. '
+                "Tool results come back in <tool_response></tool_response>; then answer the user.")
+RESPONSE = re.compile(r"<tool_response>(.*)</tool_response>", re.S)
+
+
 def describe_tools(specs: list[dict[str, Any]]) -> str:
     """The system turn's tools block (how the model learns which tools exist and how to call them)."""
-    lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in specs)
-    return ("You can call these tools (JSON Schema of each one's arguments):\n" + lines + "\n"
-            'To call a tool, reply with only <tool_call>{"name": "TOOL NAME", "arguments": {...}}</tool_call>. '
-            "Tool results come back in <tool_response></tool_response>; then answer the user.")
+    return TOOLS_HEADER + "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in specs) + TOOLS_FOOTER
 
 
 def with_tools(messages: list[dict[str, str]], specs: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -141,3 +145,54 @@ def schema_errors(value: Any, schema: Any, path: str = "arguments") -> list[str]
         if ("minimum" in schema and value < schema["minimum"]) or ("maximum" in schema and value > schema["maximum"]):
             errors.append(f"{path}: {value} outside the schema's bounds")
     return errors
+
+
+def structured(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Messages in this module's format back in OpenAI's structured shape, and the tools (OpenAI's `{"type":
+    "function", "function": {...}}` each): what a template that renders tools itself (Qwen 2.5/3, Hermes) takes as
+    `messages` and `tools=`. The format is lossless, so this is exact: the tools block of the first system turn
+    becomes `tools`, `<tool_call>` text of an assistant turn its `tool_calls` (arguments as objects, as templates
+    expect), a `<tool_response>` user turn a `tool` message. Calls get positional ids (call_1, call_2, ...) and each
+    result answers the oldest call not yet answered, so a conversation and its prefixes render alike."""
+    specs: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    calls = 0
+    for k, m in enumerate(messages):
+        role, text = m["role"], m.get("content") or ""
+        if k == 0 and role == "system" and text.startswith(TOOLS_HEADER) and TOOLS_FOOTER in text:
+            block, _, rest = text[len(TOOLS_HEADER):].partition(TOOLS_FOOTER)
+            specs = [json.loads(line) for line in block.splitlines() if line.strip()]
+            if rest.removeprefix("\n\n"):
+                out.append({"role": "system", "content": rest.removeprefix("\n\n")})
+            continue
+        # without a tools block (tool_choice "none" on a conversation that called some) the calls name their tools
+        names = [s["name"] for s in specs] or [_name(raw) for raw in CALL.findall(text)]
+        if role == "assistant" and "<tool_call>" in text:
+            content, found = parse_calls(text, names)
+            if found:
+                ids = [f"call_{calls + n + 1}" for n in range(len(found))]
+                calls += len(found)
+                pending += ids
+                out.append({"role": "assistant", "content": content or "", "tool_calls": [
+                    {"id": i, "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in zip(ids, found, strict=True)]})
+                continue
+        if role == "user" and (match := RESPONSE.fullmatch(text.strip())) and pending:
+            try:
+                result = json.loads(match.group(1))
+            except ValueError:
+                result = None
+            if isinstance(result, dict) and "content" in result:
+                out.append({"role": "tool", "tool_call_id": pending.pop(0), "content": result["content"]})
+                continue
+        out.append(m)
+    return out, [{"type": "function", "function": s} for s in specs]
+
+
+
+def _name(raw: str) -> str | None:
+    try:
+        call = json.loads(raw)
+    except ValueError:
+        return None
+    return call.get("name") if isinstance(call, dict) else None

@@ -12,7 +12,9 @@ system turn, as JSON, and a call is a reply of
 
 (one such element per call; several calls are several elements). An assistant message with `tool_calls` is
 written back in that format, and a `tool` message becomes a user turn `<tool_response>{"tool_call_id", "content"}
-</tool_response>`, so templates that only know system/user/assistant render the whole round trip. With
+</tool_response>`, so templates that only know system/user/assistant render the whole round trip; a template that
+renders tools itself (Qwen 2.5 / 3, Hermes-style) gets them back as `tools=` and OpenAI-shaped messages when the
+backend renders (llmkit.models.templates.knows_tools), and its `<tool_call>` replies parse the same way. With
 `tool_choice` "required" or a named function the reply is constrained (llmkit.inference.constraints) to be exactly
 one call object `{"name": ..., "arguments": ...}` whose arguments validate against the tool's schema, so even an
 untuned model returns a well-formed call.
