@@ -106,6 +106,30 @@ def test_any_decoder_keeps_layers_consistently(arch, tmp_path):
     assert len(scores) == 4 and all(s > 0 for s in scores)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("keep_inputs", [True, False])
+def test_rescoring_after_a_removal_equals_a_pass_of_the_shortened_model(arch, keep_inputs, monkeypatch):
+    """LayerScores re-runs only the blocks after a removed one, on their recorded inputs and arguments (masks,
+    position embeddings, per layer type); its scores must be those of the shortened model's own full pass."""
+    import torch
+
+    import llmkit.training.students as students
+
+    if not keep_inputs:
+        monkeypatch.setattr(students, "CACHE_BYTES", 0)  # every removal re-runs from the first block
+    teacher = build(arch)
+    ids = torch.randint(3, 128, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # padding: only real tokens count
+    batches = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1, :20], "attention_mask": mask[:1, :20]}]
+    scores = students.LayerScores(teacher, batches)
+    assert scores.keep_inputs is keep_inputs
+    for layer in (1, 0):  # a middle one, then the first
+        scores.remove(layer)
+        want = students.layer_importance(students.keep_layers(teacher, scores.kept).eval(), batches)
+        assert [scores.scores[j] for j in scores.kept] == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
 def test_student_config_reindexes_per_layer_lists_and_leaves_the_rest():
     from transformers import LlamaConfig
 

@@ -112,43 +112,105 @@ def student_config(config: Any, kept: list[int]) -> Any:
     return cfg
 
 
-def layer_importance(teacher: Any, batches: Any) -> list[float]:
+CACHE_BYTES = 2 << 30  # LayerScores keeps every layer's input up to this size (SmolLM2, 32 x 256 tokens: 0.6 GB)
+
+
+class LayerScores:
     """Block influence of each layer: the mean angular change 1 - cos(input, output) it makes to the hidden states
-    of real tokens (ShortGPT, Men et al. 2024). Layers that barely turn the hidden state can go with least harm."""
-    import torch
+    of real tokens (ShortGPT, Men et al. 2024). Layers that barely turn the hidden state can go with least harm.
 
-    _, layers = layer_stack(teacher)
-    sums = [0.0] * len(layers)
-    count = 0
-    inputs: dict[int, Any] = {}
-    mask: list[Any] = [None]
+    One pass over `batches` records how the model calls each block (its input hidden states and arguments: masks,
+    position embeddings, per layer type) and scores every layer. `remove(j)` takes layer j out and re-scores only the
+    layers after it, run from j's recorded input: the layers before j see exactly what they saw, so their scores
+    stand. The scores are those of the shortened model's full pass (the same calls on the same inputs; tested), at
+    a fraction of its cost when the removed layers are late, as block influence tends to pick. Inputs beyond
+    CACHE_BYTES are not kept: then every removal re-runs the blocks from the first.
+    """
 
-    def before(i: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
-        return hook
+    def __init__(self, teacher: Any, batches: Any) -> None:
+        import inspect
 
-    def after(i: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
-            sums[i] += float(((1 - cos) * mask[0]).sum())
-        return hook
+        import torch
 
-    body = getattr(teacher, "base_model", teacher)  # transformers' model without its head (`model`, `transformer`, `bert`)
-    handles = [h for i, layer in enumerate(layers) for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
-                                                             layer.register_forward_hook(after(i), with_kwargs=True))]
-    try:
+        _, self.layers = layer_stack(teacher)
+        self.kept = list(range(len(self.layers)))
+        self.masks = [b["attention_mask"].float() for b in batches]
+        self.count = max(sum(int(m.sum()) for m in self.masks), 1)
+        self.calls: list[list[Any]] = [[] for _ in self.layers]  # per layer, per batch: [hidden, args after it, kwargs, by keyword]
+        self.scores: dict[int, float] = {}
+        sums = [0.0] * len(self.layers)
+
+        def before(i: int) -> Any:
+            def hook(module: Any, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.calls[i].append([hidden, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args])
+            return hook
+
+        def after(i: int) -> Any:
+            def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+                sums[i] += self._change(self.calls[i][-1][0], output, len(self.calls[i]) - 1)
+            return hook
+
+        body = getattr(teacher, "base_model", teacher)  # transformers' model without its head (`model`, `transformer`, `bert`)
+        # the LM head (SmolLM2: 576 x 49,152 per token) would be a quarter of the pass and scores nothing; no KV cache, so
+        # that a block can be run again on the arguments it was given
+        extra = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
+        handles = [h for i, layer in enumerate(self.layers) for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
+                                                                      layer.register_forward_hook(after(i), with_kwargs=True))]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        finally:
+            for h in handles:
+                h.remove()
+        self.scores = {i: v / self.count for i, v in enumerate(sums)}
+        per_layer = sum(c[0].numel() * c[0].element_size() for c in self.calls[0])
+        self.keep_inputs = per_layer * len(self.layers) <= CACHE_BYTES
+        if not self.keep_inputs:
+            for calls in self.calls[1:]:
+                for call in calls:
+                    call[0] = None
+
+    def _change(self, hidden: Any, output: Any, batch: int) -> float:
+        import torch
+
+        out = output[0] if isinstance(output, tuple) else output
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+        return float(((1 - cos) * self.masks[batch]).sum())
+
+    def remove(self, layer: int) -> None:
+        """Take `layer` out and re-score the layers after it (all of them when inputs are not kept)."""
+        import torch
+
+        p = self.kept.index(layer)
+        self.kept.pop(p)
+        del self.scores[layer]
+        start = p if self.keep_inputs else 0
+        rerun = self.kept[start:]
+        if not rerun:
+            return
+        sums = dict.fromkeys(rerun, 0.0)
         with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch["attention_mask"].float()
-                count += int(mask[0].sum())
-                # the blocks only: the LM head (SmolLM2: 576 x 49,152 per token) was a quarter of each pass and scores nothing
-                body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return [v / max(count, 1) for v in sums]
+            for b in range(len(self.masks)):
+                # the first block to re-run gets the removed one's input, or (inputs not kept) the first block its own
+                hidden = self.calls[layer][b][0] if start == p else self.calls[self.kept[0]][b][0]
+                for j in rerun:
+                    call = self.calls[j][b]
+                    if self.keep_inputs or j == self.kept[0]:
+                        call[0] = hidden
+                    _, rest, kwargs, by_keyword = call
+                    out = self.layers[j](hidden_states=hidden, **kwargs) if by_keyword else self.layers[j](hidden, *rest, **kwargs)
+                    sums[j] += self._change(hidden, out, b)
+                    hidden = out[0] if isinstance(out, tuple) else out
+        self.scores.update({j: v / self.count for j, v in sums.items()})
+        self.calls[layer] = []
+
+
+def layer_importance(teacher: Any, batches: Any) -> list[float]:
+    """Block influence of each of the teacher's layers (LayerScores), in layer order."""
+    scores = LayerScores(teacher, batches).scores
+    return [scores[i] for i in sorted(scores)]
 
 
 def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: int, device: Any) -> list[int]:
@@ -158,20 +220,18 @@ def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: in
     Re-measuring matters because a layer's influence changes once its neighbours are gone. Measured on SmolLM2
     (30 layers, benchmarks/distill_layers.py): scoring once and keeping the top n gave held-out perplexity 495
     (20 layers) and 6772 (15) right after the cut; re-measuring after each removal 207 and 2070 (evenly spaced:
-    21164 and 1.5M). It costs one pass over the sample per removed layer."""
+    21164 and 1.5M). It re-runs, per removed layer, the layers after it on the sample (LayerScores)."""
     from torch.utils.data import DataLoader, Subset
 
     subset = Subset(examples, range(min(samples, len(examples))))
     batches = [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
                for b in DataLoader(subset, batch_size=4, collate_fn=collate)]
-    kept = list(range(count_layers(teacher)))
-    model = teacher
-    while len(kept) > n:
-        scores = layer_importance(model, batches)
-        kept.pop(min(range(len(kept)), key=scores.__getitem__))
-        if len(kept) > n:
-            model = keep_layers(teacher, kept).to(device).eval()
-    return kept
+    if count_layers(teacher) <= n:
+        return list(range(count_layers(teacher)))
+    scores = LayerScores(teacher, batches)
+    while len(scores.kept) > n:
+        scores.remove(min(scores.kept, key=scores.scores.__getitem__))
+    return scores.kept
 
 
 def student_from_layers(teacher: Any, n: int, kept: list[int] | None = None) -> tuple[Any, list[int]]:
