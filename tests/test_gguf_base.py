@@ -99,6 +99,39 @@ def test_first_load_keeps_the_base_and_the_second_reads_it_without_dequantizing(
     assert torch.equal(_logits(first), _logits(second))
 
 
+def test_a_first_load_parses_the_gguf_file_once(tiny_gguf, tmp_path, monkeypatch):
+    """transformers' loader reads the file for the config, the weights and the tokenizer, and llmkit's tokenizer load
+    before it: one parse serves them all (a 49k-token vocabulary takes seconds to parse), and a changed file is read
+    again."""
+    import shutil
+
+    import gguf
+
+    from llmkit.models import gguf_base
+    from llmkit.models.load import load_causal_lm, load_tokenizer
+    from llmkit.models.refs import resolve
+
+    path = tmp_path / tiny_gguf.name
+    shutil.copy(tiny_gguf, path)  # a file no earlier test parsed
+    parses: list[str] = []
+    real = gguf.GGUFReader
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            parses.append(str(args[0]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    ref = resolve(str(path))
+    load_tokenizer(ref)
+    load_causal_lm(ref, device="cpu", dtype="float32", progress=False)
+    assert len(parses) == 1 and gguf.GGUFReader is Counting  # and the loader's own is back in place
+    with open(path, "ab") as f:  # changed (a longer file): parsed again, not served from the old reader
+        f.write(b"\0" * 32)
+    gguf_base.gguf_reader(path)
+    assert len(parses) == 2 and len(gguf_base._READERS) <= gguf_base.KEPT_READERS
+
+
 def test_kept_base_gives_the_logits_of_the_gguf_file_itself(tiny_gguf):
     import torch
 

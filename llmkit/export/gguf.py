@@ -47,6 +47,7 @@ from llmkit.atomic import atomic_path, scratch_path, sweep_stale, write_atomic
 from llmkit.errors import UsageError
 from llmkit.export.tokenizer import tokenizer_mismatch
 from llmkit.machine import idle_threads, native_stderr_silenced, physical_cores, torch_threads
+from llmkit.models.gguf_base import gguf_reader
 from llmkit.runfolder import read_json
 
 if TYPE_CHECKING:
@@ -159,10 +160,8 @@ def load_problem(path: Path) -> str | None:
 
 def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each type (Q8_0, Q4_K, F32, ...) the GGUF file holds."""
-    import gguf
-
     counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in gguf_reader(path).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -172,10 +171,8 @@ def k_quant_fallbacks(path: Path) -> dict[str, int]:
 
     {type llama.cpp used instead: count}; empty when every matrix got the K-quant its mix asked for.
     """
-    import gguf
-
     counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in gguf_reader(path).tensors:
         name = t.tensor_type.name
         if len(t.shape) == 2 and int(t.shape[0]) % 256 and name not in ("F32", "F16"):
             counts[name] = counts.get(name, 0) + 1

@@ -18,6 +18,7 @@ from typing import Any
 
 from llmkit.errors import UsageError
 from llmkit.machine import native_stderr_silenced
+from llmkit.models.gguf_base import gguf_reader
 
 # Tokenization is checked on this text after every cache export: digits, punctuation runs, contractions,
 # repeated spaces, newlines, tabs and non-ASCII are where pre-tokenizer regexes differ.
@@ -39,7 +40,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, arch: str, source_gguf: Path | No
     if isinstance(template, dict):  # several named templates: llama.cpp reads the default one
         template = template.get("default")
     if source_gguf is not None:
-        reader = gguf.GGUFReader(str(source_gguf))
+        reader = gguf_reader(source_gguf)
         fields = {f.name: f for f in reader.fields.values() if f.name.startswith("tokenizer.")}
         tokens = fields.get("tokenizer.ggml.tokens")
         if tokens is not None and len(tokens.data) >= len(tokenizer):  # no tokens were added since: same vocabulary

@@ -72,8 +72,9 @@ def kept_base(gguf: Path, root: Path, progress: bool, bars: bool = False) -> Pat
         print(f"de-quantizing {gguf.name} once; kept in {folder}", file=sys.stderr, flush=True)
     # causal LM whatever the caller loads: the file's own head, so a classifier load from the folder adds its head as
     # it would on the GGUF file, and a later causal-LM load finds the LM head
-    model = load_gguf(AutoModelForCausalLM, gguf, bars)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with one_parse():
+        model = load_gguf(AutoModelForCausalLM, gguf, bars)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     try:
         save_kept(folder, model, tokenizer)
     except OSError as e:
@@ -94,7 +95,7 @@ def load_gguf(auto_cls: Any, gguf: Path, bars: bool, **extra: Any) -> Any:
     except ImportError:  # transformers 4 always de-quantizes
         pass
     extra.setdefault("dtype", torch.float32)
-    with gguf_bar(bars):
+    with gguf_bar(bars), one_parse():
         model = auto_cls.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **extra)
     # The weights are dense now; without this, save_pretrained refuses ("quantized with gguf").
     model.hf_quantizer = None
@@ -102,6 +103,47 @@ def load_gguf(auto_cls: Any, gguf: Path, bars: bool, **extra: Any) -> Any:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+_READERS: dict[tuple[str, str, int, int], Any] = {}  # gguf_reader's, newest last
+KEPT_READERS = 4  # a long-lived process (serve) must not keep every file it ever read mapped
+
+
+def gguf_reader(path: Any, mode: str = "r", reader_cls: Any = None) -> Any:
+    """A GGUFReader of `path`, parsed once per process while the file is unchanged (path, size, time): a 49k-token
+    vocabulary's fields take ~7 s to parse on this 2-core machine, and a first load or a GGUF export used to parse
+    the same file 3-5 times. A reader only reads (a read-only memory map), so sharing it is safe."""
+    import gguf
+
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), mode, stat.st_size, stat.st_mtime_ns)
+    if key not in _READERS:
+        _READERS[key] = (reader_cls or gguf.GGUFReader)(path, mode)
+        while len(_READERS) > KEPT_READERS:
+            del _READERS[next(iter(_READERS))]
+    return _READERS[key]
+
+
+@contextlib.contextmanager
+def one_parse() -> Iterator[None]:
+    """transformers' GGUF loader parses the file again for the config, the weights and the tokenizer (`from gguf
+    import GGUFReader` in each call): within this context each of those gets gguf_reader's shared reader."""
+    import gguf
+
+    original = gguf.GGUFReader
+    if getattr(original, "llmkit_shared", False):  # nested: the outer context serves this one
+        yield
+        return
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        return gguf_reader(path, mode, original)
+
+    shared.llmkit_shared = True  # type: ignore[attr-defined]
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UsageError
-from llmkit.models.gguf_base import is_kept, kept_base, kept_folder, load_gguf
+from llmkit.models.gguf_base import is_kept, kept_base, kept_folder, load_gguf, one_parse
 from llmkit.models.refs import DEFAULT_CAUSAL_LM, ModelRef, adapter_task, cache_root
 from llmkit.runfolder import RECORD, read_json
 
@@ -75,7 +75,8 @@ def load_tokenizer(ref: ModelRef, padding_side: str = "right") -> PreTrainedToke
     if ref.adapter is not None and (ref.adapter / "tokenizer_config.json").exists():
         where, kwargs = str(ref.adapter), {}
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        with one_parse():  # a GGUF file's tokenizer: the de-quantizing load that may follow reuses this parse
+            tok = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
