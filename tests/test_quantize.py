@@ -72,7 +72,7 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     packed = load_for_cpu(out)
     # every int8 layer, and GPT-2's tied head (quantized at load time; its Conv1D layers stay in float)
     assert packed_layers(packed) == report["modules"]["int8_linear"] + (arch == "gpt2")
-    assert report["cpu_engine"].startswith(f"torch._weight_int8pack_mm on {packed_layers(packed)} layers")
+    assert report["cpu_engine"].startswith(f"torch._weight_int8pack_mm on {packed_layers(packed)} layer")
     for ids in (IDS, IDS[:DECODE_ROWS]):
         assert _rel_err(_logits(packed, ids), _logits(fp32, ids)) < TOL
     if arch == "gpt2":  # Conv1D is not nn.Linear: transformers' torchao format leaves it in float, and the report says so

@@ -56,5 +56,6 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
                "kept_in_float": ("embeddings, tied LM heads" if task == "causal-lm" else "embeddings, classifier heads")
                + (", GPT-2 Conv1D layers" if conv1d else "") + " (transformers' torchao format quantizes nn.Linear only)"}
     if on_cpu:
-        details["cpu_engine"] = f"torch._weight_int8pack_mm on {packed_layers(back)} layers, the LM head included (llmkit.models.int8_cpu)"
+        packed = packed_layers(back)
+        details["cpu_engine"] = f"torch._weight_int8pack_mm on {packed} layer{'s' * (packed != 1)}, the LM head included (llmkit.models.int8_cpu)"
     return back, details

@@ -22,6 +22,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "qlora": ["base_weight_bytes", "load_4bit"],
     "gguf_base": ["kept_folder", "load_gguf"],
     "int8": ["load_int8"],
-    "int8_cpu": ["pack_for_cpu"],
+    "int8_cpu": ["load_for_cpu", "pack_for_cpu"],
     "catalog": ["list_models"],
 })

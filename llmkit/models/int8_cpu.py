@@ -62,12 +62,17 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
+def torchao_int8(module: torch.nn.Module) -> bool:
+    """A Linear whose weight is torchao's int8 tensor (as transformers loads a torchao int8 folder)."""
+    return isinstance(module, torch.nn.Linear) and type(getattr(module, "weight", None)).__name__ == "Int8Tensor"
+
+
 def packable(module: torch.nn.Module) -> bool:
     """A torchao weight-only int8 Linear with per-channel symmetric scales (what `llmkit quantize --kernel weight-only`
     writes); dynamic-activation layers and anything else are left to torchao."""
-    w = getattr(module, "weight", None)
-    if not isinstance(module, torch.nn.Linear) or type(w).__name__ != "Int8Tensor":
+    if not torchao_int8(module):
         return False
+    w = module.weight
     if getattr(w, "act_quant_kwargs", None) is not None:
         return False
     zero = getattr(w, "zero_point", None)
@@ -109,5 +114,4 @@ def packed_layers(model: Any) -> int:
 
 def int8_linears(model: Any) -> int:
     """The linear layers whose int8 weights came from the folder, whether torchao's or packed."""
-    return sum((isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor")
-               or (isinstance(m, Int8PackedLinear) and not m.at_load) for m in model.modules())
+    return sum(torchao_int8(m) or (isinstance(m, Int8PackedLinear) and not m.at_load) for m in model.modules())

@@ -21,5 +21,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "memory": ["estimate_run"],
     "grpo": ["GRPOLoss", "greedy_scores"],
     "rewards": ["load_rewards"],
-    "students": ["choose_layers", "layer_importance", "student_from_layers"],
+    "students": ["LayerScores", "choose_layers", "layer_importance", "student_from_layers"],
 })
