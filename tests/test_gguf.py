@@ -119,6 +119,19 @@ def test_each_type_loads_in_llama_cpp_within_the_gate(cli, tiny_llama, tmp_path,
     assert llm.n_vocab() == 400 and len(llm.tokenize(b"Once upon a time")) > 1
 
 
+def test_tensor_list_read_from_the_header_equals_gguf_readers():
+    """export.gguf.tensor_infos skips the metadata (strings, arrays of strings, ints and floats: the bundled file's
+    49k-token vocabulary) instead of parsing it; the tensors it finds must be GGUFReader's, types and shapes."""
+    import gguf
+
+    from llmkit.export.gguf import tensor_infos
+    from llmkit.models.refs import resolve
+
+    path = resolve("smollm2-135m").path
+    want = [(t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in gguf.GGUFReader(str(path)).tensors]
+    assert tensor_infos(path) == want and len(want) == 272
+
+
 def test_gguf_types_transformers_reads_f16_back(tiny_llama, tmp_path):
     """The f16 file holds the fp32 weights to fp16 precision: transformers' GGUF reader gives the same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
