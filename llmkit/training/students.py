@@ -123,8 +123,8 @@ class LayerScores:
     position embeddings, per layer type) and scores every layer. `remove(j)` takes layer j out and re-scores only the
     layers after it, run from j's recorded input: the layers before j see exactly what they saw, so their scores
     stand. The scores are those of the shortened model's full pass (the same calls on the same inputs; tested), at
-    a fraction of its cost when the removed layers are late, as block influence tends to pick. Inputs beyond
-    CACHE_BYTES are not kept: then every removal re-runs the blocks from the first.
+    a fraction of its cost when the removed layers are late, as block influence tends to pick. Past CACHE_BYTES of
+    inputs only the first block's are kept: then every removal re-runs the blocks from the first.
     """
 
     def __init__(self, teacher: Any, batches: Any) -> None:
@@ -138,17 +138,29 @@ class LayerScores:
         self.count = max(sum(int(m.sum()) for m in self.masks), 1)
         self.calls: list[list[Any]] = [[] for _ in self.layers]  # per layer, per batch: [hidden, args after it, kwargs, by keyword]
         self.scores: dict[int, float] = {}
+        self.keep_inputs = True
         sums = [0.0] * len(self.layers)
+        kept_bytes = [0]
 
         def before(i: int) -> Any:
             def hook(module: Any, args: tuple, kwargs: dict) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.calls[i].append([hidden, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args])
+                if i and self.keep_inputs:
+                    kept_bytes[0] += hidden.numel() * hidden.element_size()
+                    if kept_bytes[0] > CACHE_BYTES:  # from now on only the first block's inputs are kept
+                        self.keep_inputs = False
+                        for calls in self.calls[1:]:
+                            for call in calls:
+                                if call is not self.calls[i][-1]:  # still to be scored by its `after` hook
+                                    call[0] = None
             return hook
 
         def after(i: int) -> Any:
             def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
                 sums[i] += self._change(self.calls[i][-1][0], output, len(self.calls[i]) - 1)
+                if i and not self.keep_inputs:
+                    self.calls[i][-1][0] = None
             return hook
 
         body = getattr(teacher, "base_model", teacher)  # transformers' model without its head (`model`, `transformer`, `bert`)
@@ -165,12 +177,6 @@ class LayerScores:
             for h in handles:
                 h.remove()
         self.scores = {i: v / self.count for i, v in enumerate(sums)}
-        per_layer = sum(c[0].numel() * c[0].element_size() for c in self.calls[0])
-        self.keep_inputs = per_layer * len(self.layers) <= CACHE_BYTES
-        if not self.keep_inputs:
-            for calls in self.calls[1:]:
-                for call in calls:
-                    call[0] = None
 
     def _change(self, hidden: Any, output: Any, batch: int) -> float:
         import torch
