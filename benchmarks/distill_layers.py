@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from _common import LLMKIT, SHARED, first_line, run
@@ -55,11 +56,35 @@ def before_healing(layers: list[int], selections: list[str], threads: int) -> di
     out = {(0, "teacher"): ppl(teacher)}
     for n in layers:
         for how in selections:
+            start = time.perf_counter()
             chosen = choose_layers(teacher, ExampleSet(sample), collate, n, len(sample), "cpu") if how == "importance" else None
+            if chosen is not None and n == min(layers):
+                selection_speed(teacher, sample, collate, n, chosen, time.perf_counter() - start)
             student, kept = student_from_layers(teacher, n, chosen)
             out[(n, how)] = ppl(student.eval())
             print(f"cut {n} layers {how:10s} kept={kept} ppl_before_healing={out[(n, how)]:.2f}", flush=True)
     return out
+
+
+def selection_speed(teacher: object, sample: list[list[int]], collate: object, n: int, chosen: list[int], seconds: float) -> None:
+    """The same selection with the shortened model re-run whole after each removal (what llmkit did before
+    LayerScores re-ran only the layers after the removed one): its time, and whether it picks the same layers."""
+    from torch.utils.data import DataLoader
+
+    from llmkit.data import ExampleSet
+    from llmkit.training.students import count_layers, keep_layers, layer_importance
+
+    batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+               for b in DataLoader(ExampleSet(sample), batch_size=4, collate_fn=collate)]
+    start = time.perf_counter()
+    kept, model = list(range(count_layers(teacher))), teacher
+    while len(kept) > n:
+        scores = layer_importance(model, batches)
+        kept.pop(min(range(len(kept)), key=scores.__getitem__))
+        model = keep_layers(teacher, kept).eval()
+    whole = time.perf_counter() - start
+    print(f"selection of {n} layers: llmkit {seconds:.1f} s, whole-model re-runs {whole:.1f} s, speedup {whole / seconds:.2f}x, "
+          f"same layers: {kept == chosen}", flush=True)
 
 
 def main() -> None:

@@ -126,6 +126,7 @@ def test_rescoring_after_a_removal_equals_a_pass_of_the_shortened_model(arch, bu
     batches = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1, :20], "attention_mask": mask[:1, :20]}]
     scores = students.LayerScores(teacher, batches)
     assert scores.keep_inputs is keep_inputs
+    assert students.layer_importance(teacher, iter(batches)) == [scores.scores[j] for j in scores.kept]  # batches read once
     for layer in (1, 0):  # a middle one, then the first
         scores.remove(layer)
         want = students.layer_importance(students.keep_layers(teacher, scores.kept).eval(), batches)

@@ -132,6 +132,7 @@ class LayerScores:
 
         import torch
 
+        batches = list(batches)  # read twice (masks, then the pass): a generator must not run dry
         _, self.layers = layer_stack(teacher)
         self.kept = list(range(len(self.layers)))
         self.masks = [b["attention_mask"].float() for b in batches]
