@@ -203,6 +203,7 @@ def test_chat_finetune_output_answers_and_stops_with_plain_transformers(chat_run
     assert tok.chat_template == SIMPLE  # the template it was trained with travels with the folder
     run = json.loads((chat_run / "llmkit.json").read_text())
     assert run["data"]["packing"] is True and run["examples"]["train"] < len(QA) * 8  # packed rows
+    assert run["tool_format"] == "llmkit"  # a template that knows no tools: tool calls in llmkit's fallback format
     for q, a in QA:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():

@@ -104,7 +104,7 @@ def test_a_model_trained_on_the_format_is_parsed_by_serve_to_the_same_call(tmp_p
 def test_a_template_that_renders_tools_itself_gets_them_in_its_own_format(tmp_path):
     """Qwen 2.5's template takes `tools=` and writes calls as `<tool_call>` JSON: training, serving and the parser all
     use that format (the model keeps the tool prompt it was made with); templates without tools keep llmkit's."""
-    from llmkit.models.templates import knows_tools, render_chat
+    from llmkit.models.templates import knows_tools, render_chat, tool_format
     from llmkit.models.tools import TOOLS_HEADER, structured, with_tools
     from llmkit.serving.protocol import ChatRequest
     from llmkit.serving.tools import parse_reply
@@ -112,6 +112,7 @@ def test_a_template_that_renders_tools_itself_gets_them_in_its_own_format(tmp_pa
     from tests.families import FAMILIES
 
     assert knows_tools(QWEN25_TOOLS) and not knows_tools(CHATML)
+    assert (tool_format(QWEN25_TOOLS), tool_format(CHATML)) == ("template", "llmkit")  # what llmkit.json records
     assert not any(knows_tools(f.template) for f in FAMILIES.values() if f.template)  # their test templates know no tools
 
     conv = read_conversations(_write(tmp_path / "tools.jsonl", [ROW]))[0]
@@ -212,3 +213,6 @@ def test_the_tool_use_recipe_data_is_valid_and_its_validation_values_are_unseen(
     cities = {a["city"] for a in arguments if "city" in a}
     numbers = {str(a["value"]) for a in arguments if "value" in a}
     assert cities and numbers and not (cities | numbers) & values("train")
+    # training asks about many different places, most of them once: the model must copy the name, not recall it
+    trained = [a["city"] for _, calls, _ in cases["train"] for a in [calls[0]["arguments"]] if "city" in a]
+    assert len(set(trained)) > 0.8 * len(trained) and any(" " in c for c in trained)

@@ -98,6 +98,12 @@ def knows_tools(template: str) -> bool:
             and text.count("llmkit_probe") > bare.count("llmkit_probe"))
 
 
+def tool_format(template: str) -> str:
+    """Which tool-call format a model with `template` is trained on and answers in: "template" (its own, via
+    `tools=`; Hermes-style `<tool_call>` JSON) or "llmkit" (llmkit.models.tools' fallback). Recorded in llmkit.json."""
+    return "template" if knows_tools(template) else "llmkit"
+
+
 def resolve_template(tokenizer: Any, option: str | None, model_name: str) -> str:
     """The chat template to train with: `--chat-template` (chatml or a Jinja file), else the model's own.
 

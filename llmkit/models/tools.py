@@ -166,9 +166,9 @@ def structured(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
             if rest.removeprefix("\n\n"):
                 out.append({"role": "system", "content": rest.removeprefix("\n\n")})
             continue
-        # without a tools block (tool_choice "none" on a conversation that called some) the calls name their tools
-        names = [s["name"] for s in specs] or [_name(raw) for raw in CALL.findall(text)]
         if role == "assistant" and "<tool_call>" in text:
+            # without a tools block (tool_choice "none" on a conversation that called some) the calls name their tools
+            names = [s["name"] for s in specs] or [_name(raw) for raw in CALL.findall(text)]
             content, found = parse_calls(text, names)
             if found:
                 ids = [f"call_{calls + n + 1}" for n in range(len(found))]

@@ -255,7 +255,7 @@ class GRPOLoss(LoggedParts):
         n_tokens = sum(len(c) for c in completions)
         self.speeds["rollout_tokens_per_s"] = round(n_tokens / max(seconds, 1e-9), 1)
         table = _table(values)
-        total = self._total(values)
+        total = self._total(table)
         advantages, group_std = group_advantages(total, g, rl.scale_rewards)
         zero = group_std == 0
         stops = set(getattr(self.rollouts, "stop_ids", None) or [self.tokenizer.eos_token_id])
@@ -293,15 +293,15 @@ class GRPOLoss(LoggedParts):
         wheres = [self.prompts.where(i) for i in rows for _ in range(g)]
         return completions, texts, score(self.rewards, prompts, texts, columns, step + 1, wheres)
 
-    def _total(self, values: list[list[float | None]]) -> Any:
-        """[N] weighted sum of the rewards; None counts as 0 in the sum (TRL)."""
+    def _total(self, table: Any) -> Any:
+        """[N] weighted sum of the rewards' table (`_table`); None counts as 0 in the sum (TRL)."""
         import torch
 
-        return torch.nansum(_table(values) * torch.tensor(self.weights, dtype=torch.float32).unsqueeze(1), dim=0)
+        return torch.nansum(table * torch.tensor(self.weights, dtype=torch.float32).unsqueeze(1), dim=0)
 
     def _zero(self, values: list[list[float | None]]) -> Any:
         """[groups] True where a group's rewards are all equal (no signal)."""
-        return group_advantages(self._total(values), self.rl.num_generations, "none")[1] == 0
+        return group_advantages(self._total(_table(values)), self.rl.num_generations, "none")[1] == 0
 
     def _resample(self, rows: list[int], completions: list[list[int]], texts: list[str], values: list[list[float | None]],
                   seed: int, step: int) -> int:

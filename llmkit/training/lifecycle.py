@@ -222,6 +222,7 @@ def run_record(cfg: Any, ref: ModelRef, data: Prepared, accelerator: Any) -> dic
     """llmkit.json: the resolved recipe, with the model reference made absolute so the folder can move, and the
     machine it ran on (CPU and flags, threads, the precision `auto` resolved to)."""
     from llmkit.machine import facts
+    from llmkit.models.templates import tool_format
 
     record = cfg.to_dict()
     if ref.source == "local":
@@ -235,6 +236,9 @@ def run_record(cfg: Any, ref: ModelRef, data: Prepared, accelerator: Any) -> dic
     record["prepared_data"] = str(data.folder) if data.folder else None  # llmkit's cache of the tokenized data
     if (data.chat is not None or cfg.data.packing) and not streaming:
         record["examples"]["train_conversations"] = data.train.conversations
+    if data.chat is not None:
+        # how tool calls are written for this model: serve and generate decide the same way from the saved template
+        record["tool_format"] = tool_format(data.chat.template)
     if data.train.dropped or (data.eval and data.eval.dropped):
         record["examples"]["dropped"] = {"train": data.train.dropped, "eval": data.eval.dropped if data.eval else 0}
     record["machine"] = facts(accelerator.device.type, accelerator.mixed_precision, accelerator.num_processes)

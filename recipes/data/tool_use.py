@@ -38,12 +38,54 @@ TOOLS = [
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
 ]
 
-# Held-out cities never appear in training rows (nor do held-out numbers: see _numbers)
-TRAIN_CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Dublin",
-                "Nairobi", "Toronto", "Sydney", "Mumbai", "Lisbon", "Vienna", "Prague", "Athens", "Havana", "Denver",
-                "Boston", "Chicago", "Quito", "Hanoi", "Manila", "Dakar", "Helsinki", "Warsaw", "Budapest"]
+# Held-out cities never appear in training rows (nor do held-out numbers: see _numbers). Training names are many
+# and varied -- real cities of one to four words and several tokens, and made-up ones from syllables -- so that the
+# model learns to copy whatever name the question holds. With 30 mostly one-token cities it learned those names
+# instead, and misspelled unseen ones ("Santiabal" for Santiago): every miss of tool_call_accuracy was such a copy.
+REAL_CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Dublin",
+               "Nairobi", "Toronto", "Sydney", "Mumbai", "Lisbon", "Vienna", "Prague", "Athens", "Havana", "Denver",
+               "Boston", "Chicago", "Quito", "Hanoi", "Manila", "Dakar", "Helsinki", "Warsaw", "Budapest",
+               "Johannesburg", "Reykjavik", "Kathmandu", "Ouagadougou", "San Francisco", "Rio de Janeiro",
+               "Ho Chi Minh City", "São Paulo", "Kraków", "Düsseldorf", "Thessaloniki", "Guadalajara", "Marrakesh",
+               "Vladivostok", "Ulaanbaatar", "Addis Ababa", "Kuala Lumpur", "Buenos Aires", "Montevideo", "Valparaíso",
+               "Brisbane", "Wellington", "Christchurch", "Vancouver", "Winnipeg", "Saskatoon", "Albuquerque",
+               "Tallahassee", "Minneapolis", "Pittsburgh", "Philadelphia", "New Orleans", "Salt Lake City",
+               "Edinburgh", "Glasgow", "Manchester", "Birmingham", "Rotterdam", "Eindhoven", "Antwerp", "Luxembourg",
+               "Strasbourg", "Marseille", "Bordeaux", "Toulouse", "Barcelona", "Valencia", "Seville", "Porto",
+               "Florence", "Naples", "Palermo", "Ljubljana", "Zagreb", "Sarajevo", "Bratislava", "Bucharest",
+               "Sofia", "Tbilisi", "Yerevan", "Baku", "Tashkent", "Almaty", "Islamabad", "Karachi", "Lahore",
+               "Chennai", "Bengaluru", "Hyderabad", "Kolkata", "Colombo", "Dhaka", "Yangon", "Bangkok",
+               "Chiang Mai", "Phnom Penh", "Jakarta", "Surabaya", "Shenzhen", "Chongqing", "Guangzhou", "Hangzhou",
+               "Osaka", "Sapporo", "Fukuoka", "Busan", "Taipei", "Kaohsiung", "Accra", "Kinshasa", "Luanda",
+               "Windhoek", "Gaborone", "Harare", "Lusaka", "Dar es Salaam", "Kampala", "Kigali", "Mogadishu",
+               "Tunis", "Algiers", "Casablanca", "Tripoli", "Khartoum", "Beirut", "Amman", "Riyadh", "Doha",
+               "Muscat", "Abu Dhabi", "Tehran", "Caracas", "Medellín", "Cartagena", "Guayaquil", "La Paz",
+               "Asunción", "Panama City", "San José", "Tegucigalpa", "Managua", "Kingston", "Port-au-Prince",
+               "Santo Domingo", "San Juan", "Anchorage", "Honolulu", "Nuuk", "Tromsø", "Gothenburg", "Tampere",
+               "Tartu", "Vilnius", "Minsk", "Chișinău", "Novosibirsk", "Yekaterinburg", "Irkutsk"]
 HELDOUT_CITIES = ["Zurich", "Kyoto", "Montreal", "Santiago", "Bogota", "Istanbul", "Copenhagen", "Munich",
                   "Auckland", "Lagos"]
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r", "s", "st", "t", "tr",
+           "v", "w", "z", "ch", "sh", "th", ""]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou", "y", "é", "ö"]
+_CODAS = ["", "", "", "", "n", "r", "l", "s", "m", "nd"]
+_FORMS = ["{}", "{}", "{}", "{}", "Port {}", "{} Falls", "San {}", "New {}", "{} Bay", "Lake {}", "{}-on-Sea", "{} City"]
+
+
+def made_up_cities(n: int, seed: int = 12345) -> list[str]:
+    """`n` distinct invented place names of two or three syllables, some in two-word forms ("Port Velandor")."""
+    rng, names = random.Random(seed), set()
+    taken = {c.lower() for c in REAL_CITIES + HELDOUT_CITIES}
+    while len(names) < n:
+        stem = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(rng.randint(2, 3))).capitalize()
+        name = rng.choice(_FORMS).format(stem)
+        if len(stem) > 3 and stem.lower() not in taken:  # not even inside a two-word name
+            names.add(name)
+    return sorted(names)
+
+
+TRAIN_CITIES = REAL_CITIES + made_up_cities(400)
 WEATHER_ASKS = ["What is the weather in {city}?", "How is the weather in {city} right now?",
                 "Is it warm in {city} today?", "Tell me the current weather in {city}.", "weather {city}?",
                 "What's it like outside in {city}?"]
