@@ -59,7 +59,8 @@ def minilm(work: Path, model: str | None, steps: int) -> None:
     for kernel in ("weight-only", "dynamic"):
         r, wall = quantize(model, "int8", work / f"minilm-{kernel}", val, f"minilm int8 {kernel}", "--kernel", kernel)
         b, q, ratio = r["before"], r["after"], r["ratios"]
-        print(f"minilm-l6-cls int8 kernel={kernel:11s} size_ratio={ratio['disk']:.3f} acc_fp32={b['accuracy']:.4f} "
+        engine = "fbgemm" if "fbgemm" in r.get("cpu_engine", "") else "int8pack_mm/fp32" if "int8pack" in r.get("cpu_engine", "") else "torchao"
+        print(f"minilm-l6-cls int8 kernel={kernel:11s} engine={engine} size_ratio={ratio['disk']:.3f} acc_fp32={b['accuracy']:.4f} "
               f"acc_8bit={q['accuracy']:.4f} acc_change={100 * (q['accuracy'] - b['accuracy']):+.2f}pt "
               f"samples_s_fp32={b['samples_per_s']:.1f} ({spread(b, 'samples_per_s')}) "
               f"samples_s_8bit={q['samples_per_s']:.1f} ({spread(q, 'samples_per_s')}) "

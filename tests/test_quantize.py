@@ -71,8 +71,9 @@ def test_int8_folder_loads_in_plain_transformers(cli, tiny_gpt2, tiny_llama, toy
     # for a prompt (de-quantized, fp32) and for decoding-sized calls (int8pack_mm, bf16 activations)
     packed = load_for_cpu(out)
     # every int8 layer, and GPT-2's tied head (quantized at load time; its Conv1D layers stay in float)
-    assert packed_layers(packed) == report["modules"]["int8_linear"] + (arch == "gpt2")
-    assert report["cpu_engine"].startswith(f"torch._weight_int8pack_mm on {packed_layers(packed)} layer")
+    n = packed_layers(packed)["torch._weight_int8pack_mm"]
+    assert n == report["modules"]["int8_linear"] + (arch == "gpt2")
+    assert report["cpu_engine"].startswith(f"torch._weight_int8pack_mm on {n} layer")
     for ids in (IDS, IDS[:DECODE_ROWS]):
         assert _rel_err(_logits(packed, ids), _logits(fp32, ids)) < TOL
     if arch == "gpt2":  # Conv1D is not nn.Linear: transformers' torchao format leaves it in float, and the report says so
@@ -152,6 +153,20 @@ def test_int8_classifier_folder(cli, tiny_bert, tmp_path):
     ids = torch.tensor([IDS[:16]])
     with torch.no_grad():
         assert _rel_err(q(ids).logits, model.eval()(ids).logits) < 0.1  # int8 activations too: a looser bound
+    # what llmkit runs on CPU (and the report measured): the folder's int8 weights on fbgemm's int8 x int8 matmul
+    from llmkit.models.int8_cpu import Int8DynamicLinear, fbgemm, load_for_cpu, packed_layers
+
+    if fbgemm():
+        packed = load_for_cpu(out)
+        n = packed_layers(packed)["fbgemm dynamic int8"]
+        assert n == report["modules"]["int8_linear"] > 0 and report["cpu_engine"].startswith(f"fbgemm dynamic int8 on {n} layers")
+        layer = packed.bert.encoder.layer[0].attention.self.query
+        assert isinstance(layer, Int8DynamicLinear)
+        with torch.no_grad():
+            assert _rel_err(packed(ids).logits, model(ids).logits) < 0.1
+            x = torch.randn(2, 5, layer.in_features)  # one layer: the same weights as torchao's, activations rounded alike
+            want = q.bert.encoder.layer[0].attention.self.query(x)
+            assert _rel_err(layer(x), want) < 0.05
 
 
 def test_old_llmkit_int8_folder_is_refused_in_one_line(cli, tiny_llama, tmp_path):

@@ -23,7 +23,7 @@ KEEP_FP32 = ("score", "classifier", "qa_outputs")
 def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str, keep: tuple[str, ...] = (),
                dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
     """Write `model` (fp32) as an int8 folder; returns (the folder loaded back as llmkit commands will run it, report
-    details). On CPU that is a causal LM through torch's int8 kernel (`llmkit.models.int8_cpu`), and the details say so.
+    details). On CPU that is through llmkit's int8 kernels (`llmkit.models.int8_cpu`), and the details say which.
 
     `model` is consumed: it is saved and dropped before the int8 copy is built, so the two are never both in memory.
     """
@@ -48,7 +48,7 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
     from llmkit.models.int8 import load_int8
     from llmkit.models.int8_cpu import int8_linears, load_for_cpu, packed_layers
 
-    on_cpu = task == "causal-lm" and model_device == "cpu"
+    on_cpu = model_device == "cpu"
     back = (load_for_cpu if on_cpu else load_int8)(folder, auto)  # measure what was saved, reloaded the way it will run
     int8 = int8_linears(back)
     details = {"kernel": kernel_of(back.config), "dtype": dtype,
@@ -56,6 +56,7 @@ def write_int8(model: Any, tokenizer: Any, folder: Path, task: str, kernel: str,
                "kept_in_float": ("embeddings, tied LM heads" if task == "causal-lm" else "embeddings, classifier heads")
                + (", GPT-2 Conv1D layers" if conv1d else "") + " (transformers' torchao format quantizes nn.Linear only)"}
     if on_cpu:
-        packed = packed_layers(back)
-        details["cpu_engine"] = f"torch._weight_int8pack_mm on {packed} layer{'s' * (packed != 1)}, the LM head included (llmkit.models.int8_cpu)"
+        engines = [f"{name} on {n} layer{'s' * (n != 1)}" for name, n in packed_layers(back).items() if n]
+        head = ", the LM head included" if any(getattr(m, "at_load", False) for m in back.modules()) else ""
+        details["cpu_engine"] = f"{' and '.join(engines)}{head} (llmkit.models.int8_cpu)" if engines else "torchao's own int8 layers"
     return back, details

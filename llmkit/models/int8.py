@@ -50,13 +50,13 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-# Classifiers. Measured on a quiet 2-core VNNI Xeon without AMX (benchmarks/quantize.py), MiniLM-L6 sentiment, 1000
-# rt-polarity reviews: `weight-only` (fp32) ran at 1.14x fp32's samples/s (median of 5: 146.7 vs 128.9), accuracy
-# +0.1 points; `dynamic` at 0.65x (93.6 vs 144.5), +0.2 points. So VNNI CPUs get weight-only, which also keeps
-# activations exact; int8 buys them mostly size (0.65x on disk).
-# AMX CPUs get `dynamic` on reasoning alone (AMX-int8 tiles are what int8 x int8 matmuls are for):
-# re-measure with benchmarks/quantize.py before relying on either.
-CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "weight-only", "other": "weight-only"}
+# Classifiers. Measured on a 2-core VNNI Xeon without AMX (benchmarks/quantize.py), MiniLM-L6 sentiment, 1000
+# rt-polarity reviews: `dynamic` on fbgemm's int8 x int8 matmul (how llmkit runs it on CPU, llmkit.models.int8_cpu)
+# at 1.40x fp32's samples/s, accuracy -0.2 points; `weight-only` (torchao, fp32) 1.14x and +0.1 points in an earlier
+# round; torchao's own dynamic path was 0.65x. So VNNI CPUs get `dynamic`, and AMX CPUs too (fbgemm runs there at
+# least as on VNNI; AMX-int8 tiles are what int8 x int8 matmuls are for, not yet measured). CPUs with neither keep
+# `weight-only`, exact activations and no 8-bit arithmetic (fbgemm's AVX2 path is not measured here).
+CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "dynamic", "other": "weight-only"}
 
 
 def default_dtype(task: str, kernel: str) -> str:

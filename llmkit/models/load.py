@@ -139,8 +139,12 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
 
     if _int8_folder(ref) and not config:
         from llmkit.models.int8 import load_int8  # not llmkit.quantize: loading needs none of the quantizers
+        from llmkit.models.int8_cpu import load_for_cpu
 
-        return load_int8(ref.path, AutoModelForSequenceClassification).to(pick_device(device))
+        device = pick_device(device)
+        if device == "cpu":  # dynamic int8 layers on fbgemm, not torchao's slower CPU path
+            return load_for_cpu(ref.path, AutoModelForSequenceClassification)
+        return load_int8(ref.path, AutoModelForSequenceClassification).to(device)
     model = from_pretrained_checked(AutoModelForSequenceClassification, ref, progress, dtype=torch.float32, **extra)
     if ref.adapter is not None:
         model = apply_adapter(model, ref, merge=True)
