@@ -142,7 +142,7 @@ def load_seq_cls(ref: ModelRef, *, device: str | None = None, progress: bool = T
         from llmkit.models.int8_cpu import load_for_cpu
 
         device = pick_device(device)
-        if device == "cpu":  # dynamic int8 layers on fbgemm, not torchao's slower CPU path
+        if device == "cpu":  # llmkit.models.int8_cpu: dynamic layers on fbgemm (torchao's CPU path is slower than fp32)
             return load_for_cpu(ref.path, AutoModelForSequenceClassification)
         return load_int8(ref.path, AutoModelForSequenceClassification).to(device)
     model = from_pretrained_checked(AutoModelForSequenceClassification, ref, progress, dtype=torch.float32, **extra)
