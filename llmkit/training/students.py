@@ -226,8 +226,9 @@ def choose_layers(teacher: Any, examples: Any, collate: Any, n: int, samples: in
 
     Re-measuring matters because a layer's influence changes once its neighbours are gone. Measured on SmolLM2
     (30 layers, benchmarks/distill_layers.py): scoring once and keeping the top n gave held-out perplexity 495
-    (20 layers) and 6772 (15) right after the cut; re-measuring after each removal 207 and 2070 (evenly spaced:
-    21164 and 1.5M). It re-runs, per removed layer, the layers after it on the sample (LayerScores)."""
+    (20 layers) and 6772 (15) right after the cut; re-measuring after each removal 207 and 2070-27453 (two runs; at
+    15 layers the choice depends on the sample) (evenly spaced: 21164 and 1.5M). It re-runs, per removed layer, the
+    layers after it on the sample (LayerScores)."""
     from torch.utils.data import DataLoader, Subset
 
     subset = Subset(examples, range(min(samples, len(examples))))
