@@ -52,8 +52,8 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
 
 # Classifiers. Measured on a 2-core VNNI Xeon without AMX (benchmarks/quantize.py), MiniLM-L6 sentiment, 1000
 # rt-polarity reviews: `dynamic` on fbgemm's int8 x int8 matmul (how llmkit runs it on CPU, llmkit.models.int8_cpu)
-# at 1.40x fp32's samples/s, accuracy -0.2 points; `weight-only` (torchao, fp32) 1.14x and +0.1 points in an earlier
-# round; torchao's own dynamic path was 0.65x. So VNNI CPUs get `dynamic`, and AMX CPUs too (fbgemm runs there at
+# at 1.40-1.71x fp32's samples/s (two runs), accuracy -0.2 points; `weight-only` 0.83-0.84x (int8pack_mm or torchao,
+# +0.1 points; 1.14x in an earlier round); torchao's own dynamic path was 0.65x. So VNNI CPUs get `dynamic`, and AMX CPUs too (fbgemm runs there at
 # least as on VNNI; AMX-int8 tiles are what int8 x int8 matmuls are for, not yet measured). CPUs with neither keep
 # `weight-only`, exact activations and no 8-bit arithmetic (fbgemm's AVX2 path is not measured here).
 CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "dynamic", "other": "weight-only"}
