@@ -41,8 +41,9 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     """The kernel `llmkit quantize --method int8` uses when none is asked for, by task and CPU kind.
 
     Measured (issue 39, torchao 0.18, torch 2.13, 2 cores): SmolLM2-135M on a Xeon with AVX-512 VNNI and no AMX,
-    `dynamic` cost +4.1% perplexity and ran decoding at 0.5x fp32 (GUIDE §3), so causal LMs get `weight-only`
-    on every CPU. Classifiers: see CLASSIFIER_KERNEL.
+    `dynamic` cost +4.1% perplexity (over the 1% gate, whatever its speed) and ran decoding at 0.5x fp32 (GUIDE §3),
+    so causal LMs get `weight-only` on every CPU: +0.77%, decoding on llmkit's int8 kernel at 2.41-2.55x fp32 on an
+    AMD EPYC with AVX-512-BF16 and 1.27-1.33x on that Xeon. Classifiers: see CLASSIFIER_KERNEL.
     """
     flags = cpu_info()[1] if flags is None else flags
     if task == "causal-lm":
@@ -50,12 +51,12 @@ def default_kernel(task: str, flags: frozenset[str] | None = None) -> str:
     return CLASSIFIER_KERNEL["amx" if "amx_int8" in flags else "vnni" if "avx512_vnni" in flags else "other"]
 
 
-# Classifiers. Measured on a 2-core VNNI Xeon without AMX (benchmarks/quantize.py), MiniLM-L6 sentiment, 1000
-# rt-polarity reviews: `dynamic` on fbgemm's int8 x int8 matmul (how llmkit runs it on CPU, llmkit.models.int8_cpu)
-# at 1.40-1.71x fp32's samples/s (two runs), accuracy -0.2 points; `weight-only` 0.83-0.84x (int8pack_mm or torchao,
-# +0.1 points; 1.14x in an earlier round); torchao's own dynamic path was 0.65x. So VNNI CPUs get `dynamic`, and AMX CPUs too (fbgemm runs there at
-# least as on VNNI; AMX-int8 tiles are what int8 x int8 matmuls are for, not yet measured). CPUs with neither keep
-# `weight-only`, exact activations and no 8-bit arithmetic (fbgemm's AVX2 path is not measured here).
+# Classifiers. Measured (benchmarks/quantize.py, 2 cores), MiniLM-L6 sentiment, 1000 rt-polarity reviews: `dynamic` on
+# fbgemm's int8 x int8 matmul (how llmkit runs it on CPU, llmkit.models.int8_cpu) at 1.40-1.71x fp32's samples/s on a
+# VNNI Xeon without AMX (two runs, accuracy -0.2 points) and 1.87x on an AMD EPYC with VNNI and AVX-512-BF16 (-0.5
+# points); `weight-only` 0.83-0.84x on both (+0.1 points); torchao's own dynamic path was 0.65x. So VNNI CPUs get
+# `dynamic`, and AMX CPUs too (they have VNNI; fbgemm runs there at least as on VNNI, AMX-int8 tiles not yet measured).
+# CPUs with neither keep `weight-only`, exact activations and no 8-bit arithmetic (fbgemm's AVX2 path is not measured).
 CLASSIFIER_KERNEL = {"amx": "dynamic", "vnni": "dynamic", "other": "weight-only"}
 
 
