@@ -98,7 +98,7 @@ def test_adapters_on_transformers(runs, tmp_path):
 
 def test_transformers_batches_rows_of_different_adapters(runs):
     """One generate() call with a row per adapter (and one for the base) gives each row its own model's greedy text:
-    what lets serve batch requests for different adapters on transformers (peft's mixed-adapter batches)."""
+    what lets serve batch requests for different adapters on transformers (llmkit.inference.stacked_lora)."""
     from llmkit.inference.sampling import SamplingOptions
     from llmkit.inference.transformers import TransformersBackend
     from llmkit.models.refs import resolve
@@ -120,7 +120,35 @@ def test_transformers_batches_rows_of_different_adapters(runs):
     backend.use_adapter(names)
     got = [g.text for g in backend.generate(prompts, opts)]
     assert got == [alone[n][PROMPTS.index(p)] for n, p in zip(names, prompts, strict=True)]
-    assert len(calls) == 1 and sorted(calls[0], key=str) == sorted(["sql", "poet", "__base__", "poet"], key=str)
+    assert len(calls) == 1 and calls[0] is None  # one batch, the adapters stacked rather than peft's per-adapter loop
+
+
+def test_stacked_adapters_match_peft_mixed_batches(runs, tmp_path):
+    """StackedLora's one-pass mix gives each row the logits peft's own mixed batch gives it, with adapters of
+    different ranks and target layers (the third LoRA touches only q_proj and v_proj) and a base row."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.inference.stacked_lora import StackedLora
+
+    narrow = make_lora(runs["base"], tmp_path / "lora-narrow", seed=3, targets=["q_proj", "v_proj"], r=2)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs["base"]), runs["sql"], adapter_name="sql")
+    model.load_adapter(str(runs["poet"]), adapter_name="poet")
+    model.load_adapter(str(narrow), adapter_name="narrow")
+    model.eval()
+    rows = ["poet", None, "narrow", "sql", "poet"]
+    ids = torch.randint(3, model.config.vocab_size, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    stacked = StackedLora.build(model)
+    assert stacked is not None and stacked.names == ["sql", "poet", "narrow"]
+    with torch.inference_mode():
+        want = model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+        with stacked.rows(rows):
+            got = model(input_ids=ids).logits
+        after = model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.equal(after, want)  # leaving the block restores peft's own layers
+    assert not torch.allclose(want[2], want[1], atol=1e-3)  # the narrow adapter does change its row
 
 
 def _get(srv: Server, path: str) -> str:

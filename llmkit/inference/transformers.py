@@ -11,6 +11,7 @@ generates one sequence at a time instead, so tokens can be shown as they come.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ class TransformersBackend:
         self.context = context_length(self.model.config)
         self.batch_size = max(1, batch_size)
         self.per_prompt: list[str | None] | None = None  # use_adapter([...]): each prompt's LoRA adapter
+        self._stacked: Any = False  # the adapters stacked for mixed batches (llmkit.inference.stacked_lora); False: not built yet
         # The model's stop ids and the tokenizer's EOS: a chat fine-tune saves its end-of-turn token as the
         # tokenizer's EOS (llmkit.finetune.keep_chat_format), and an adapter folder carries only the tokenizer.
         eos = self.model.generation_config.eos_token_id
@@ -53,13 +55,15 @@ class TransformersBackend:
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         self.model.eval()
+        self._stacked = False
 
     def use_adapter(self, name: str | list[str | None] | None) -> None:
         """Generate with the adapter loaded as `name` from now on (None: the base alone, its adapters switched off).
 
         A list names one adapter per prompt of the next generate() calls: prompts of different adapters then share
-        one batch (peft's mixed-adapter batches: each LoRA layer applies each row's own adapter), which is what lets
-        `llmkit serve --adapter` batch requests for different adapters together on this backend.
+        one batch (each LoRA layer applies each row's own adapter: all adapters stacked, llmkit.inference.stacked_lora,
+        or peft's mixed-adapter batches where they cannot be), which is what lets `llmkit serve --adapter` batch
+        requests for different adapters together on this backend.
         """
         self.per_prompt = name if isinstance(name, list) else None
         if name is None:
@@ -105,6 +109,21 @@ class TransformersBackend:
     def native_llama(self) -> None:
         return None
 
+    def _mixed(self, adapters: list[str | None]) -> tuple[Any, dict[str, Any]]:
+        """A context and generate() arguments that give output row i the adapter `adapters[i]` (None: the base)."""
+        from llmkit.inference.stacked_lora import StackedLora
+
+        if len(set(adapters)) == 1:  # one adapter for the whole batch: peft's own layers, no other adapter's columns
+            if adapters[0] is None:
+                return self.model.disable_adapter(), {}
+            self.model.set_adapter(adapters[0])
+            return contextlib.nullcontext(), {}
+        if self._stacked is False:
+            self._stacked = StackedLora.build(self.model)
+        if self._stacked is not None:
+            return self._stacked.rows(adapters), {}
+        return contextlib.nullcontext(), {"adapter_names": [a or "__base__" for a in adapters]}
+
     def _gen_kwargs(self, opts: SamplingOptions, n: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": opts.max_new_tokens, "num_return_sequences": n,
@@ -136,11 +155,11 @@ class TransformersBackend:
         if on_text is not None:  # streaming: one sequence at a time, so tokens can be shown as they come
             for p, prompt in enumerate(prompts):
                 enc = self._encode([self.format(prompt, opts)], opts.chat).to(device)
-                mixed = {"adapter_names": [self.per_prompt[p] or "__base__"]} if self.per_prompt is not None else {}
                 for idx in range(opts.num_return_sequences):
                     streamer = _TokenStreamer(self.tokenizer, opts.stop, lambda t, i=idx: on_text(i, t))
+                    mixing, mixed = self._mixed([self.per_prompt[p]]) if self.per_prompt is not None else (contextlib.nullcontext(), {})
                     start = time.perf_counter()
-                    with torch.inference_mode():
+                    with torch.inference_mode(), mixing:
                         out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), **mixed, streamer=streamer)
                     yield self._result(prompt, enc, out, 0, idx, time.perf_counter() - start, opts)
             return
@@ -152,12 +171,14 @@ class TransformersBackend:
             batch = order[b:b + self.batch_size]
             enc = self._encode([texts[i] for i in batch], opts.chat).to(device)
             start = time.perf_counter()
-            with torch.inference_mode():
-                # greedy decoding gives every sample the same text, and transformers refuses greedy n > 1: decode once
-                per_prompt = 1 if opts.greedy else opts.num_return_sequences
-                kwargs = self._gen_kwargs(opts, per_prompt)
-                if self.per_prompt is not None:  # one name per output row: generate() repeats each prompt per_prompt times
-                    kwargs["adapter_names"] = [self.per_prompt[i] or "__base__" for i in batch for _ in range(per_prompt)]
+            # greedy decoding gives every sample the same text, and transformers refuses greedy n > 1: decode once
+            per_prompt = 1 if opts.greedy else opts.num_return_sequences
+            kwargs = self._gen_kwargs(opts, per_prompt)
+            mixing: Any = contextlib.nullcontext()
+            if self.per_prompt is not None:  # one adapter per output row: generate() repeats each prompt per_prompt times
+                mixing, mixed = self._mixed([self.per_prompt[i] for i in batch for _ in range(per_prompt)])
+                kwargs.update(mixed)
+            with torch.inference_mode(), mixing:
                 out = self.model.generate(**enc, **kwargs)
             seconds = time.perf_counter() - start
             n = opts.num_return_sequences
