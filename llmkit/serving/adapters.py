@@ -17,7 +17,8 @@ decode call per adapter in use, so k adapters in flight cost k weight reads per 
 itself is cheap next to that (benchmarks/adapters.py: measured on SmolLM2-135M, see README "Many adapters").
 
 On transformers the run folders are loaded with peft (`load_adapter(path, adapter_name=)`), and requests of different
-adapters share one batched generate() call: peft's mixed-adapter batches apply each row's own LoRA (`adapter_names`).
+adapters share one batched generate() call in which each row gets its own LoRA: every adapter's A and B stacked per
+layer (llmkit.inference.stacked_lora), so a mix of eight costs about what one adapter does.
 """
 
 from __future__ import annotations
