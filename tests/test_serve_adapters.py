@@ -103,14 +103,16 @@ def test_transformers_batches_rows_of_different_adapters(runs):
     from llmkit.inference.transformers import TransformersBackend
     from llmkit.models.refs import resolve
 
-    opts = SamplingOptions(max_new_tokens=N, temperature=0)
+    opts = SamplingOptions(max_new_tokens=N, temperature=0, logprobs=1, prompt_logprobs=True)
     backend = TransformersBackend(resolve(str(runs["base"])), progress=False)
     for name in ("sql", "poet"):
         backend.load_adapter(name, str(runs[name]))
-    alone = {}
+    alone, echo = {}, {}
     for name in ("sql", "poet", None):
         backend.use_adapter(name)
-        alone[name] = [g.text for g in backend.generate(PROMPTS, opts)]
+        gens = list(backend.generate(PROMPTS, opts))
+        alone[name] = [g.text for g in gens]
+        echo[name] = [[t.logprob for t in g.prompt_logprobs[1:]] for g in gens]
     assert alone["sql"] != alone["poet"] != alone[None]
     names = ["sql", "poet", None, "poet"]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
@@ -118,8 +120,10 @@ def test_transformers_batches_rows_of_different_adapters(runs):
     generate = backend.model.generate
     backend.model.generate = lambda **kw: (calls.append(kw.get("adapter_names")), generate(**kw))[1]
     backend.use_adapter(names)
-    got = [g.text for g in backend.generate(prompts, opts)]
-    assert got == [alone[n][PROMPTS.index(p)] for n, p in zip(names, prompts, strict=True)]
+    gens = list(backend.generate(prompts, opts))
+    assert [g.text for g in gens] == [alone[n][PROMPTS.index(p)] for n, p in zip(names, prompts, strict=True)]
+    for g, n, p in zip(gens, names, prompts, strict=True):  # echo's prompt log-probs come from the row's own adapter
+        assert [t.logprob for t in g.prompt_logprobs[1:]] == pytest.approx(echo[n][PROMPTS.index(p)], abs=1e-4)
     assert len(calls) == 1 and calls[0] is None  # one batch, the adapters stacked rather than peft's per-adapter loop
 
 

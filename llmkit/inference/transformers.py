@@ -161,7 +161,8 @@ class TransformersBackend:
                     start = time.perf_counter()
                     with torch.inference_mode(), mixing:
                         out = self.model.generate(**enc, **self._gen_kwargs(opts, 1), **mixed, streamer=streamer)
-                    yield self._result(prompt, enc, out, 0, idx, time.perf_counter() - start, opts)
+                        result = self._result(prompt, enc, out, 0, idx, time.perf_counter() - start, opts)
+                    yield result
             return
         # Batches of similar length waste less compute on padding; results come back in the input order.
         texts = [self.format(p, opts) for p in prompts]
@@ -184,7 +185,10 @@ class TransformersBackend:
             n = opts.num_return_sequences
             for j, i in enumerate(batch):
                 row_enc = {k: v[j:j + 1] for k, v in enc.items()}
-                results[i] = [self._result(prompts[i], row_enc, out, j * per_prompt + k % per_prompt, k, seconds, opts) for k in range(n)]
+                # the prompt's own adapter, for its prompt log-probs (a forward pass of their own)
+                with self._mixed([self.per_prompt[i]])[0] if self.per_prompt is not None else contextlib.nullcontext():
+                    results[i] = [self._result(prompts[i], row_enc, out, j * per_prompt + k % per_prompt, k, seconds, opts)
+                                  for k in range(n)]
         for i in range(len(prompts)):
             yield from results[i]
 
