@@ -178,9 +178,6 @@ def k_quant_fallbacks(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types (8: string, 9: array)
-
-
 def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     """(type name, dims as stored: row width first) of each tensor, from the file's header. The metadata is skipped,
     not parsed: gguf's GGUFReader builds every vocabulary string (~6 s for 49k tokens on this 2-core machine), and a
@@ -189,19 +186,23 @@ def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     import struct
 
     import gguf
+    import numpy as np
+
+    # bytes of each fixed-size GGUF value type, from the library's own table (strings, 8, and arrays, 9, vary)
+    sizes = {int(kind): np.dtype(dtype).itemsize for kind, dtype in gguf.GGUFReader.gguf_scalar_to_np.items()}
 
     def skip(kind: int, pos: int) -> int:
         if kind == 8:
             return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
         if kind == 9:
             inner, count = struct.unpack_from("<IQ", buf, pos)
-            if inner in _SIZES:
-                return pos + 12 + _SIZES[inner] * count
+            if inner in sizes:
+                return pos + 12 + sizes[inner] * count
             pos += 12
             for _ in range(count):
                 pos = skip(inner, pos)
             return pos
-        return pos + _SIZES[kind]
+        return pos + sizes[kind]
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
