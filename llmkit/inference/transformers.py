@@ -183,11 +183,11 @@ class TransformersBackend:
                 out = self.model.generate(**enc, **kwargs)
             seconds = time.perf_counter() - start
             n = opts.num_return_sequences
+            # each prompt's own adapter, for its prompt log-probs (a forward pass of their own; set_adapter walks
+            # every layer, so only when they are asked for)
+            own = self.per_prompt is not None and opts.prompt_logprobs
             for j, i in enumerate(batch):
                 row_enc = {k: v[j:j + 1] for k, v in enc.items()}
-                # the prompt's own adapter, for its prompt log-probs (a forward pass of their own; set_adapter walks
-                # every layer, so only when they are asked for)
-                own = self.per_prompt is not None and opts.prompt_logprobs
                 with self._mixed([self.per_prompt[i]])[0] if own else contextlib.nullcontext():
                     results[i] = [self._result(prompts[i], row_enc, out, j * per_prompt + k % per_prompt, k, seconds, opts)
                                   for k in range(n)]
